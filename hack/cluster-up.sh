@@ -39,9 +39,12 @@ if [[ ! -f $pki/ca.crt ]]; then
     -CAcreateserial -days 3650 -extfile "$pki/san.ext" -out "$pki/apiserver.crt" 2>/dev/null
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
-  printf '%s,admin,admin,system:masters\n' "$(openssl rand -hex 24)" > "$pki/tokens.csv"
-  printf '%s,system:kube-controller-manager,kcm\n' "$(openssl rand -hex 24)" >> "$pki/tokens.csv"
 fi
+# Fresh tokens at every start. The controller manager runs all its controllers
+# under one identity, so it gets the admin group rather than per-controller
+# ServiceAccounts (there is no token controller to mint those).
+printf '%s,admin,admin,system:masters\n' "$(openssl rand -hex 24)" > "$pki/tokens.csv"
+printf '%s,system:kube-controller-manager,kcm,system:masters\n' "$(openssl rand -hex 24)" >> "$pki/tokens.csv"
 admin_token=$(awk -F, '$2 == "admin" {print $1}' "$pki/tokens.csv")
 kcm_token=$(awk -F, '$2 == "system:kube-controller-manager" {print $1}' "$pki/tokens.csv")
 

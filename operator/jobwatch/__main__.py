@@ -1,0 +1,37 @@
+"""`python -m jobwatch`: run the operator. Configuration: environment variables (config.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import kopf
+import uvloop
+
+from . import handlers
+from .config import Config, ConfigError
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("JOBWATCH_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"jobwatch: bad configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    handlers.service.config = config
+    kopf.run(
+        loop=uvloop.new_event_loop(),
+        standalone=True,
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Operator configuration, read once from the environment at start-up.
+
+A bad value stops the operator at start with a message naming the variable:
+better than polling with a configuration nobody asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .durations import parse_duration
+from .egress import EgressPolicy, parse_networks
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    namespaces: tuple[str, ...]  # empty: the whole cluster
+    egress: EgressPolicy
+    max_body_bytes: int
+    max_in_flight: int
+    progress_interval: float  # seconds between progress writes of one pending watch
+    status_qps: float  # fleet-wide status writes per second, sustained
+    status_burst: int
+    health_port: int
+    metrics_port: int  # 0: no metrics endpoint
+    shutdown_budget: float  # seconds from SIGTERM to exit
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
+        def text(name: str, default: str) -> str:
+            return env.get(name, default).strip()
+
+        def number(name: str, default: str, minimum: float) -> float:
+            raw = text(name, default)
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a number") from None
+            if value < minimum:
+                raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+            return value
+
+        def duration(name: str, default: str) -> float:
+            raw = text(name, default)
+            try:
+                return parse_duration(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+
+        def networks(name: str) -> list[str]:
+            raw = text(name, "")
+            return [part.strip() for part in raw.split(",") if part.strip()]
+
+        try:
+            deny = parse_networks(",".join(networks("JOBWATCH_EGRESS_DENY")))
+            allow_text = ",".join(networks("JOBWATCH_EGRESS_ALLOW"))
+            allow = parse_networks(allow_text) if allow_text else None
+        except ValueError as exc:
+            raise ConfigError(f"JOBWATCH_EGRESS_DENY/JOBWATCH_EGRESS_ALLOW: {exc}") from None
+
+        return cls(
+            namespaces=tuple(
+                part.strip() for part in text("JOBWATCH_NAMESPACES", "").split(",") if part.strip()
+            ),
+            egress=EgressPolicy(deny=deny, allow=allow),
+            max_body_bytes=int(number("JOBWATCH_MAX_BODY_BYTES", "1048576", 1024)),
+            max_in_flight=int(number("JOBWATCH_MAX_IN_FLIGHT", "200", 1)),
+            progress_interval=duration("JOBWATCH_STATUS_PROGRESS_INTERVAL", "15s"),
+            status_qps=number("JOBWATCH_STATUS_QPS", "20", 0.1),
+            status_burst=int(number("JOBWATCH_STATUS_BURST", "50", 1)),
+            health_port=int(number("JOBWATCH_HEALTH_PORT", "8080", 0)),
+            metrics_port=int(number("JOBWATCH_METRICS_PORT", "9090", 0)),
+            shutdown_budget=duration("JOBWATCH_SHUTDOWN_BUDGET", "10s"),
+        )

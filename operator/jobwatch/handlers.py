@@ -1,0 +1,92 @@
+"""The kopf handlers: thin, they hand events to the runtime.
+
+Only `@kopf.on.event` is used. Daemons and timers would put a finalizer on
+every JobWatch (kopf issues #1074, #833), and then a JobWatch could not be
+deleted, nor its namespace, while the operator is not running.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from aiohttp import web
+
+from .config import Config
+from .httpclient import HttpClient
+from .kube import GROUP, PLURAL, VERSION, KubeApi
+from .metrics import Metrics
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """What the handlers share; filled at start-up."""
+
+    config: Config | None = None
+    runtime: Runtime | None = None
+    api: KubeApi | None = None
+    http: HttpClient | None = None
+    metrics_runner: web.AppRunner | None = None
+
+
+service = Service()
+
+
+def _credentials(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    # The same login kopf does; called again on a 401 to pick up a rotated token.
+    info = kopf.login_via_client(logger=log, settings=settings)
+    if info is None:
+        raise kopf.LoginError("no Kubernetes credentials found (in-cluster or KUBECONFIG)")
+    return info
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    config = service.config
+    assert config is not None, "configure() runs before kopf starts"
+    # Our own status writes come back as watch events; kopf need not log them.
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    # No runtime scanning of CRDs and namespaces: it would need cluster-wide
+    # list/watch on both, and the CRD and the configured namespaces are
+    # known at start-up.
+    settings.scanning.disabled = True
+    metrics = Metrics()
+    service.api = KubeApi(lambda: _credentials(settings))
+    service.http = HttpClient(
+        config.egress, max_body_bytes=config.max_body_bytes, max_connections=config.max_in_flight
+    )
+    service.runtime = Runtime(config, service.api, service.http, metrics)
+    service.runtime.start()
+    if config.metrics_port:
+        service.metrics_runner = await metrics.serve(config.metrics_port)
+    log.info(
+        "jobwatch started: %s, %d requests in flight at most",
+        "namespaces " + ", ".join(config.namespaces) if config.namespaces else "cluster-wide",
+        config.max_in_flight,
+    )
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def jobwatch_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    assert service.runtime is not None
+    service.runtime.observe(type, body)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if service.runtime is not None and service.config is not None:
+        # Leave a little of the budget for kopf's own shutdown.
+        await service.runtime.shutdown(max(1.0, service.config.shutdown_budget - 3))
+    if service.http is not None:
+        await service.http.aclose()
+    if service.api is not None:
+        await service.api.aclose()
+    if service.metrics_runner is not None:
+        await service.metrics_runner.cleanup()
+    log.info("jobwatch stopped")

@@ -1,0 +1,545 @@
+"""The shared HTTP client: one attempt in, one `Outcome` out.
+
+Requests go through the httpx API on aiohttp's connection pool
+(`httpx_aiohttp.AiohttpTransport`, several times cheaper in CPU than httpcore).
+There is one client per distinct `TLSSettings`, kept in a small LRU; the default
+settings have their own client that is never evicted.
+
+Every failure to get a usable response becomes a `RequestFailure`: nothing but
+cancellation escapes `send`. Messages go to status, events and logs, so they never
+carry request header values, URL credentials or query strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import logging
+import re
+import ssl
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import TypeVar
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+from yarl import URL as YarlURL
+
+from jobwatch.egress import EgressDeniedError, EgressPolicy, GuardedResolver
+from jobwatch.outcome import FailureKind, Outcome, RequestFailure, Response
+
+log = logging.getLogger(__name__)
+
+# httpx logs every request URL at INFO; redirect targets can carry signed query
+# strings, and at thousands of watches the line is pure noise.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+MiB = 1024 * 1024
+
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_ALWAYS_SENSITIVE = frozenset({"authorization", "cookie", "proxy-authorization"})
+# Headers that describe the request body: wrong once a redirect drops the body.
+_BODY_HEADERS = frozenset(
+    {"content-type", "content-length", "content-encoding", "transfer-encoding"}
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Only what `_Inflater` can decode within the body cap; httpx's own decoders would
+# inflate a whole network chunk at once (a 16 KiB gzip bomb chunk is 16 MiB).
+_DEFAULT_HEADERS = {"user-agent": "jobwatch", "accept-encoding": "gzip, deflate"}
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """How to verify servers. `ca_pem` replaces the public roots; skipping
+    verification makes it moot."""
+
+    insecure_skip_verify: bool = False
+    ca_pem: str | None = field(default=None, repr=False)
+
+
+_DEFAULT_TLS = TLSSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    url: str
+    # Values may come from Secrets: kept out of repr so that logging a Request is safe.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    sensitive_headers: frozenset[str] = frozenset()  # lower-case names valued from Secrets
+    body: bytes | None = field(default=None, repr=False)
+    timeout: float = 30.0  # seconds, for the whole attempt: connect, redirects and body
+    tls: TLSSettings = _DEFAULT_TLS
+
+
+class _Failed(Exception):
+    def __init__(self, kind: FailureKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    client: httpx.AsyncClient
+    in_use: int = 0
+    evicted: bool = False
+
+
+class HttpClient:
+    """Sends `Request`s with the egress guard, redirects, body cap and timeout.
+
+    Create and use it inside one running event loop; `aclose` it on shutdown.
+    `max_connections` caps the open connections of each TLS setting's pool.
+    """
+
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        max_body_bytes: int = MiB,
+        max_redirects: int = 5,
+        max_connections: int = 100,
+        max_tls_clients: int = 32,
+    ) -> None:
+        self._policy = policy
+        self._max_body_bytes = max_body_bytes
+        self._max_redirects = max_redirects
+        self._max_connections = max_connections
+        self._max_tls_clients = max_tls_clients
+        # Created with the first client: aiohttp's resolver needs the running loop.
+        self._resolver: GuardedResolver | None = None
+        self._default: _Slot | None = None
+        self._slots: OrderedDict[TLSSettings, _Slot] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def send(self, request: Request) -> Outcome:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        budget = asyncio.timeout(request.timeout)
+        try:
+            async with budget:
+                return await self._attempt(request, started)
+        except _Failed as failure:
+            # Anything that broke because the budget ran out is reported as the timeout.
+            if not budget.expired():
+                return RequestFailure(failure.kind, failure.message, _elapsed_ms(loop, started))
+        except TimeoutError:
+            if not budget.expired():
+                raise
+        message = f"request timed out after {_seconds(request.timeout)}"
+        return RequestFailure(FailureKind.TRANSPORT, message, _elapsed_ms(loop, started))
+
+    async def aclose(self) -> None:
+        slots = [*self._slots.values()]
+        if self._default is not None:
+            slots.append(self._default)
+        self._default = None
+        self._slots.clear()
+        for slot in slots:
+            await slot.client.aclose()
+        if self._closing:
+            await asyncio.gather(*self._closing)
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
+
+    async def _attempt(self, request: Request, started: float) -> Response:
+        url = _parse_url(request.url)
+        headers = _validated_headers(request.headers)
+        if url.userinfo:
+            if not any(name.lower() == "authorization" for name, _ in headers):
+                credentials = f"{url.username}:{url.password}".encode()
+                headers.append(("authorization", "Basic " + base64.b64encode(credentials).decode()))
+            url = url.copy_with(userinfo=b"")
+        sensitive = _ALWAYS_SENSITIVE | request.sensitive_headers
+        method = request.method.upper()
+        body = request.body
+
+        slot = self._acquire(request.tls)
+        try:
+            hop = 0
+            while True:
+                self._check_literal(url, hop)
+                try:
+                    async with slot.client.stream(
+                        method, url, headers=headers, content=body
+                    ) as response:
+                        code = response.status_code
+                        location = response.headers.get("location")
+                        if code not in _REDIRECT_CODES or location is None:
+                            content = await self._read_body(response)
+                            return Response(
+                                code=code,
+                                headers=_joined_headers(response.headers),
+                                text=content.decode("utf-8", errors="replace"),
+                                latency_ms=_elapsed_ms(asyncio.get_running_loop(), started),
+                            )
+                except _Failed:
+                    raise
+                except Exception as exc:
+                    raise _classify(exc, url, hop) from None
+
+                if hop == self._max_redirects:
+                    raise _Failed(
+                        FailureKind.INVALID_RESPONSE, f"more than {self._max_redirects} redirects"
+                    )
+                target = _redirect_target(url, location)
+                new_method = _redirected_method(code, method)
+                if new_method != method:
+                    method, body = new_method, None
+                    headers = [(n, v) for n, v in headers if n.lower() not in _BODY_HEADERS]
+                if _origin(target) != _origin(url):
+                    headers = [
+                        (n, v)
+                        for n, v in headers
+                        if n.lower() not in sensitive and n.lower() != "host"
+                    ]
+                url = target
+                hop += 1
+        finally:
+            self._release(slot)
+
+    def _check_literal(self, url: httpx.URL, hop: int) -> None:
+        # The host exactly as aiohttp will parse it from the URL the transport hands over.
+        try:
+            host = YarlURL(str(url)).raw_host or ""
+        except ValueError as exc:
+            # yarl is stricter than httpx in places (ports above 65535, for one).
+            if hop:
+                raise _Failed(
+                    FailureKind.INVALID_RESPONSE, "redirect to an invalid location"
+                ) from None
+            raise _Failed(FailureKind.TRANSPORT, f"invalid URL: {exc}") from None
+        reason = self._policy.check_literal(host)
+        if reason is not None:
+            raise _Failed(FailureKind.EGRESS_DENIED, f"egress denied: {reason}{_after(hop)}")
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        cap = self._max_body_bytes
+        too_big = _Failed(FailureKind.INVALID_RESPONSE, f"response body exceeds {_size(cap)}")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise too_big
+        encoding = response.headers.get("content-encoding")
+        chunks: AsyncIterator[bytes]
+        if response.is_stream_consumed:
+            # Read (and decoded) already: httpx does that to responses built from
+            # bytes, which is how mock transports make them.
+            chunks, encoding = _single(response.content), None
+        else:
+            chunks = response.aiter_raw()
+        inflater: _Inflater | None = None
+        parts: list[bytes] = []
+        raw_size = size = 0
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            # Checked on the wire too, so junk after a compressed stream's end is bounded.
+            raw_size += len(chunk)
+            if raw_size > cap:
+                raise too_big
+            if inflater is None:
+                inflater = _Inflater.for_encoding(encoding)
+            data = inflater.feed(chunk, cap - size)
+            size += len(data)
+            if size > cap:
+                raise too_big
+            parts.append(data)
+        return b"".join(parts)
+
+    def _acquire(self, tls: TLSSettings) -> _Slot:
+        if tls == _DEFAULT_TLS:
+            if self._default is None:
+                self._default = self._new_slot(tls)
+            slot = self._default
+        else:
+            found = self._slots.get(tls)
+            if found is None:
+                slot = self._slots[tls] = self._new_slot(tls)
+                while len(self._slots) > self._max_tls_clients:
+                    _, old = self._slots.popitem(last=False)
+                    old.evicted = True
+                    self._close_if_idle(old)
+            else:
+                slot = found
+                self._slots.move_to_end(tls)
+        slot.in_use += 1
+        return slot
+
+    def _release(self, slot: _Slot) -> None:
+        slot.in_use -= 1
+        self._close_if_idle(slot)
+
+    def _close_if_idle(self, slot: _Slot) -> None:
+        # An evicted client may still carry other watches' requests: close it only
+        # once the last of them is done.
+        if slot.evicted and slot.in_use == 0:
+            task = asyncio.get_running_loop().create_task(slot.client.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def _new_slot(self, tls: TLSSettings) -> _Slot:
+        context = _ssl_context(tls)
+        if self._resolver is None:
+            self._resolver = GuardedResolver(self._policy)
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ssl=context, resolver=self._resolver
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            # A shared jar would carry one watch's cookies into another's requests.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+        )
+        client = httpx.AsyncClient(
+            transport=AiohttpTransport(verify=context, client=session),
+            headers=_DEFAULT_HEADERS,
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+            follow_redirects=False,
+            timeout=None,  # the whole attempt is bounded by asyncio.timeout instead
+            # Environment proxies would connect on our behalf, past the egress guard.
+            trust_env=False,
+        )
+        return _Slot(client)
+
+
+def _ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    if tls.insecure_skip_verify:
+        return httpx.create_ssl_context(verify=False)
+    if tls.ca_pem is None:
+        return httpx.create_ssl_context(verify=True, trust_env=True)
+    if not tls.ca_pem.strip():
+        # An empty cadata would make ssl fall back to the system roots.
+        raise _Failed(FailureKind.TRANSPORT, "the CA bundle is empty")
+    try:
+        return ssl.create_default_context(cadata=tls.ca_pem)
+    except (ssl.SSLError, ValueError) as exc:
+        reason = re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))
+        raise _Failed(FailureKind.TRANSPORT, f"the CA bundle is not valid PEM ({reason})") from None
+
+
+class _Inflater:
+    """gzip/deflate decoding that never produces more than the caller allows."""
+
+    def __init__(self, encoding: str | None) -> None:
+        self._encoding = encoding
+        self._gzip = encoding == "gzip"
+        wbits = zlib.MAX_WBITS | 16 if self._gzip else zlib.MAX_WBITS
+        self._zlib = None if encoding is None else zlib.decompressobj(wbits)
+        self._started = False
+
+    @classmethod
+    def for_encoding(cls, header: str | None) -> _Inflater:
+        codings = [c.strip().lower() for c in (header or "").split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if not codings:
+            return cls(None)
+        if codings in (["gzip"], ["x-gzip"]):
+            return cls("gzip")
+        if codings == ["deflate"]:
+            return cls("deflate")
+        raise _Failed(FailureKind.INVALID_RESPONSE, f"unsupported content-encoding {header!r}")
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        """Decoded bytes of `data`; more than `limit` of them means over the cap.
+
+        With max_length = limit + 1, output shorter than that means all input was
+        consumed, so nothing is left pending inside zlib.
+        """
+        if self._zlib is None:
+            return data
+        try:
+            try:
+                out = self._zlib.decompress(data, limit + 1)
+            except zlib.error:
+                # "deflate" in the wild is often raw deflate without the zlib header.
+                if self._gzip or self._started:
+                    raise
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                out = self._zlib.decompress(data, limit + 1)
+        except zlib.error:
+            raise _Failed(
+                FailureKind.INVALID_RESPONSE, f"response body is not valid {self._encoding} data"
+            ) from None
+        self._started = True
+        return out
+
+
+async def _single(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _parse_url(text: str) -> httpx.URL:
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise _Failed(FailureKind.TRANSPORT, f"invalid URL: {exc}") from None
+    if url.scheme not in _DEFAULT_PORTS:
+        raise _Failed(FailureKind.TRANSPORT, f"unsupported URL scheme {url.scheme!r}")
+    if not url.host:
+        raise _Failed(FailureKind.TRANSPORT, "invalid URL: no host")
+    return url
+
+
+def _validated_headers(headers: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    checked: list[tuple[str, str]] = []
+    for name, raw in headers:
+        if not _TOKEN.fullmatch(name):
+            raise _Failed(FailureKind.TRANSPORT, f"invalid request header name {name!r}")
+        # Surrounding whitespace is not part of a field value (RFC 9110), and a
+        # trailing newline is the usual accident in a Secret made from a file.
+        value = raw.strip()
+        if _CONTROL.search(value) or not value.isascii():
+            # Transient, not fatal: the Secret it came from can still be fixed.
+            raise _Failed(
+                FailureKind.TRANSPORT,
+                f"request header {name!r} has a value with a line break, control or "
+                "non-ASCII character",
+            )
+        checked.append((name, value))
+    return checked
+
+
+def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
+    try:
+        target = current.join(location)
+    except (httpx.InvalidURL, ValueError):
+        raise _Failed(FailureKind.INVALID_RESPONSE, "redirect to an invalid location") from None
+    if target.scheme not in _DEFAULT_PORTS:
+        raise _Failed(
+            FailureKind.INVALID_RESPONSE, f"redirect to unsupported scheme {target.scheme!r}"
+        )
+    if not target.host:
+        raise _Failed(FailureKind.INVALID_RESPONSE, "redirect to a location without a host")
+    # Credentials in a Location header are the server's to offer, not ours to send.
+    return target.copy_with(userinfo=b"") if target.userinfo else target
+
+
+def _redirected_method(code: int, method: str) -> str:
+    if method == "HEAD":
+        return method
+    if code == 303 or (code in (301, 302) and method in ("POST", "PUT")):
+        return "GET"
+    return method
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme]
+
+
+def _host_port(url: httpx.URL) -> str:
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{host}:{url.port or _DEFAULT_PORTS[url.scheme]}"
+
+
+def _joined_headers(headers: httpx.Headers) -> dict[str, str]:
+    joined: dict[str, str] = {}
+    for name, value in headers.multi_items():  # names come lower-cased
+        joined[name] = f"{joined[name]}, {value}" if name in joined else value
+    return joined
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
+    """A short, header-free message for what went wrong talking to `url`."""
+    causes = list(_chain(exc))
+    where = _host_port(url)
+    after = _after(hop)
+
+    def find(kind: type[_E]) -> _E | None:
+        return next((c for c in causes if isinstance(c, kind)), None)
+
+    def find_ssl(kind: type[_E]) -> _E | None:
+        # aiohttp's TLS errors subclass the ssl ones without their attributes;
+        # the original from the ssl module sits further down the chain.
+        return next(
+            (c for c in causes if isinstance(c, kind) and not isinstance(c, aiohttp.ClientError)),
+            None,
+        )
+
+    if (denied := find(EgressDeniedError)) is not None:
+        return _Failed(FailureKind.EGRESS_DENIED, f"{denied}{after}")
+    if (dns := find(aiohttp.ClientConnectorDNSError)) is not None:
+        detail = dns.os_error.strerror or str(dns.os_error)
+        return _Failed(FailureKind.TRANSPORT, f"DNS lookup failed for {url.host} ({detail}){after}")
+    if (cert := find_ssl(ssl.SSLCertVerificationError)) is not None:
+        detail = cert.verify_message or cert.reason or "unknown reason"
+        return _Failed(
+            FailureKind.TRANSPORT, f"TLS certificate verification failed: {detail} ({where}){after}"
+        )
+    if (tls := find_ssl(ssl.SSLError)) is not None:
+        detail = tls.reason or tls.strerror or "unknown reason"
+        return _Failed(FailureKind.TRANSPORT, f"TLS handshake with {where} failed: {detail}{after}")
+    if (connect := find(aiohttp.ClientConnectorError)) is not None:
+        code = connect.os_error.errno
+        if code == errno.ECONNREFUSED:
+            message = f"connection refused by {where}"
+        elif code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            message = f"{where} is unreachable"
+        else:
+            detail = connect.os_error.strerror or str(connect.os_error)
+            message = f"cannot connect to {where}: {detail}"
+        return _Failed(FailureKind.TRANSPORT, message + after)
+    if find(aiohttp.ServerDisconnectedError) is not None:
+        return _Failed(FailureKind.TRANSPORT, f"{where} closed the connection unexpectedly{after}")
+    if find(aiohttp.ClientPayloadError) is not None:
+        return _Failed(FailureKind.TRANSPORT, f"incomplete response body from {where}{after}")
+    if find(httpx.RemoteProtocolError) is not None:
+        # httpx raises it itself (the aiohttp transport maps nothing to it) only when
+        # it cannot build the request for a Location header, even when not following.
+        return _Failed(FailureKind.INVALID_RESPONSE, f"redirect to an invalid location{after}")
+    if (bad := find(aiohttp.ClientResponseError)) is not None:
+        detail = bad.message[:120]
+        return _Failed(
+            FailureKind.INVALID_RESPONSE, f"invalid HTTP response from {where}: {detail}{after}"
+        )
+    if (os_error := find(OSError)) is not None:
+        detail = os_error.strerror or str(os_error)
+        return _Failed(FailureKind.TRANSPORT, f"connection to {where} failed: {detail}{after}")
+    # Unknown: keep the watch going as a transient error, and leave a trace for us.
+    # Header values were validated before sending, so the exception cannot echo one.
+    log.error("unexpected error requesting %s", where, exc_info=exc)
+    return _Failed(
+        FailureKind.TRANSPORT, f"request to {where} failed ({type(exc).__name__}){after}"
+    )
+
+
+def _after(hop: int) -> str:
+    if not hop:
+        return ""
+    return f" (after {hop} redirect{'s' if hop > 1 else ''})"
+
+
+def _elapsed_ms(loop: asyncio.AbstractEventLoop, started: float) -> int:
+    return round((loop.time() - started) * 1000)
+
+
+def _seconds(seconds: float) -> str:
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("MiB", MiB), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"

@@ -1,0 +1,66 @@
+"""Prometheus metrics, served on JOBWATCH_METRICS_PORT at /metrics.
+
+Labels are bounded sets (reasons, results): never a URL, a header or a name,
+so neither secrets nor cardinality can leak in through them.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.polls = Counter(
+            "jobwatch_polls",
+            "Attempts by what they decided (status reason).",
+            ["reason"],
+            registry=r,
+        )
+        self.poll_lag = Histogram(
+            "jobwatch_poll_lag_seconds",
+            "How late a poll started against its plan.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "jobwatch_request_seconds",
+            "Duration of one attempt's HTTP exchange.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.status_writes = Counter(
+            "jobwatch_status_writes", "Status writes by result.", ["result"], registry=r
+        )
+        self.events_dropped = Counter(
+            "jobwatch_events_dropped",
+            "Events not created because the queue was full.",
+            registry=r,
+        )
+        self.watches = Gauge("jobwatch_watches", "JobWatches known to this operator.", registry=r)
+        self.active = Gauge(
+            "jobwatch_active_watches", "JobWatches still polling (not ended).", registry=r
+        )
+        self.queued = Gauge(
+            "jobwatch_polls_queued", "Polls that are due but wait for a free worker.", registry=r
+        )
+
+    async def serve(self, port: int) -> web.AppRunner:
+        async def handle(_: web.Request) -> web.Response:
+            return web.Response(
+                body=generate_latest(self.registry),
+                headers={"content-type": CONTENT_TYPE_PLAIN_0_0_4},
+            )
+
+        app = web.Application()
+        app.router.add_get("/metrics", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", port).start()
+        return runner

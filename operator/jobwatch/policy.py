@@ -1,0 +1,278 @@
+"""What one attempt's outcome means for a watch, and when to poll next.
+
+Pure: no I/O, no clock, no global random state. The caller passes the wall-clock time
+(`now`, `deadline`: epoch seconds) and a `rand()` returning floats in [0, 1), so every
+decision is reproducible in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+
+from jobwatch.expressions import CompiledWatch, EvaluationError, excerpt
+from jobwatch.outcome import FailureKind, Outcome, Response
+from jobwatch.spec import Jitter, WatchSpec
+
+Rand = Callable[[], float]
+
+PENDING_SPREAD = 0.1  # a pending poll comes after interval ± 10%
+RETRY_AFTER_CODES = frozenset({429, 503})
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    POLLING = "Polling"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    TIMED_OUT = "TimedOut"
+
+
+END_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.TIMED_OUT})
+
+
+class ErrorClass(StrEnum):
+    TRANSIENT = "Transient"
+    INVALID_RESPONSE = "InvalidResponse"
+    PERMANENT = "Permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class LastError:
+    error_class: ErrorClass
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The watch's state after an attempt; `delay` is None once the watch has ended."""
+
+    phase: Phase
+    reason: str
+    message: str
+    consecutive_errors: int
+    error: LastError | None
+    delay: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in END_PHASES
+
+
+def decide(
+    spec: WatchSpec,
+    compiled: CompiledWatch,
+    outcome: Outcome,
+    consecutive_errors: int,
+    *,
+    now: float,
+    deadline: float,
+    rand: Rand,
+) -> Decision:
+    """API.md "What one attempt decides, in order", for one outcome.
+
+    An expression that cannot be evaluated is an `InvalidResponse` error only when the
+    code is 2xx/3xx. On any other code the response is an error page, not a job status
+    the expressions were written for, so it is judged by its status code: a 404 page
+    stays a permanent error and a 503 page a transient one (with its Retry-After).
+
+    Deadline handling is the caller's: every delay returned ends by `deadline`, where the
+    caller times the watch out without sending another request.
+    """
+    attempt = _Attempt(spec, consecutive_errors, now, deadline, rand)
+    if isinstance(outcome, Response):
+        return attempt.judge(compiled, outcome)
+    if outcome.kind is FailureKind.EGRESS_DENIED:
+        return _ended(
+            Phase.FAILED,
+            "EgressDenied",
+            f"request refused: {outcome.message}",
+            LastError(ErrorClass.PERMANENT, outcome.message),
+        )
+    if outcome.kind is FailureKind.INVALID_RESPONSE:
+        error = LastError(ErrorClass.INVALID_RESPONSE, outcome.message)
+        return attempt.transient("InvalidResponse", error)
+    return attempt.transient("TransientError", LastError(ErrorClass.TRANSIENT, outcome.message))
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    spec: WatchSpec
+    consecutive_errors: int
+    now: float
+    deadline: float
+    rand: Rand
+
+    def judge(self, compiled: CompiledWatch, response: Response) -> Decision:
+        code = response.code
+        ok = 200 <= code < 400
+        activation = compiled.activation(response)
+        try:
+            if compiled.is_failure(activation):
+                message = f"failureWhen matched (HTTP {code})"
+                return _ended(
+                    Phase.FAILED,
+                    "FailureConditionMet",
+                    f"job failed: {message}",
+                    LastError(ErrorClass.PERMANENT, message),
+                )
+            if compiled.is_success(activation):
+                message = f"job finished: successWhen matched (HTTP {code})"
+                return _ended(Phase.SUCCEEDED, "SuccessConditionMet", message)
+        except EvaluationError as problem:
+            if ok:
+                body = excerpt(response.text) or "(empty)"
+                message = f"cannot evaluate {problem} (HTTP {code}); body: {body}"
+                return self.transient(
+                    "InvalidResponse", LastError(ErrorClass.INVALID_RESPONSE, message)
+                )
+        if code in self.spec.permanent_status_codes:
+            message = f"HTTP {code} from the endpoint is a permanent error"
+            return _ended(
+                Phase.FAILED,
+                "PermanentHTTPError",
+                f"job failed: {message}",
+                LastError(ErrorClass.PERMANENT, message),
+            )
+        if not ok:
+            header = response.headers.get("retry-after") if code in RETRY_AFTER_CODES else None
+            return self.transient(
+                "HTTPError",
+                LastError(ErrorClass.TRANSIENT, f"HTTP {code} from the endpoint"),
+                retry_after=None if header is None else parse_retry_after(header, self.now),
+            )
+        return Decision(
+            phase=Phase.POLLING,
+            reason="Polling",
+            message=f"job still running: neither condition matched (HTTP {code})",
+            consecutive_errors=0,
+            error=None,
+            delay=_until_deadline(pending_delay(self.spec, self.rand), self.now, self.deadline),
+        )
+
+    def transient(
+        self, reason: str, error: LastError, retry_after: float | None = None
+    ) -> Decision:
+        errors = self.consecutive_errors + 1
+        limit = self.spec.max_consecutive_errors
+        if limit and errors >= limit:
+            return Decision(
+                phase=Phase.FAILED,
+                reason="TooManyErrors",
+                message=f"gave up after {errors} consecutive errors; the last one: {error.message}",
+                consecutive_errors=errors,
+                error=error,
+                delay=None,
+            )
+        if retry_after is None:
+            delay = error_delay(self.spec, errors, self.rand)
+        else:
+            delay = min(retry_after, self.spec.backoff.max_interval)
+        return Decision(
+            phase=Phase.POLLING,
+            reason=reason,
+            message=f"retrying after an error: {error.message}",
+            consecutive_errors=errors,
+            error=error,
+            delay=_until_deadline(delay, self.now, self.deadline),
+        )
+
+
+def _ended(phase: Phase, reason: str, message: str, error: LastError | None = None) -> Decision:
+    return Decision(phase, reason, message, consecutive_errors=0, error=error, delay=None)
+
+
+def pending_delay(spec: WatchSpec, rand: Rand) -> float:
+    """The delay after a pending response: `interval` spread by up to ±10%."""
+    if spec.backoff.jitter is Jitter.NONE:
+        return spec.interval
+    return spec.interval * (1 - PENDING_SPREAD + 2 * PENDING_SPREAD * rand())
+
+
+def error_delay(spec: WatchSpec, errors: int, rand: Rand) -> float:
+    """The delay after the `errors`-th transient error in a row, capped and jittered."""
+    backoff = spec.backoff
+    try:
+        grown = spec.interval * backoff.factor**errors
+    except OverflowError:  # a long streak under no error limit: long past the cap
+        grown = backoff.max_interval
+    delay = min(grown, backoff.max_interval)
+    if backoff.jitter is Jitter.FULL:
+        return rand() * delay
+    if backoff.jitter is Jitter.EQUAL:
+        return delay / 2 + rand() * delay / 2
+    return delay
+
+
+def parse_retry_after(value: str, now: float) -> float | None:
+    """Seconds from `now` given by a Retry-After header; None when it is not valid.
+
+    Accepts delta-seconds and an HTTP-date (a date in the past means now: 0).
+    """
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:  # "-0000": UTC by RFC 5322
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, moment.timestamp() - now)
+
+
+def timed_out(now: float, deadline: float) -> bool:
+    return now >= deadline
+
+
+def request_timeout(spec: WatchSpec, now: float, deadline: float) -> float:
+    """The timeout of a request sent at `now`: `requestTimeout`, but never past the deadline."""
+    return min(spec.request_timeout, max(0.0, deadline - now))
+
+
+def deadline_exceeded(consecutive_errors: int) -> Decision:
+    return Decision(
+        phase=Phase.TIMED_OUT,
+        reason="DeadlineExceeded",
+        message="job did not finish before the deadline (spec.timeout)",
+        consecutive_errors=consecutive_errors,
+        error=None,
+        delay=None,
+    )
+
+
+def invalid_spec(message: str) -> Decision:
+    """The watch cannot start: `message` names the field (a SpecError or ExpressionError)."""
+    return _ended(Phase.FAILED, "InvalidSpec", message, LastError(ErrorClass.PERMANENT, message))
+
+
+def waiting(
+    spec: WatchSpec,
+    phase: Phase,
+    reason: str,
+    message: str,
+    *,
+    now: float,
+    deadline: float,
+    rand: Rand,
+) -> Decision:
+    """No request could be sent (e.g. SecretNotFound); check again after a pending delay.
+
+    The phase stays as it is and no error is counted: the Secret may appear later, and
+    only the deadline ends the wait. The error streak restarts, as no request was sent.
+    """
+    return Decision(
+        phase=phase,
+        reason=reason,
+        message=message,
+        consecutive_errors=0,
+        error=None,
+        delay=_until_deadline(pending_delay(spec, rand), now, deadline),
+    )
+
+
+def _until_deadline(delay: float, now: float, deadline: float) -> float:
+    return max(0.0, min(delay, deadline - now))

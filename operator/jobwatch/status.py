@@ -1,0 +1,287 @@
+"""Publishing watch state: `status` with its conditions, and Events.
+
+The writer is polite to the API server at any fleet size:
+- a phase or reason change is queued as urgent and written first;
+- a still-pending watch's progress is written at most once per progress
+  interval (one object, one write, however often it polls);
+- latest wins: a watch queued twice is written once, with its state at write time;
+- a status identical to the one last written is never sent;
+- all writes, Events included, share one token bucket (`JOBWATCH_STATUS_QPS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .kube import ApiError, KubeApi, ObjectRef
+from .metrics import Metrics
+from .policy import Phase
+from .watch import Watch, format_time, format_time_seconds
+
+log = logging.getLogger(__name__)
+
+_ACTIVE = (Phase.PENDING, Phase.POLLING)
+_STALLED = (Phase.FAILED, Phase.TIMED_OUT)
+MAX_EVENTS_QUEUED = 1000
+RETRY_DELAY = 1.0
+
+
+def _condition(
+    watch: Watch, kind: str, *, true: bool, reason: str, message: str, now: float
+) -> dict[str, Any]:
+    status = "True" if true else "False"
+    previous = watch.transitions.get(kind)
+    if previous is None or previous[0] != status:
+        watch.transitions[kind] = (status, now)
+    return {
+        "type": kind,
+        "status": status,
+        "observedGeneration": watch.generation,
+        "lastTransitionTime": format_time_seconds(watch.transitions[kind][1]),
+        "reason": reason,
+        "message": message,
+    }
+
+
+def render(watch: Watch, now: float) -> dict[str, Any]:
+    """The whole `status` for `watch`; a None value means the field is absent."""
+    phase, reason, message = watch.phase, watch.reason, watch.message
+    finished = watch.finished
+    reconciling_reason = "Suspended" if watch.suspended and not finished else reason
+    reconciling_message = (
+        "polling is suspended (spec.suspend); the deadline keeps counting"
+        if watch.suspended and not finished
+        else message
+    )
+    conditions = [
+        _condition(
+            watch, "Ready", true=phase == Phase.SUCCEEDED, reason=reason, message=message, now=now
+        ),
+        _condition(
+            watch,
+            "Reconciling",
+            true=phase in _ACTIVE,
+            reason=reconciling_reason,
+            message=reconciling_message,
+            now=now,
+        ),
+        _condition(
+            watch, "Stalled", true=phase in _STALLED, reason=reason, message=message, now=now
+        ),
+        _condition(watch, "Finished", true=finished, reason=reason, message=message, now=now),
+    ]
+    error = watch.last_error
+    return {
+        "phase": phase.value,
+        "reason": reason,
+        "message": message,
+        "attempts": watch.attempts,
+        "consecutiveErrors": watch.consecutive_errors,
+        "startTime": format_time(watch.start_time),
+        "deadline": format_time(watch.deadline),
+        "lastPollTime": format_time(watch.last_poll_time) if watch.last_poll_time else None,
+        "nextPollTime": (
+            format_time(watch.next_poll_time)
+            if watch.next_poll_time and not finished and not watch.suspended
+            else None
+        ),
+        "completionTime": format_time(watch.completion_time) if watch.completion_time else None,
+        "lastResponse": watch.last_response,
+        "lastError": {"class": error.error_class.value, "message": error.message}
+        if error
+        else None,
+        "result": watch.result,
+        "observedGeneration": watch.generation,
+        "specHash": watch.spec_hash,
+        "conditions": conditions,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    ref: ObjectRef
+    warning: bool
+    reason: str
+    message: str
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate, self._burst, self._clock = rate, float(burst), clock
+        self._tokens, self._stamp = float(burst), clock()
+
+    def reserve(self) -> float:
+        """Takes a token, and says how long to wait before it may be used."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate) - 1
+        self._stamp = now
+        return max(0.0, -self._tokens / self._rate)
+
+
+class StatusWriter:
+    def __init__(
+        self,
+        api: KubeApi,
+        metrics: Metrics,
+        *,
+        qps: float,
+        burst: int,
+        progress_interval: float,
+        wall: Callable[[], float],
+        clock: Callable[[], float],
+    ) -> None:
+        self._api, self._metrics = api, metrics
+        self._progress_interval = progress_interval
+        self._wall, self._clock = wall, clock
+        self._bucket = TokenBucket(qps, burst, clock)
+        self._urgent: OrderedDict[ObjectRef, Watch] = OrderedDict()
+        # progress writes: ref -> (watch, sequence), and a heap of when each is due
+        self._progress: dict[ObjectRef, tuple[Watch, int]] = {}
+        self._progress_due: list[tuple[float, int, ObjectRef]] = []
+        self._seq = 0
+        self._events: asyncio.Queue[_Event] = asyncio.Queue(MAX_EVENTS_QUEUED)
+        self._written: dict[ObjectRef, tuple[int, float]] = {}  # ref -> (hash, when)
+        self._wake = asyncio.Event()
+        self._flushing = False
+
+    def submit(self, watch: Watch, *, urgent: bool) -> None:
+        ref = watch.ref
+        if urgent:
+            self._progress.pop(ref, None)
+            self._urgent[ref] = watch
+            self._wake.set()
+        elif ref not in self._urgent and ref not in self._progress:
+            written = self._written.get(ref)
+            due = written[1] + self._progress_interval if written else self._clock()
+            self._seq += 1
+            self._progress[ref] = (watch, self._seq)
+            heapq.heappush(self._progress_due, (due, self._seq, ref))
+            if self._progress_due[0][1] == self._seq:  # the new earliest: re-arm the wait
+                self._wake.set()
+
+    def event(self, watch: Watch) -> None:
+        """Queues an Event for the watch's current phase; reason = the status reason."""
+        warning = watch.phase in _STALLED
+        try:
+            self._events.put_nowait(_Event(watch.ref, warning, watch.reason, watch.message))
+        except asyncio.QueueFull:
+            self._metrics.events_dropped.inc()
+            log.warning("event queue full; dropped event %s for %s", watch.reason, watch.ref.name)
+        self._wake.set()
+
+    def forget(self, ref: ObjectRef) -> None:
+        self._urgent.pop(ref, None)
+        self._progress.pop(ref, None)
+        self._written.pop(ref, None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._urgent) + len(self._progress) + self._events.qsize()
+
+    def _next_progress(self, *, ignore_due: bool) -> tuple[Watch | None, float]:
+        """The first progress write that is due, or how long until the earliest one is."""
+        now = self._clock()
+        while self._progress_due:
+            due, seq, ref = self._progress_due[0]
+            entry = self._progress.get(ref)
+            if entry is None or entry[1] != seq:  # written or promoted to urgent since
+                heapq.heappop(self._progress_due)
+                continue
+            if due > now and not ignore_due:
+                return None, due - now
+            heapq.heappop(self._progress_due)
+            del self._progress[ref]
+            return entry[0], 0.0
+        return None, float("inf")
+
+    async def run(self) -> None:
+        while True:
+            await self._step(block=True)
+
+    async def flush(self, budget: float) -> None:
+        """Writes everything queued, progress included, ignoring the progress interval."""
+        self._flushing = True
+        try:
+            async with asyncio.timeout(budget):
+                while self.pending:
+                    await self._step(block=False)
+        except TimeoutError:
+            log.warning("shutdown: %d status writes were not flushed in time", self.pending)
+
+    async def _step(self, *, block: bool) -> None:
+        if not self._urgent and self._events.empty():
+            watch, wait = self._next_progress(ignore_due=self._flushing)
+            if watch is None:
+                if not block:
+                    return
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(None if wait == float("inf") else wait):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                return
+            await self._throttle()
+            await self._write(watch)
+            return
+        await self._throttle()
+        if self._urgent:
+            _, watch = self._urgent.popitem(last=False)
+            await self._write(watch)
+        else:
+            await self._emit(self._events.get_nowait())
+
+    async def _throttle(self) -> None:
+        delay = self._bucket.reserve()
+        if delay:
+            await asyncio.sleep(delay)
+
+    async def _write(self, watch: Watch) -> None:
+        status = render(watch, self._wall())
+        digest = hash(json.dumps(status, sort_keys=True))
+        previous = self._written.get(watch.ref)
+        if previous is not None and previous[0] == digest:
+            self._metrics.status_writes.labels("unchanged").inc()
+            return
+        try:
+            await self._api.patch_status(watch.ref, status)
+        except ApiError as exc:
+            if exc.gone:
+                self._metrics.status_writes.labels("gone").inc()
+                return
+            self._metrics.status_writes.labels("error").inc()
+            log.warning(
+                "status write for %s/%s failed: %s", watch.ref.namespace, watch.ref.name, exc
+            )
+            if exc.retriable:
+                await asyncio.sleep(RETRY_DELAY)
+                self.submit(watch, urgent=True)
+            return
+        except Exception as exc:
+            self._metrics.status_writes.labels("error").inc()
+            log.warning(
+                "status write for %s/%s failed: %s",
+                watch.ref.namespace,
+                watch.ref.name,
+                type(exc).__name__,
+            )
+            await asyncio.sleep(RETRY_DELAY)
+            self.submit(watch, urgent=True)
+            return
+        self._metrics.status_writes.labels("written").inc()
+        self._written[watch.ref] = (digest, self._clock())
+
+    async def _emit(self, event: _Event) -> None:
+        try:
+            await self._api.create_event(
+                event.ref, warning=event.warning, reason=event.reason, message=event.message
+            )
+        except Exception as exc:
+            log.warning("event %s for %s not created: %s", event.reason, event.ref.name, exc)

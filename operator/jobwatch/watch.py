@@ -1,0 +1,112 @@
+"""The operator's in-memory state of one JobWatch, and how it maps to and from `status`.
+
+The fields mirror `status` (API.md) so that a restarted operator can carry on
+from what is stored: the deadline and attempt count survive restarts.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .expressions import CompiledWatch
+from .kube import ObjectRef
+from .outcome import Response
+from .policy import END_PHASES, ErrorClass, LastError, Phase
+from .spec import WatchSpec
+
+LAST_BODY_BYTES = 1024
+# The last response is kept in memory only to evaluate `spec.result` when the
+# watch ends on a later error; bounded so that 10k pending watches with large
+# bodies cannot hold gigabytes.
+KEEP_RESPONSE_BYTES = 8192
+
+
+def format_time(epoch: float) -> str:
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def format_time_seconds(epoch: float) -> str:
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: Any) -> float | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass(slots=True, eq=False)
+class Watch:
+    ref: ObjectRef
+    generation: int
+    spec_hash: str
+    spec: WatchSpec | None  # None: the spec is invalid (phase Failed, InvalidSpec)
+    compiled: CompiledWatch | None
+    suspended: bool
+    start_time: float
+    deadline: float
+    phase: Phase = Phase.PENDING
+    reason: str = "Accepted"
+    message: str = "watch accepted; the first poll is due"
+    attempts: int = 0
+    consecutive_errors: int = 0
+    last_poll_time: float | None = None
+    next_poll_time: float | None = None
+    completion_time: float | None = None
+    last_response: dict[str, Any] | None = None
+    last_error: LastError | None = None
+    result: Any = None
+    response: Response | None = None
+    # condition type -> (status, lastTransitionTime): kept so that a transition
+    # time changes only when the condition's status does.
+    transitions: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in END_PHASES
+
+    def record_response(self, response: Response) -> None:
+        body = response.text
+        if len(body) > LAST_BODY_BYTES:
+            body = body.encode()[:LAST_BODY_BYTES].decode(errors="ignore")
+        self.last_response = {"code": response.code, "latencyMs": response.latency_ms, "body": body}
+        self.response = response if len(response.text) <= KEEP_RESPONSE_BYTES else None
+
+    def resume_from(self, status: Mapping[str, Any]) -> None:
+        """Carries on the watch that `status` describes (same spec hash)."""
+        try:
+            self.phase = Phase(status.get("phase", "Pending"))
+        except ValueError:
+            self.phase = Phase.PENDING
+        self.reason = str(status.get("reason") or self.reason)
+        self.message = str(status.get("message") or self.message)
+        self.attempts = int(status.get("attempts") or 0)
+        self.consecutive_errors = int(status.get("consecutiveErrors") or 0)
+        self.start_time = parse_time(status.get("startTime")) or self.start_time
+        self.deadline = parse_time(status.get("deadline")) or self.deadline
+        self.last_poll_time = parse_time(status.get("lastPollTime"))
+        self.next_poll_time = parse_time(status.get("nextPollTime"))
+        self.completion_time = parse_time(status.get("completionTime"))
+        last_response = status.get("lastResponse")
+        self.last_response = dict(last_response) if isinstance(last_response, Mapping) else None
+        last_error = status.get("lastError")
+        if isinstance(last_error, Mapping):
+            try:
+                self.last_error = LastError(
+                    ErrorClass(str(last_error.get("class"))), str(last_error.get("message", ""))
+                )
+            except ValueError:
+                self.last_error = None
+        self.result = status.get("result")
+        for cond in status.get("conditions") or []:
+            since = parse_time(cond.get("lastTransitionTime"))
+            if isinstance(cond, Mapping) and since is not None:
+                self.transitions[str(cond.get("type"))] = (str(cond.get("status")), since)

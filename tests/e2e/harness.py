@@ -1,0 +1,323 @@
+"""What e2e tests drive: the cluster, the operator process and a job API to poll.
+
+Tests wait on observable state (`wait_for`), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from kubernetes import client as k8s
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Polls `probe` until it returns something truthy; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+@dataclass
+class Cluster:
+    kubeconfig: Path
+    kubectl_bin: str
+    api: k8s.ApiClient
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, kubeconfig: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.kubectl_bin, "--kubeconfig", str(kubeconfig or self.kubeconfig), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    @property
+    def custom(self) -> k8s.CustomObjectsApi:
+        return k8s.CustomObjectsApi(self.api)
+
+    @property
+    def core(self) -> k8s.CoreV1Api:
+        return k8s.CoreV1Api(self.api)
+
+
+@dataclass
+class Namespace:
+    """A fresh namespace for one test, with shortcuts for JobWatches in it."""
+
+    cluster: Cluster
+    name: str
+
+    def create(self, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "JobWatch",
+            "metadata": {"name": name},
+            "spec": dict(spec),
+        }
+        return dict(
+            self.cluster.custom.create_namespaced_custom_object(
+                GROUP, VERSION, self.name, PLURAL, body
+            )
+        )
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(
+                self.cluster.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, self.name, PLURAL, name
+                )
+            )
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def status(self, name: str) -> dict[str, Any]:
+        obj = self.get(name) or {}
+        return dict(obj.get("status") or {})
+
+    def patch_spec(self, name: str, spec: Mapping[str, Any]) -> None:
+        self.cluster.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.name, PLURAL, name, {"spec": dict(spec)}
+        )
+
+    def delete(self, name: str) -> None:
+        self.cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, self.name, PLURAL, name)
+
+    def wait_status(
+        self, name: str, check: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            status = self.status(name)
+            return status if status and check(status) else None
+
+        try:
+            return wait_for(probe, timeout, f"{name}: {what}", interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nfinal status: {json.dumps(self.status(name))}") from None
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 20) -> dict[str, Any]:
+        return self.wait_status(name, lambda s: s.get("phase") == phase, timeout, f"phase {phase}")
+
+    def events(self, name: str) -> list[k8s.CoreV1Event]:
+        found = self.cluster.core.list_namespaced_event(
+            self.name, field_selector=f"involvedObject.name={name}"
+        )
+        return list(found.items)
+
+    def secret(
+        self, name: str, data: Mapping[str, str], labels: Mapping[str, str] | None = None
+    ) -> None:
+        body = k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name=name, labels=dict(labels or {})),
+            string_data=dict(data),
+        )
+        try:
+            self.cluster.core.create_namespaced_secret(self.name, body)
+        except k8s.ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.cluster.core.replace_namespaced_secret(name, self.name, body)
+
+
+def condition(status: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    return {}
+
+
+@dataclass
+class Operator:
+    """The operator as a separate process, run with the operator's ServiceAccount token."""
+
+    kubeconfig: Path
+    namespace: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    health_port: int = 0
+
+    def start(self) -> Operator:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.health_port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "JOBWATCH_NAMESPACES": self.namespace,
+            "JOBWATCH_HEALTH_PORT": str(self.health_port),
+            "JOBWATCH_METRICS_PORT": str(free_port()),
+            "JOBWATCH_STATUS_PROGRESS_INTERVAL": "500ms",
+            **self.env,
+        }
+        log = self.log_path.open("ab")
+        log.write(f"\n===== operator start {time.strftime('%H:%M:%S')} =====\n".encode())
+        log.flush()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jobwatch"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        log.close()
+        return self
+
+    def stop(self, timeout: float = 15) -> float:
+        """SIGTERM, then wait; returns how long the process took to exit."""
+        assert self.process is not None
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(
+                    f"operator did not exit within {timeout}s of SIGTERM"
+                ) from None
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Reply:
+    code: int = 200
+    body: Any = None  # dict/list → JSON; str → sent as is
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+@dataclass
+class Seen:
+    at: float  # time.monotonic()
+    method: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class JobServer:
+    """A job API on loopback whose answers each test scripts per path.
+
+    A path answers its replies in order and then repeats the last one.
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._routes: dict[str, list[Reply]] = {}
+        self._seen: dict[str, list[Seen]] = {}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                reply = server._record(self.path, self.command, dict(self.headers), body)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                payload = (
+                    reply.body.encode()
+                    if isinstance(reply.body, str)
+                    else b""
+                    if reply.body is None
+                    else json.dumps(reply.body).encode()
+                )
+                self.send_response(reply.code)
+                headers = {"content-type": "application/json", **reply.headers}
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_HEAD = _serve
+
+        self._httpd = ThreadingHTTPServer((host, 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = int(self._httpd.server_address[1])
+        self.host = host
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def script(self, path: str, replies: Sequence[Reply]) -> str:
+        with self._lock:
+            self._routes[path] = list(replies)
+        return self.url(path)
+
+    def seen(self, path: str) -> list[Seen]:
+        with self._lock:
+            return list(self._seen.get(path, []))
+
+    def _record(self, path: str, method: str, headers: dict[str, str], body: bytes) -> Reply:
+        with self._lock:
+            self._seen.setdefault(path, []).append(
+                Seen(time.monotonic(), method, {k.lower(): v for k, v in headers.items()}, body)
+            )
+            replies = self._routes.get(path)
+            if not replies:
+                return Reply(404, {"error": "no such path"})
+            return replies.pop(0) if len(replies) > 1 else replies[0]
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def gaps(seen: Sequence[Seen]) -> list[float]:
+    return [b.at - a.at for a, b in itertools.pairwise(seen)]
+
+
+def iter_docs(text: str) -> Iterator[dict[str, Any]]:
+    for doc in yaml.safe_load_all(text):
+        if doc:
+            yield doc

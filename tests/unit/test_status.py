@@ -1,0 +1,200 @@
+"""Status rendering (conditions) and the writer's politeness rules."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from jobwatch.kube import ApiError, ObjectRef
+from jobwatch.metrics import Metrics
+from jobwatch.policy import Phase
+from jobwatch.status import StatusWriter, TokenBucket, render
+from jobwatch.watch import Watch
+
+
+def make_watch(name: str = "w", **fields: Any) -> Watch:
+    now = time.time()
+    watch = Watch(
+        ref=ObjectRef("ns", name, f"uid-{name}"),
+        generation=1,
+        spec_hash="h",
+        spec=None,
+        compiled=None,
+        suspended=False,
+        start_time=now,
+        deadline=now + 600,
+    )
+    for key, value in fields.items():
+        setattr(watch, key, value)
+    return watch
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+@pytest.mark.parametrize(
+    ("phase", "ready", "reconciling", "stalled", "finished"),
+    [
+        (Phase.PENDING, "False", "True", "False", "False"),
+        (Phase.POLLING, "False", "True", "False", "False"),
+        (Phase.SUCCEEDED, "True", "False", "False", "True"),
+        (Phase.FAILED, "False", "False", "True", "True"),
+        (Phase.TIMED_OUT, "False", "False", "True", "True"),
+    ],
+)
+def test_conditions_follow_the_phase(
+    phase: Phase, ready: str, reconciling: str, stalled: str, finished: str
+) -> None:
+    status = render(make_watch(phase=phase, reason="R"), time.time())
+    got = {kind: value[0] for kind, value in conditions(status).items()}
+    assert got == {
+        "Ready": ready,
+        "Reconciling": reconciling,
+        "Stalled": stalled,
+        "Finished": finished,
+    }
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+
+
+def test_suspended_watch_keeps_its_phase_and_says_suspended() -> None:
+    status = render(make_watch(phase=Phase.POLLING, suspended=True), time.time())
+    assert status["phase"] == "Polling"
+    assert conditions(status)["Reconciling"] == ("True", "Suspended")
+    assert status["nextPollTime"] is None
+
+
+def test_transition_time_changes_only_with_the_condition_status() -> None:
+    watch = make_watch(phase=Phase.POLLING)
+    first = render(watch, 1_000_000.0)
+    again = render(watch, 1_000_100.0)
+    assert first["conditions"] == again["conditions"]
+    watch.phase = Phase.SUCCEEDED
+    done = render(watch, 1_000_200.0)
+    ready = next(c for c in done["conditions"] if c["type"] == "Ready")
+    assert ready["lastTransitionTime"] == "1970-01-12T13:50:00Z"
+
+
+class FakeApi:
+    def __init__(self, fail_with: ApiError | None = None) -> None:
+        self.patches: list[tuple[ObjectRef, dict[str, Any]]] = []
+        self.events: list[str] = []
+        self.fail_with = fail_with
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+        if self.fail_with is not None:
+            error, self.fail_with = self.fail_with, None
+            raise error
+        self.patches.append((ref, status))
+
+    async def create_event(
+        self, ref: ObjectRef, *, warning: bool, reason: str, message: str
+    ) -> None:
+        self.events.append(reason)
+
+
+def make_writer(
+    api: FakeApi, *, qps: float = 1000, burst: int = 1000, progress: float = 60.0
+) -> StatusWriter:
+    return StatusWriter(
+        api,
+        Metrics(),
+        qps=qps,
+        burst=burst,  # type: ignore[arg-type]
+        progress_interval=progress,
+        wall=time.time,
+        clock=time.monotonic,
+    )
+
+
+async def until(predicate: Any, timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def test_latest_wins_and_identical_status_is_not_rewritten() -> None:
+    api = FakeApi()
+    writer = make_writer(api)
+    watch = make_watch()
+    for attempts in range(5):
+        watch.attempts = attempts
+        writer.submit(watch, urgent=True)
+    task = asyncio.create_task(writer.run())
+    await until(lambda: api.patches)
+    writer.submit(watch, urgent=True)  # nothing changed since
+    watch.attempts = 9
+    writer.submit(watch, urgent=True)
+    await until(lambda: len(api.patches) == 2)
+    task.cancel()
+    assert [p[1]["attempts"] for p in api.patches] == [4, 9]
+
+
+async def test_progress_is_written_at_most_once_per_interval() -> None:
+    api = FakeApi()
+    writer = make_writer(api, progress=0.3)
+    watch = make_watch()
+    task = asyncio.create_task(writer.run())
+    started = time.monotonic()
+    while time.monotonic() - started < 0.75:
+        watch.attempts += 1
+        writer.submit(watch, urgent=False)
+        await asyncio.sleep(0.01)
+    await until(lambda: len(api.patches) >= 3)
+    task.cancel()
+    # Written at once (first), then at ~0.3s and ~0.6s: never more often.
+    assert len(api.patches) == 3
+    assert api.patches[-1][1]["attempts"] > api.patches[0][1]["attempts"]
+
+
+async def test_token_bucket_limits_the_fleet_write_rate() -> None:
+    api = FakeApi()
+    writer = make_writer(api, qps=50, burst=5)
+    watches = [make_watch(f"w{n}") for n in range(20)]
+    task = asyncio.create_task(writer.run())
+    started = time.monotonic()
+    for watch in watches:
+        writer.submit(watch, urgent=True)
+    await until(lambda: len(api.patches) == 20, timeout=3)
+    elapsed = time.monotonic() - started
+    task.cancel()
+    # 5 at once, then 15 at 50/s: at least 0.3 s.
+    assert elapsed >= 0.28
+
+
+async def test_flush_writes_pending_progress_at_once() -> None:
+    api = FakeApi()
+    writer = make_writer(api, progress=3600)
+    watch = make_watch()
+    writer.submit(watch, urgent=True)
+    await writer.flush(1.0)
+    watch.attempts = 7
+    writer.submit(watch, urgent=False)  # due only in an hour
+    await writer.flush(1.0)
+    assert [p[1]["attempts"] for p in api.patches] == [0, 7]
+
+
+async def test_gone_object_is_dropped_and_server_errors_are_retried() -> None:
+    api = FakeApi(fail_with=ApiError(404, "not found"))
+    writer = make_writer(api)
+    writer.submit(make_watch("gone"), urgent=True)
+    await writer.flush(1.0)
+    assert api.patches == []
+    api.fail_with = ApiError(503, "unavailable")
+    writer.submit(make_watch("retried"), urgent=True)
+    await writer.flush(3.0)
+    assert [p[0].name for p in api.patches] == ["retried"]
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    now = [0.0]
+    bucket = TokenBucket(10, 2, lambda: now[0])
+    assert bucket.reserve() == 0.0
+    assert bucket.reserve() == 0.0
+    assert bucket.reserve() == pytest.approx(0.1)
+    assert bucket.reserve() == pytest.approx(0.2)
+    now[0] += 0.2
+    assert bucket.reserve() == pytest.approx(0.1)
