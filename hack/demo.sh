@@ -2,7 +2,8 @@
 # `make demo`: a local control plane, the demo job API, the operator (with its
 # own ServiceAccount's token, so its RBAC is the one in manifests/rbac), and the
 # sample JobWatch from manifests/samples/job-api.yaml, watched until it ends.
-# Everything keeps running afterwards for you to explore; `make demo-down` stops it.
+# Progress is written every second (not every 15s) so that `kubectl get jw -w`
+# shows the attempts climb. Everything keeps running afterwards for you to explore; `make demo-down` stops it.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -42,6 +43,7 @@ stop_pid "$demo/operator.pid"
 KUBECTL=$bin/kubectl hack/sa-kubeconfig.sh jobwatch-system jobwatch-operator \
   "$demo/operator.kubeconfig" "$KUBECONFIG" >/dev/null
 KUBECONFIG=$demo/operator.kubeconfig JOBWATCH_HEALTH_PORT=0 JOBWATCH_METRICS_PORT=0 \
+  JOBWATCH_STATUS_PROGRESS_INTERVAL=1s \
   .venv/bin/python -m jobwatch >"$demo/operator.log" 2>&1 &
 echo $! > "$demo/operator.pid"
 
@@ -50,7 +52,7 @@ k delete jobwatch report-42 --ignore-not-found >/dev/null
 sed "s#http://reports.default.svc#http://127.0.0.1:$port#" manifests/samples/job-api.yaml | k apply -f -
 
 echo "== kubectl get jw -w   (the job is QUEUED 3s, then PROCESSING 8s, then COMPLETED)"
-k get jw report-42 -w &
+"$bin/kubectl" get jw report-42 -w &
 watcher=$!
 k wait --for=condition=Finished --timeout=120s jw/report-42 >/dev/null
 sleep 0.5

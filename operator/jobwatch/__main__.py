@@ -18,6 +18,9 @@ def main() -> None:
         level=os.environ.get("JOBWATCH_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # kopf logs every event handler call at INFO: at thousands of watches that
+    # is mostly our own status echoes.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         config = Config.from_env()
     except ConfigError as exc:
