@@ -106,6 +106,33 @@ def _compile(field: str, text: str) -> _Program:
         raise ExpressionError(f"{field}: nested too deeply to compile") from None
 
 
+# Stand-in responses for a type check at compile time: cel-python has no static type
+# checker, but an expression that evaluates on every one of these to something other
+# than a bool (`response.code`, `response.text`) cannot be a condition, whatever the
+# endpoint answers. One that fails on them, or gives a bool on any (`response.body`
+# is a bool for a JSON `true`), is left to be judged on real responses.
+_PROBE_BODIES: tuple[Any, ...] = (None, {}, True)
+_PROBES: tuple[Context, ...] = tuple(
+    {"response": json_to_cel({"code": 200, "headers": {}, "body": body, "text": ""})}
+    for body in _PROBE_BODIES
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _condition(field: str, text: str) -> _Program:
+    program = _compile(field, text)
+    kinds: set[str] = set()
+    for probe in _PROBES:
+        try:
+            value = program.evaluate(field, probe)
+        except EvaluationError:
+            return program
+        if isinstance(value, bool | celtypes.BoolType):
+            return program
+        kinds.add(_cel_name(type(value).__name__))
+    raise ExpressionError(f"{field}: must evaluate to a bool, not {' or '.join(sorted(kinds))}")
+
+
 class CompiledWatch:
     """The compiled expressions of one `WatchSpec`."""
 
@@ -120,10 +147,11 @@ class CompiledWatch:
 
     @classmethod
     def compile(cls, spec: WatchSpec) -> CompiledWatch:
-        """Raises `ExpressionError` naming the field of an expression that does not compile."""
+        """Raises `ExpressionError` naming the field of an expression that does not compile
+        (or, for the conditions, evidently does not evaluate to a bool)."""
         return cls(
-            _compile("spec.successWhen", spec.success_when),
-            _compile("spec.failureWhen", spec.failure_when),
+            _condition("spec.successWhen", spec.success_when),
+            _condition("spec.failureWhen", spec.failure_when),
             tuple((name, _compile(f"spec.result.{name}", text)) for name, text in spec.result),
         )
 

@@ -107,16 +107,31 @@ def test_body_may_be_any_json(body: Any, expression: str) -> None:
 @pytest.mark.parametrize(
     ("expression", "kind"),
     [
-        ("response.body.status", "string"),
         ("response.code", "int"),
-        ("response.body", "map"),
+        ("response.text", "string"),
+        ("response.headers", "map"),
         ("[true]", "list"),
         ("1.5", "double"),
         ("null", "null"),
         ("1u", "uint"),
     ],
 )
-def test_a_non_bool_result_is_an_evaluation_error(expression: str, kind: str) -> None:
+def test_a_condition_that_evidently_is_not_bool_is_rejected_at_compile(
+    expression: str, kind: str
+) -> None:
+    for field in ("successWhen", "failureWhen"):
+        with pytest.raises(ExpressionError) as caught:
+            compiled(**{field: expression})
+        assert str(caught.value) == f"spec.{field}: must evaluate to a bool, not {kind}"
+
+
+@pytest.mark.parametrize(
+    ("expression", "kind"),
+    [("response.body.status", "string"), ("response.body", "map")],
+)
+def test_a_non_bool_result_known_only_from_the_response_is_an_evaluation_error(
+    expression: str, kind: str
+) -> None:
     watch = compiled(successWhen=expression, failureWhen=expression)
     activation = watch.activation(response())
     for check, field in (
