@@ -255,14 +255,19 @@ def test_expression_that_cannot_be_evaluated_is_invalid_response(
     assert "maintenance" in status["lastError"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("expression", "complaint"),
+    [("response.code ==", "syntax error"), ("response.code", "must evaluate to a bool")],
+)
 def test_invalid_expression_fails_without_a_request(
-    ns: Namespace, jobs: JobServer, operator: Operator
+    ns: Namespace, jobs: JobServer, operator: Operator, expression: str, complaint: str
 ) -> None:
     url = jobs.script("/never", [PROCESSING])
-    ns.create("bad-cel", {"url": url, "successWhen": "response.code =="})
+    ns.create("bad-cel", {"url": url, "successWhen": expression})
     status = ns.wait_phase("bad-cel", "Failed")
     assert status["reason"] == "InvalidSpec"
     assert "successWhen" in status["message"]
+    assert complaint in status["message"]
     assert status["attempts"] == 0
     assert jobs.seen("/never") == []
 
