@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import functools
 import logging
 import re
 import ssl
@@ -22,7 +23,6 @@ import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TypeVar
 
 import aiohttp
@@ -88,7 +88,7 @@ class _Failed(Exception):
 
 @dataclass(slots=True, eq=False)
 class _Slot:
-    client: httpx.AsyncClient
+    transport: AiohttpTransport
     in_use: int = 0
     evicted: bool = False
 
@@ -143,7 +143,7 @@ class HttpClient:
         self._default = None
         self._slots.clear()
         for slot in slots:
-            await slot.client.aclose()
+            await slot.transport.aclose()
         if self._closing:
             await asyncio.gather(*self._closing)
         if self._resolver is not None:
@@ -153,6 +153,8 @@ class HttpClient:
     async def _attempt(self, request: Request, started: float) -> Response:
         url = _parse_url(request.url)
         headers = _validated_headers(request.headers)
+        given = {name.lower() for name, _ in headers}
+        headers = [(n, v) for n, v in _DEFAULT_HEADERS.items() if n not in given] + headers
         if url.userinfo:
             if not any(name.lower() == "authorization" for name, _ in headers):
                 credentials = f"{url.username}:{url.password}".encode()
@@ -167,10 +169,10 @@ class HttpClient:
             hop = 0
             while True:
                 self._check_literal(url, hop)
+                outgoing = httpx.Request(method, url, headers=headers, content=body)
                 try:
-                    async with slot.client.stream(
-                        method, url, headers=headers, content=body
-                    ) as response:
+                    response = await slot.transport.handle_async_request(outgoing)
+                    try:
                         code = response.status_code
                         location = response.headers.get("location")
                         if code not in _REDIRECT_CODES or location is None:
@@ -181,6 +183,8 @@ class HttpClient:
                                 text=content.decode("utf-8", errors="replace"),
                                 latency_ms=_elapsed_ms(asyncio.get_running_loop(), started),
                             )
+                    finally:
+                        await response.aclose()
                 except _Failed:
                     raise
                 except Exception as exc:
@@ -209,7 +213,7 @@ class HttpClient:
     def _check_literal(self, url: httpx.URL, hop: int) -> None:
         # The host exactly as aiohttp will parse it from the URL the transport hands over.
         try:
-            host = YarlURL(str(url)).raw_host or ""
+            host = _aiohttp_host(str(url))
         except ValueError as exc:
             # yarl is stricter than httpx in places (ports above 65535, for one).
             if hop:
@@ -281,7 +285,7 @@ class HttpClient:
         # An evicted client may still carry other watches' requests: close it only
         # once the last of them is done.
         if slot.evicted and slot.in_use == 0:
-            task = asyncio.get_running_loop().create_task(slot.client.aclose())
+            task = asyncio.get_running_loop().create_task(slot.transport.aclose())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -298,16 +302,10 @@ class HttpClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
         )
-        client = httpx.AsyncClient(
-            transport=AiohttpTransport(verify=context, client=session),
-            headers=_DEFAULT_HEADERS,
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            follow_redirects=False,
-            timeout=None,  # the whole attempt is bounded by asyncio.timeout instead
-            # Environment proxies would connect on our behalf, past the egress guard.
-            trust_env=False,
-        )
-        return _Slot(client)
+        # The transport is driven directly, not through httpx.AsyncClient: redirects,
+        # cookies and timeouts are handled here anyway, and the client's own
+        # machinery cost about as much CPU per request as the whole exchange.
+        return _Slot(AiohttpTransport(verify=context, client=session))
 
 
 def _ssl_context(tls: TLSSettings) -> ssl.SSLContext:
@@ -376,6 +374,8 @@ async def _single(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+# Each watch polls the same URL again and again: parse it once.
+@functools.lru_cache(maxsize=16384)
 def _parse_url(text: str) -> httpx.URL:
     try:
         url = httpx.URL(text)
@@ -386,6 +386,11 @@ def _parse_url(text: str) -> httpx.URL:
     if not url.host:
         raise _Failed(FailureKind.TRANSPORT, "invalid URL: no host")
     return url
+
+
+@functools.lru_cache(maxsize=16384)
+def _aiohttp_host(url: str) -> str:
+    return YarlURL(url).raw_host or ""
 
 
 def _validated_headers(headers: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import shutil
 import socket
@@ -21,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import aiohttp
 import httpx
 import pytest
 import respx
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from httpx_aiohttp import AiohttpTransport
 
 import jobwatch.egress
+from jobwatch import httpclient
 from jobwatch.egress import EgressPolicy, parse_networks
 from jobwatch.httpclient import HttpClient, Request, TLSSettings
 from jobwatch.outcome import FailureKind, RequestFailure, Response
@@ -802,6 +806,19 @@ async def test_compressed_body_is_capped_on_its_decoded_size(
 # --- response handling without a server (respx) -----------------------------------
 
 
+@contextlib.contextmanager
+def mocked() -> Iterator[respx.Router]:
+    """A respx router in place of the network, under the transport the client drives."""
+    router = respx.Router(assert_all_mocked=True)
+
+    async def handle(_: AiohttpTransport, request: httpx.Request) -> httpx.Response:
+        return await router.async_handler(request)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AiohttpTransport, "handle_async_request", handle)
+        yield router
+
+
 class Chunks(httpx.AsyncByteStream):
     """A body that arrives in pieces, as from the network (not pre-read by httpx)."""
 
@@ -814,7 +831,7 @@ class Chunks(httpx.AsyncByteStream):
 
 
 async def test_pre_read_mock_responses_work(make_client: MakeClient) -> None:
-    with respx.mock(using="httpx") as router:
+    with mocked() as router:
         router.get("http://status.test/").respond(
             200, json={"status": "RUNNING"}, headers={"X-Mixed-Case": "v"}
         )
@@ -824,7 +841,7 @@ async def test_pre_read_mock_responses_work(make_client: MakeClient) -> None:
 
 
 async def test_invalid_utf8_is_replaced(make_client: MakeClient) -> None:
-    with respx.mock(using="httpx") as router:
+    with mocked() as router:
         router.get("http://status.test/").respond(200, stream=Chunks(b"ok \xff", b"\xfe done"))
         response = expect_response(await make_client().send(get("http://status.test/")))
     assert response.text == "ok \ufffd\ufffd done"
@@ -839,7 +856,7 @@ async def test_invalid_utf8_is_replaced(make_client: MakeClient) -> None:
     ],
 )
 async def test_deflate_in_both_wire_forms(make_client: MakeClient, payload: bytes) -> None:
-    with respx.mock(using="httpx") as router:
+    with mocked() as router:
         router.get("http://status.test/").respond(
             200, stream=Chunks(payload[:3], payload[3:]), headers={"Content-Encoding": "deflate"}
         )
@@ -857,7 +874,7 @@ async def test_deflate_in_both_wire_forms(make_client: MakeClient, payload: byte
 async def test_undecodable_body(
     make_client: MakeClient, headers: dict[str, str], content: bytes, message: str
 ) -> None:
-    with respx.mock(using="httpx") as router:
+    with mocked() as router:
         router.get("http://status.test/").respond(200, stream=Chunks(content), headers=headers)
         failure = expect_failure(
             await make_client().send(get("http://status.test/")), FailureKind.INVALID_RESPONSE
@@ -866,7 +883,7 @@ async def test_undecodable_body(
 
 
 async def test_unknown_encoding_on_an_empty_body_is_fine(make_client: MakeClient) -> None:
-    with respx.mock(using="httpx") as router:
+    with mocked() as router:
         router.head("http://status.test/").respond(
             204, stream=Chunks(), headers={"Content-Encoding": "br"}
         )
@@ -877,7 +894,7 @@ async def test_unknown_encoding_on_an_empty_body_is_fine(make_client: MakeClient
 
 
 async def test_declared_length_over_the_cap_is_refused_unread(make_client: MakeClient) -> None:
-    with respx.mock(using="httpx") as router:
+    with mocked() as router:
         router.get("http://status.test/").respond(
             200, stream=Chunks(b"x" * 10), headers={"Content-Length": "2000000"}
         )
@@ -890,21 +907,27 @@ async def test_declared_length_over_the_cap_is_refused_unread(make_client: MakeC
 # --- shared clients and TLS -------------------------------------------------------
 
 
-@pytest.fixture
-def created_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
-    created: list[httpx.AsyncClient] = []
+class RecordingTransport(AiohttpTransport):
+    @property
+    def is_closed(self) -> bool:
+        return isinstance(self.client, aiohttp.ClientSession) and self.client.closed
 
-    class Recording(httpx.AsyncClient):
+
+@pytest.fixture
+def created_clients(monkeypatch: pytest.MonkeyPatch) -> list[RecordingTransport]:
+    created: list[RecordingTransport] = []
+
+    class Recording(RecordingTransport):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             created.append(self)
 
-    monkeypatch.setattr(httpx, "AsyncClient", Recording)
+    monkeypatch.setattr(httpclient, "AiohttpTransport", Recording)
     return created
 
 
 async def test_one_client_per_tls_setting(
-    start_server: StartServer, make_client: MakeClient, created_clients: list[httpx.AsyncClient]
+    start_server: StartServer, make_client: MakeClient, created_clients: list[RecordingTransport]
 ) -> None:
     server = await start_server(ok)
     client = make_client()
@@ -921,7 +944,7 @@ async def test_one_client_per_tls_setting(
 
 
 async def test_least_recently_used_tls_client_is_evicted_and_closed(
-    start_server: StartServer, make_client: MakeClient, created_clients: list[httpx.AsyncClient]
+    start_server: StartServer, make_client: MakeClient, created_clients: list[RecordingTransport]
 ) -> None:
     server = await start_server(ok)
     client = make_client(max_tls_clients=2)
@@ -942,7 +965,7 @@ async def test_least_recently_used_tls_client_is_evicted_and_closed(
 
 
 async def test_default_client_is_never_evicted(
-    start_server: StartServer, make_client: MakeClient, created_clients: list[httpx.AsyncClient]
+    start_server: StartServer, make_client: MakeClient, created_clients: list[RecordingTransport]
 ) -> None:
     server = await start_server(ok)
     client = make_client(max_tls_clients=1)
