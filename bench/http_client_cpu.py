@@ -176,9 +176,9 @@ TICK = 0.005  # seconds between pacing steps; each step sends what has come due
 async def paced(
     call: Call, urls: Sequence[str], rate: float, seconds: float, in_flight: int
 ) -> tuple[int, int, float, float]:
-    """Sends rate × seconds requests on schedule; (requests, errors, CPU s, wall s).
+    """Sends rate * seconds requests on schedule; (requests, errors, CPU s, wall s).
 
-    Bounded in count (rate × seconds requests) and in time (each request has a 30 s
+    Bounded in count (rate * seconds requests) and in time (each request has a 30 s
     timeout, and there are at most `in_flight` outstanding).
     """
     loop = asyncio.get_running_loop()
@@ -213,7 +213,7 @@ async def paced(
 
 
 async def paced_main(
-    key: str, url: str, rate: float, seconds: float, warmup: float, ids: int, in_flight: int
+    key: str, url: str, *, rate: float, seconds: float, warmup: float, ids: int, in_flight: int
 ) -> PacedResult:
     label, factory = CLIENTS[key]
     urls = [url.format(i) for i in range(ids)]
@@ -244,7 +244,13 @@ def main(argv: Sequence[str]) -> None:
         args = parser.parse_args(argv[1:])
         result = uvloop.run(
             paced_main(
-                args.client, args.url, args.rate, args.seconds, args.warmup, args.ids, args.in_flight
+                args.client,
+                args.url,
+                args.rate,
+                args.seconds,
+                args.warmup,
+                args.ids,
+                args.in_flight,
             )
         )
         print(json.dumps(asdict(result)), flush=True)

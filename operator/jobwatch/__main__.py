@@ -26,7 +26,7 @@ def main() -> None:
     except ConfigError as exc:
         print(f"jobwatch: bad configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    handlers.service.config = config
+    handlers.configure(config)
     kopf.run(
         loop=uvloop.new_event_loop(),
         standalone=True,

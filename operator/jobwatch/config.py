@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Config:
     namespaces: tuple[str, ...]  # empty: the whole cluster
+    labels: tuple[tuple[str, str], ...]  # only JobWatches with all these labels (a shard)
     egress: EgressPolicy
     max_body_bytes: int
     max_in_flight: int
@@ -64,7 +65,19 @@ class Config:
         except ValueError as exc:
             raise ConfigError(f"JOBWATCH_EGRESS_DENY/JOBWATCH_EGRESS_ALLOW: {exc}") from None
 
+        labels: list[tuple[str, str]] = []
+        for part in text("JOBWATCH_LABEL_SELECTOR", "").split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip() or "!" in key:
+                raise ConfigError(
+                    f"JOBWATCH_LABEL_SELECTOR: {part.strip()!r} is not of the form key=value"
+                )
+            labels.append((key.strip(), value.strip()))
+
         return cls(
+            labels=tuple(labels),
             namespaces=tuple(
                 part.strip() for part in text("JOBWATCH_NAMESPACES", "").split(",") if part.strip()
             ),

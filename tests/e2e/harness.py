@@ -80,11 +80,13 @@ class Namespace:
     cluster: Cluster
     name: str
 
-    def create(self, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    def create(
+        self, name: str, spec: Mapping[str, Any], labels: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "JobWatch",
-            "metadata": {"name": name},
+            "metadata": {"name": name, "labels": dict(labels or {})},
             "spec": dict(spec),
         }
         return dict(

@@ -198,3 +198,15 @@ def test_printer_columns(ns: Namespace, jobs: JobServer, operator: Operator) -> 
     wide = ns.cluster.kubectl("get", "jw", "-n", ns.name, "-o", "wide")
     assert "URL" in wide.stdout.splitlines()[0]
     assert url in wide.stdout
+
+
+def test_label_selector_shards_the_watches(
+    ns: Namespace, jobs: JobServer, start_operator: OperatorFactory
+) -> None:
+    start_operator(JOBWATCH_LABEL_SELECTOR="jobwatch.dev/shard=a")
+    url = jobs.script("/sharded", [DONE])
+    ns.create("mine", {"url": url}, labels={"jobwatch.dev/shard": "a"})
+    ns.create("theirs", {"url": url}, labels={"jobwatch.dev/shard": "b"})
+    ns.wait_phase("mine", "Succeeded")
+    stays(lambda: not ns.status("theirs"), 1.0)
+    assert len(jobs.seen("/sharded")) == 1
