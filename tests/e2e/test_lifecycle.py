@@ -210,3 +210,20 @@ def test_label_selector_shards_the_watches(
     ns.wait_phase("mine", "Succeeded")
     stays(lambda: not ns.status("theirs"), 1.0)
     assert len(jobs.seen("/sharded")) == 1
+
+
+def test_a_suspended_watch_still_times_out_at_its_deadline(
+    ns: Namespace, jobs: JobServer, operator: Operator
+) -> None:
+    url = jobs.script("/asleep", [PENDING])
+    ns.create("asleep", {"url": url, "suspend": True, "timeout": "2s", "interval": "100ms"})
+    suspended = ns.wait_status(
+        "asleep",
+        lambda s: condition(s, "Reconciling").get("reason") == "Suspended",
+        10,
+        "the suspension to show",
+    )
+    assert suspended["phase"] == "Pending"
+    status = ns.wait_phase("asleep", "TimedOut")
+    assert status["reason"] == "DeadlineExceeded"
+    assert jobs.seen("/asleep") == []
