@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -245,7 +246,7 @@ class JobServer:
     A path answers its replies in order and then repeats the last one.
     """
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self._routes: dict[str, list[Reply]] = {}
         self._seen: dict[str, list[Seen]] = {}
         self._lock = threading.Lock()
@@ -283,13 +284,17 @@ class JobServer:
 
         self._httpd = ThreadingHTTPServer((host, 0), Handler)
         self._httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+            self.scheme = "https"
         self.port = int(self._httpd.server_address[1])
         self.host = host
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
 
     def script(self, path: str, replies: Sequence[Reply]) -> str:
         with self._lock:
