@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -133,17 +134,57 @@ def _condition(field: str, text: str) -> _Program:
     raise ExpressionError(f"{field}: must evaluate to a bool, not {' or '.join(sorted(kinds))}")
 
 
+_PARTS = frozenset({"headers", "body", "text"})
+_CODE, _HEADERS, _BODY, _TEXT = (
+    celtypes.StringType(k) for k in ("code", "headers", "body", "text")
+)
+
+
+def _mentioned(spec: WatchSpec) -> frozenset[str]:
+    """The response parts the expressions may use. A plain substring test: it can only
+    err towards converting a part that is not needed, never the other way round."""
+    texts = [spec.success_when, spec.failure_when, *(text for _, text in spec.result)]
+    return frozenset(part for part in _PARTS if any(part in text for text in texts))
+
+
+def _cel(value: Any) -> celtypes.Value:
+    """Parsed JSON as CEL values: `celpy.json_to_cel`, without its costly isinstance
+    checks against typing generics (exact JSON types only, which is all json gives)."""
+    kind = type(value)
+    if kind is str:
+        return celtypes.StringType(value)
+    if kind is bool:
+        return celtypes.BoolType(value)
+    if kind is int:
+        return celtypes.IntType(value)
+    if kind is float:
+        return celtypes.DoubleType(value)
+    if kind is dict:
+        return celtypes.MapType({celtypes.StringType(k): _cel(v) for k, v in value.items()})
+    if kind is list:
+        return celtypes.ListType([_cel(item) for item in value])
+    if value is None:
+        return None
+    return json_to_cel(value)
+
+
 class CompiledWatch:
     """The compiled expressions of one `WatchSpec`."""
 
-    __slots__ = ("_failure", "_results", "_success")
+    __slots__ = ("_failure", "_last", "_results", "_success", "_uses")
 
     def __init__(
-        self, success: _Program, failure: _Program, results: tuple[tuple[str, _Program], ...]
+        self,
+        success: _Program,
+        failure: _Program,
+        results: tuple[tuple[str, _Program], ...],
+        uses: frozenset[str] = _PARTS,
     ) -> None:
         self._success = success
         self._failure = failure
         self._results = results
+        self._uses = uses
+        self._last: tuple[tuple[object, ...], tuple[bool, bool] | EvaluationError] | None = None
 
     @classmethod
     def compile(cls, spec: WatchSpec) -> CompiledWatch:
@@ -153,25 +194,58 @@ class CompiledWatch:
             _condition("spec.successWhen", spec.success_when),
             _condition("spec.failureWhen", spec.failure_when),
             tuple((name, _compile(f"spec.result.{name}", text)) for name, text in spec.result),
+            _mentioned(spec),
         )
 
     @property
     def has_results(self) -> bool:
         return bool(self._results)
 
-    @staticmethod
-    def activation(response: Response) -> Context:
-        """The CEL variables for one response; build once, use for every expression."""
+    def activation(self, response: Response) -> Context:
+        """The CEL variables for one response; build once, use for every expression.
+
+        Converting to CEL values is most of an evaluation's cost, so the parts of the
+        response that no expression of this watch mentions are left null.
+        """
+        uses = self._uses
         return {
-            "response": json_to_cel(
+            "response": celtypes.MapType(
                 {
-                    "code": response.code,
-                    "headers": dict(response.headers),
-                    "body": response.body,
-                    "text": response.text,
+                    _CODE: celtypes.IntType(response.code),
+                    _HEADERS: _cel(dict(response.headers)) if "headers" in uses else None,
+                    _BODY: _cel(response.body) if "body" in uses else None,
+                    _TEXT: celtypes.StringType(response.text) if "text" in uses else None,
                 }
             )
         }
+
+    def judge(self, response: Response) -> tuple[bool, bool]:
+        """(failureWhen, successWhen) for a response; successWhen is not evaluated (False)
+        when failureWhen holds. Raises `EvaluationError` like the evaluations would.
+
+        A pending job answers the same thing poll after poll, so the verdict on the
+        previous response is reused when this one is identical in everything the
+        expressions can see (a digest stands for the body: it may be large).
+        """
+        key: tuple[object, ...] = (
+            response.code,
+            hashlib.blake2b(response.text.encode(), digest_size=16).digest(),
+            tuple(sorted(response.headers.items())) if "headers" in self._uses else None,
+        )
+        if self._last is not None and self._last[0] == key:
+            verdict = self._last[1]
+        else:
+            activation = self.activation(response)
+            try:
+                failed = self.is_failure(activation)
+                verdict = (failed, not failed and self.is_success(activation))
+            except EvaluationError as error:
+                verdict = error
+            self._last = (key, verdict)
+        if isinstance(verdict, EvaluationError):
+            # A fresh exception each time: re-raising one object grows its traceback.
+            raise EvaluationError(verdict.field, verdict.detail)
+        return verdict
 
     def is_failure(self, activation: Context) -> bool:
         return _boolean("spec.failureWhen", self._failure.evaluate("spec.failureWhen", activation))

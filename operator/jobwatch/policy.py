@@ -109,9 +109,9 @@ class _Attempt:
     def judge(self, compiled: CompiledWatch, response: Response) -> Decision:
         code = response.code
         ok = 200 <= code < 400
-        activation = compiled.activation(response)
         try:
-            if compiled.is_failure(activation):
+            failed, succeeded = compiled.judge(response)
+            if failed:
                 message = f"failureWhen matched (HTTP {code})"
                 return _ended(
                     Phase.FAILED,
@@ -119,7 +119,7 @@ class _Attempt:
                     f"job failed: {message}",
                     LastError(ErrorClass.PERMANENT, message),
                 )
-            if compiled.is_success(activation):
+            if succeeded:
                 message = f"job finished: successWhen matched (HTTP {code})"
                 return _ended(Phase.SUCCEEDED, "SuccessConditionMet", message)
         except EvaluationError as problem:

@@ -426,3 +426,27 @@ def test_the_cap_applies_to_result_expressions_and_can_be_changed() -> None:
 )
 def test_excerpt_is_one_short_line(text: str, expected: str) -> None:
     assert excerpt(text) == expected
+
+
+def test_judge_reuses_the_verdict_only_for_an_identical_response() -> None:
+    watch = compiled(
+        successWhen='response.body.status == "COMPLETED"',
+        failureWhen='response.body.status == "FAILED"',
+    )
+    pending = response(body={"status": "RUNNING"})
+    assert watch.judge(pending) == (False, False)
+    assert watch.judge(response(body={"status": "RUNNING"})) == (False, False)
+    assert watch.judge(response(body={"status": "COMPLETED"})) == (False, True)
+    assert watch.judge(response(body={"status": "FAILED"})) == (True, False)
+    assert watch.judge(response(code=202, body={"status": "FAILED"})) == (True, False)
+    broken = response(text="<html>")
+    for _ in range(2):
+        with pytest.raises(EvaluationError, match="cannot select a field of a null value"):
+            watch.judge(broken)
+    assert watch.judge(pending) == (False, False)
+
+
+def test_judge_sees_header_changes_when_an_expression_reads_headers() -> None:
+    watch = compiled(successWhen='response.headers["x-state"] == "done"')
+    assert watch.judge(response(headers={"x-state": "busy"})) == (False, False)
+    assert watch.judge(response(headers={"x-state": "done"})) == (False, True)
