@@ -141,6 +141,10 @@ class StatusWriter:
         self._progress_interval = progress_interval
         self._wall, self._clock = wall, clock
         self._bucket = TokenBucket(qps, burst, clock)
+        # Ends first: a finished watch is what `kubectl wait` and pipelines wait for,
+        # and during a burst (thousands of new watches) it must not queue behind
+        # Pending -> Polling transitions.
+        self._final: OrderedDict[ObjectRef, Watch] = OrderedDict()
         self._urgent: OrderedDict[ObjectRef, Watch] = OrderedDict()
         # progress writes: ref -> (watch, sequence), and a heap of when each is due
         self._progress: dict[ObjectRef, tuple[Watch, int]] = {}
@@ -155,9 +159,13 @@ class StatusWriter:
         ref = watch.ref
         if urgent:
             self._progress.pop(ref, None)
-            self._urgent[ref] = watch
+            if ref in self._final or watch.finished:
+                self._urgent.pop(ref, None)
+                self._final[ref] = watch  # latest wins, also over a re-run's new state
+            else:
+                self._urgent[ref] = watch
             self._wake.set()
-        elif ref not in self._urgent and ref not in self._progress:
+        elif ref not in self._urgent and ref not in self._final and ref not in self._progress:
             written = self._written.get(ref)
             due = written[1] + self._progress_interval if written else self._clock()
             self._seq += 1
@@ -177,13 +185,14 @@ class StatusWriter:
         self._wake.set()
 
     def forget(self, ref: ObjectRef) -> None:
+        self._final.pop(ref, None)
         self._urgent.pop(ref, None)
         self._progress.pop(ref, None)
         self._written.pop(ref, None)
 
     @property
     def pending(self) -> int:
-        return len(self._urgent) + len(self._progress) + self._events.qsize()
+        return len(self._final) + len(self._urgent) + len(self._progress) + self._events.qsize()
 
     def _next_progress(self, *, ignore_due: bool) -> tuple[Watch | None, float]:
         """The first progress write that is due, or how long until the earliest one is."""
@@ -216,27 +225,26 @@ class StatusWriter:
             log.warning("shutdown: %d status writes were not flushed in time", self.pending)
 
     async def _step(self, *, block: bool) -> None:
-        if not self._urgent and self._events.empty():
-            watch, wait = self._next_progress(ignore_due=self._flushing)
-            if watch is None:
-                if not block:
-                    return
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(None if wait == float("inf") else wait):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-                return
+        if self._final or self._urgent or not self._events.empty():
+            await self._throttle()
+            if self._final:
+                await self._write(self._final.popitem(last=False)[1])
+            elif self._urgent:
+                await self._write(self._urgent.popitem(last=False)[1])
+            else:
+                await self._emit(self._events.get_nowait())
+            return
+        watch, wait = self._next_progress(ignore_due=self._flushing)
+        if watch is not None:
             await self._throttle()
             await self._write(watch)
-            return
-        await self._throttle()
-        if self._urgent:
-            _, watch = self._urgent.popitem(last=False)
-            await self._write(watch)
-        else:
-            await self._emit(self._events.get_nowait())
+        elif block:
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(None if wait == float("inf") else wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
 
     async def _throttle(self) -> None:
         delay = self._bucket.reserve()

@@ -198,3 +198,26 @@ def test_token_bucket_refills_at_its_rate() -> None:
     assert bucket.reserve() == pytest.approx(0.2)
     now[0] += 0.2
     assert bucket.reserve() == pytest.approx(0.1)
+
+
+async def test_ends_are_written_before_other_phase_changes() -> None:
+    api = FakeApi()
+    writer = make_writer(api)
+    backlog = [make_watch(f"new{n}") for n in range(5)]
+    for watch in backlog:
+        writer.submit(watch, urgent=True)
+    done = make_watch("done", phase=Phase.SUCCEEDED)
+    writer.submit(done, urgent=True)
+    await writer.flush(1.0)
+    assert api.patches[0][0].name == "done"
+    assert len(api.patches) == 6
+
+
+async def test_a_rerun_replaces_a_queued_end_state() -> None:
+    api = FakeApi()
+    writer = make_writer(api)
+    writer.submit(make_watch("w", phase=Phase.SUCCEEDED), urgent=True)
+    rerun = make_watch("w", phase=Phase.PENDING, generation=2)
+    writer.submit(rerun, urgent=True)
+    await writer.flush(1.0)
+    assert [(p[1]["phase"], p[1]["observedGeneration"]) for p in api.patches] == [("Pending", 2)]
