@@ -154,6 +154,7 @@ class StatusWriter:
         self._written: dict[ObjectRef, tuple[int, float]] = {}  # ref -> (hash, when)
         self._wake = asyncio.Event()
         self._flushing = False
+        self._dropping = False
 
     def submit(self, watch: Watch, *, urgent: bool) -> None:
         ref = watch.ref
@@ -181,7 +182,9 @@ class StatusWriter:
             self._events.put_nowait(_Event(watch.ref, warning, watch.reason, watch.message))
         except asyncio.QueueFull:
             self._metrics.events_dropped.inc()
-            log.warning("event queue full; dropped event %s for %s", watch.reason, watch.ref.name)
+            if not self._dropping:  # once per overflow, not once per event
+                log.warning("event queue full (%d): dropping Events", MAX_EVENTS_QUEUED)
+            self._dropping = True
         self._wake.set()
 
     def forget(self, ref: ObjectRef) -> None:
@@ -233,6 +236,7 @@ class StatusWriter:
                 await self._write(self._urgent.popitem(last=False)[1])
             else:
                 await self._emit(self._events.get_nowait())
+                self._dropping = self._dropping and not self._events.empty()
             return
         watch, wait = self._next_progress(ignore_due=self._flushing)
         if watch is not None:
