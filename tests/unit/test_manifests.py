@@ -1,0 +1,68 @@
+"""The shipped manifests: least-privilege RBAC and a locked-down Deployment.
+
+RBAC is also exercised for real: every e2e test runs the operator with a token of
+exactly this ServiceAccount. These checks catch what a passing run cannot: a rule
+that is more than the operator needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load(path: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((REPO / path).read_text()))
+
+
+def test_cluster_role_has_no_wildcards_and_only_gets_secrets() -> None:
+    rules = load("manifests/rbac/role.yaml")["rules"]
+    for rule in rules:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], rule
+    grants = {
+        (group, resource): set(rule["verbs"])
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert grants[("", "secrets")] == {"get"}
+    assert grants[("jobwatch.dev", "jobwatches")] == {"get", "list", "watch"}
+    assert grants[("jobwatch.dev", "jobwatches/status")] <= {"get", "patch", "update"}
+    assert set(grants) <= {
+        ("", "secrets"),
+        ("", "events"),
+        ("events.k8s.io", "events"),
+        ("jobwatch.dev", "jobwatches"),
+        ("jobwatch.dev", "jobwatches/status"),
+    }
+
+
+def test_deployment_runs_locked_down() -> None:
+    deployment = load("manifests/manager/deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # The operator exits within its 10 s shutdown budget; the pod must allow that.
+    assert pod["terminationGracePeriodSeconds"] >= 10
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_crd_names_and_printer_columns() -> None:
+    crd = load("crds/jobwatch.dev_jobwatches.yaml")
+    assert crd["spec"]["names"]["shortNames"] == ["jw"]
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"] == {"status": {}}
+    columns = [(c["name"], c.get("priority", 0)) for c in version["additionalPrinterColumns"]]
+    assert columns == [("Phase", 0), ("Attempts", 0), ("Reason", 0), ("Age", 0), ("URL", 1)]
