@@ -221,3 +221,51 @@ async def test_a_rerun_replaces_a_queued_end_state() -> None:
     writer.submit(rerun, urgent=True)
     await writer.flush(1.0)
     assert [(p[1]["phase"], p[1]["observedGeneration"]) for p in api.patches] == [("Pending", 2)]
+
+
+class SlowApi(FakeApi):
+    def __init__(self) -> None:
+        super().__init__()
+        self.concurrent = 0
+        self.peak = 0
+        self.per_object: dict[str, int] = {}
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+        self.concurrent += 1
+        self.per_object[ref.name] = self.per_object.get(ref.name, 0) + 1
+        assert self.per_object[ref.name] == 1, "one object written twice at once"
+        self.peak = max(self.peak, self.concurrent)
+        try:
+            await asyncio.sleep(0.02)
+        finally:
+            self.per_object[ref.name] -= 1
+            self.concurrent -= 1
+        self.patches.append((ref, status))
+
+
+async def test_writes_overlap_but_never_for_one_object() -> None:
+    api = SlowApi()
+    writer = make_writer(api)
+    watches = [make_watch(f"w{n}") for n in range(16)]
+    task = asyncio.create_task(writer.run())
+    for watch in watches:
+        writer.submit(watch, urgent=True)
+    await asyncio.sleep(0.005)
+    watches[0].attempts = 5  # changes while its first write is in flight
+    writer.submit(watches[0], urgent=True)
+    await until(lambda: len(api.patches) == 17)
+    task.cancel()
+    assert api.peak > 1
+    assert [p[1]["attempts"] for p in api.patches if p[0].name == "w0"] == [0, 5]
+
+
+async def test_a_write_cut_by_shutdown_is_flushed() -> None:
+    api = SlowApi()
+    writer = make_writer(api)
+    task = asyncio.create_task(writer.run())
+    writer.submit(make_watch("cut"), urgent=True)
+    await until(lambda: api.concurrent == 1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await writer.flush(1.0)
+    assert [p[0].name for p in api.patches] == ["cut"]
