@@ -60,6 +60,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # list/watch on both, and the CRD and the configured namespaces are
     # known at start-up.
     settings.scanning.disabled = True
+    # On SIGTERM kopf gives its per-object workers this long before the clean-up
+    # handler runs; what they would handle is only our own status echoes.
+    settings.queueing.exit_timeout = 1.0
     metrics = Metrics()
     service.api = KubeApi(lambda: _credentials(settings))
     service.http = HttpClient(
@@ -110,8 +113,9 @@ async def cleanup(**_: Any) -> None:
     if service.freezer is not None:
         service.freezer.cancel()
     if service.runtime is not None and service.config is not None:
-        # Leave a little of the budget for kopf's own shutdown.
-        await service.runtime.shutdown(max(1.0, service.config.shutdown_budget - 3))
+        # The rest of the budget is kopf's: stopping its watches and workers before
+        # this handler runs, and closing its sessions after.
+        await service.runtime.shutdown(max(1.0, service.config.shutdown_budget - 5))
     if service.http is not None:
         await service.http.aclose()
     if service.api is not None:
