@@ -74,6 +74,7 @@ class EvaluationError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Program:
+    text: str
     fast: celpy.Runner
     exact: celpy.Runner
 
@@ -93,7 +94,7 @@ class _Program:
 @functools.lru_cache(maxsize=4096)
 def _program(text: str) -> _Program:
     ast = _COMPILED.compile(text)
-    return _Program(fast=_COMPILED.program(ast), exact=_INTERPRETED.program(ast))
+    return _Program(text=text, fast=_COMPILED.program(ast), exact=_INTERPRETED.program(ast))
 
 
 def _compile(field: str, text: str) -> _Program:
@@ -147,6 +148,30 @@ def _mentioned(spec: WatchSpec) -> frozenset[str]:
     return frozenset(part for part in _PARTS if any(part in text for text in texts))
 
 
+# A field of the body; not a method called on it (`response.body.size()`).
+_BODY_FIELD = re.compile(r"\bresponse\.body\.([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")
+_MISSING: Any = object()
+
+
+def _body_fields(texts: list[str]) -> tuple[str, ...] | None:
+    """The top-level body fields the conditions read, when that is all they read of the
+    body and they read neither `text` nor `headers`; else None. Conservative: any other
+    mention of "body" (even inside a string literal) or of the other parts gives None."""
+    joined = "\n".join(texts)
+    fields = _BODY_FIELD.findall(joined)
+    if "text" in joined or "headers" in joined or joined.count("body") != len(fields):
+        return None
+    return tuple(sorted(set(fields)))
+
+
+def _fingerprint(value: Any) -> object:
+    if value is _MISSING:
+        return ("missing",)
+    if value is None or isinstance(value, str | int | float):  # bool is an int
+        return (type(value).__name__, value)  # 1, 1.0 and True must not match
+    return ("json", json.dumps(value, sort_keys=True))
+
+
 def _cel(value: Any) -> celtypes.Value:
     """Parsed JSON as CEL values: `celpy.json_to_cel`, without its costly isinstance
     checks against typing generics (exact JSON types only, which is all json gives)."""
@@ -171,7 +196,7 @@ def _cel(value: Any) -> celtypes.Value:
 class CompiledWatch:
     """The compiled expressions of one `WatchSpec`."""
 
-    __slots__ = ("_failure", "_last", "_results", "_success", "_uses")
+    __slots__ = ("_failure", "_fields", "_last", "_results", "_success", "_uses")
 
     def __init__(
         self,
@@ -185,6 +210,7 @@ class CompiledWatch:
         self._results = results
         self._uses = uses
         self._last: tuple[tuple[object, ...], tuple[bool, bool] | EvaluationError] | None = None
+        self._fields = _body_fields([success.text, failure.text])
 
     @classmethod
     def compile(cls, spec: WatchSpec) -> CompiledWatch:
@@ -227,11 +253,25 @@ class CompiledWatch:
         previous response is reused when this one is identical in everything the
         expressions can see (a digest stands for the body: it may be large).
         """
-        key: tuple[object, ...] = (
-            response.code,
-            hashlib.blake2b(response.text.encode(), digest_size=16).digest(),
-            tuple(sorted(response.headers.items())) if "headers" in self._uses else None,
-        )
+        key: tuple[object, ...]
+        if self._fields == ():
+            key = (response.code,)  # the conditions read nothing but the code
+        elif self._fields is not None:
+            # Only the fields the conditions read: a job's progress counter may change
+            # at every poll while its status stays "RUNNING".
+            body = response.body
+            values = (
+                tuple(_fingerprint(body.get(name, _MISSING)) for name in self._fields)
+                if isinstance(body, dict)
+                else ()
+            )
+            key = (response.code, type(body).__name__, values)
+        else:
+            key = (
+                response.code,
+                hashlib.blake2b(response.text.encode(), digest_size=16).digest(),
+                tuple(sorted(response.headers.items())) if "headers" in self._uses else None,
+            )
         if self._last is not None and self._last[0] == key:
             verdict = self._last[1]
         else:

@@ -450,3 +450,33 @@ def test_judge_sees_header_changes_when_an_expression_reads_headers() -> None:
     watch = compiled(successWhen='response.headers["x-state"] == "done"')
     assert watch.judge(response(headers={"x-state": "busy"})) == (False, False)
     assert watch.judge(response(headers={"x-state": "done"})) == (False, True)
+
+
+def test_judge_keys_on_the_body_fields_the_conditions_read() -> None:
+    watch = compiled(
+        successWhen='response.body.status == "COMPLETED"',
+        failureWhen='has(response.body.error) && response.body.error != ""',
+    )
+    # progress changes at every poll; the verdict depends on status and error only
+    assert watch.judge(response(body={"status": "RUNNING", "progress": 1})) == (False, False)
+    assert watch.judge(response(body={"status": "RUNNING", "progress": 2})) == (False, False)
+    assert watch.judge(response(body={"status": "COMPLETED", "progress": 3})) == (False, True)
+    assert watch.judge(response(body={"status": "RUNNING", "error": "disk"})) == (True, False)
+    assert watch.judge(response(body={"status": "RUNNING", "error": ""})) == (False, False)
+    with pytest.raises(EvaluationError):
+        watch.judge(response(body=["not", "a", "map"]))
+    assert watch.judge(response(body={"status": "COMPLETED"})) == (False, True)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "response.body.size() > 0",  # the body as a whole
+        'response.text.contains("done")',
+        'response.headers["x-state"] == "done"',
+        'response.body.status == "somebody"',  # "body" in a literal: not provable
+    ],
+)
+def test_judge_falls_back_to_the_whole_response_when_unsure(expression: str) -> None:
+    watch = compiled(successWhen=expression)
+    assert watch._fields is None
