@@ -28,6 +28,7 @@ import json
 import math
 import random
 import time
+from typing import cast
 
 import uvloop
 
@@ -55,6 +56,7 @@ class Jobs:
         self.probe_polls = 0
         self.after_completion = 0  # polls of a job after it answered COMPLETED: should be 0
         self.completed = 0
+        self.first_poll = 0.0  # wall clock of the first job poll, of the last new job
         self.last_first_poll = 0.0
         self.started = time.time()
 
@@ -74,6 +76,7 @@ class Jobs:
         job = self.jobs.get(job_id)
         if job is None:
             job = self.jobs[job_id] = Job(self._target(job_id), now)
+            self.first_poll = self.first_poll or now
             self.last_first_poll = now
         self.polls += 1
         job.polls += 1
@@ -99,6 +102,7 @@ class Jobs:
             "distinct": len(self.jobs),
             "completed": self.completed,
             "after_completion": self.after_completion,
+            "first_poll": self.first_poll,
             "last_first_poll": self.last_first_poll,
             "cpu_s": time.process_time(),
         }
@@ -133,8 +137,8 @@ class HttpProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
