@@ -83,6 +83,9 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
     return None
 
 
+MAX_REMEMBERED_HOSTS = 4096
+
+
 class EgressPolicy:
     """Denied and allowed address ranges. Deny always wins over allow."""
 
@@ -93,6 +96,8 @@ class EgressPolicy:
             net for net in deny if net not in ALWAYS_DENIED
         )
         self.allow: tuple[IPNetwork, ...] | None = None if allow is None else tuple(allow)
+        # Every poll of a watch checks the same host again; the ranges never change.
+        self._literal_verdicts: dict[str, str | None] = {}
 
     def check(self, ip: str | IPAddress) -> str | None:
         """None when `ip` may be connected to, else the reason it may not."""
@@ -141,10 +146,19 @@ class EgressPolicy:
         if not (":" in host or host.replace(".", "").isdigit()):
             return None
         try:
+            return self._literal_verdicts[host]
+        except KeyError:
+            pass
+        try:
             address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
         except ValueError:
-            return f"{host} is not a canonical IP address"
-        return self.check(address)
+            verdict: str | None = f"{host} is not a canonical IP address"
+        else:
+            verdict = self.check(address)
+        if len(self._literal_verdicts) >= MAX_REMEMBERED_HOSTS:
+            self._literal_verdicts.clear()
+        self._literal_verdicts[host] = verdict
+        return verdict
 
 
 def _reasons(reasons: Iterable[str]) -> str:

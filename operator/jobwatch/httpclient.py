@@ -1,9 +1,11 @@
 """The shared HTTP client: one attempt in, one `Outcome` out.
 
-Requests go through the httpx API on aiohttp's connection pool
-(`httpx_aiohttp.AiohttpTransport`, several times cheaper in CPU than httpcore).
-There is one client per distinct `TLSSettings`, kept in a small LRU; the default
-settings have their own client that is never evicted.
+Requests go straight to aiohttp's client, with its connection pool; URLs are parsed
+and joined with httpx's URL type. One exchange costs less than half the CPU of one
+through httpx's client API on the same pool (docs/benchmarks.md), and at thousands of
+polls a second that is most of the operator's CPU. There is one aiohttp session per
+distinct `TLSSettings`, kept in a small LRU; the default settings have their own
+session that is never evicted.
 
 Every failure to get a usable response becomes a `RequestFailure`: nothing but
 cancellation escapes `send`. Messages go to status, events and logs, so they never
@@ -21,13 +23,12 @@ import re
 import ssl
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 from yarl import URL as YarlURL
 
 from jobwatch.egress import EgressDeniedError, EgressPolicy, GuardedResolver
@@ -88,7 +89,7 @@ class _Failed(Exception):
 
 @dataclass(slots=True, eq=False)
 class _Slot:
-    transport: AiohttpTransport
+    session: aiohttp.ClientSession
     in_use: int = 0
     evicted: bool = False
 
@@ -143,7 +144,7 @@ class HttpClient:
         self._default = None
         self._slots.clear()
         for slot in slots:
-            await slot.transport.aclose()
+            await slot.session.close()
         if self._closing:
             await asyncio.gather(*self._closing)
         if self._resolver is not None:
@@ -152,15 +153,13 @@ class HttpClient:
 
     async def _attempt(self, request: Request, started: float) -> Response:
         url = _parse_url(request.url)
-        headers = _validated_headers(request.headers)
-        given = {name.lower() for name, _ in headers}
-        headers = [(n, v) for n, v in _DEFAULT_HEADERS.items() if n not in given] + headers
+        headers = _prepared_headers(request.headers)
         if url.userinfo:
             if not any(name.lower() == "authorization" for name, _ in headers):
                 credentials = f"{url.username}:{url.password}".encode()
-                headers.append(("authorization", "Basic " + base64.b64encode(credentials).decode()))
+                auth = "Basic " + base64.b64encode(credentials).decode()
+                headers = (*headers, ("authorization", auth))
             url = url.copy_with(userinfo=b"")
-        sensitive = _ALWAYS_SENSITIVE | request.sensitive_headers
         method = request.method.upper()
         body = request.body
 
@@ -169,11 +168,15 @@ class HttpClient:
             hop = 0
             while True:
                 self._check_literal(url, hop)
-                outgoing = httpx.Request(method, url, headers=headers, content=body)
                 try:
-                    response = await slot.transport.handle_async_request(outgoing)
-                    try:
-                        code = response.status_code
+                    async with slot.session.request(
+                        method,
+                        _aiohttp_url(str(url)),
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                    ) as response:
+                        code = response.status
                         location = response.headers.get("location")
                         if code not in _REDIRECT_CODES or location is None:
                             content = await self._read_body(response)
@@ -183,8 +186,6 @@ class HttpClient:
                                 text=content.decode("utf-8", errors="replace"),
                                 latency_ms=_elapsed_ms(asyncio.get_running_loop(), started),
                             )
-                    finally:
-                        await response.aclose()
                 except _Failed:
                     raise
                 except Exception as exc:
@@ -198,13 +199,14 @@ class HttpClient:
                 new_method = _redirected_method(code, method)
                 if new_method != method:
                     method, body = new_method, None
-                    headers = [(n, v) for n, v in headers if n.lower() not in _BODY_HEADERS]
+                    headers = tuple((n, v) for n, v in headers if n.lower() not in _BODY_HEADERS)
                 if _origin(target) != _origin(url):
-                    headers = [
+                    sensitive = _ALWAYS_SENSITIVE | request.sensitive_headers
+                    headers = tuple(
                         (n, v)
                         for n, v in headers
                         if n.lower() not in sensitive and n.lower() != "host"
-                    ]
+                    )
                 url = target
                 hop += 1
         finally:
@@ -213,7 +215,7 @@ class HttpClient:
     def _check_literal(self, url: httpx.URL, hop: int) -> None:
         # The host exactly as aiohttp will parse it from the URL the transport hands over.
         try:
-            host = _aiohttp_host(str(url))
+            host = _aiohttp_url(str(url)).raw_host or ""
         except ValueError as exc:
             # yarl is stricter than httpx in places (ports above 65535, for one).
             if hop:
@@ -225,38 +227,30 @@ class HttpClient:
         if reason is not None:
             raise _Failed(FailureKind.EGRESS_DENIED, f"egress denied: {reason}{_after(hop)}")
 
-    async def _read_body(self, response: httpx.Response) -> bytes:
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
         cap = self._max_body_bytes
-        too_big = _Failed(FailureKind.INVALID_RESPONSE, f"response body exceeds {_size(cap)}")
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
-            raise too_big
+            raise _too_big(cap)
         encoding = response.headers.get("content-encoding")
-        chunks: AsyncIterator[bytes]
-        if response.is_stream_consumed:
-            # Read (and decoded) already: httpx does that to responses built from
-            # bytes, which is how mock transports make them.
-            chunks, encoding = _single(response.content), None
-        else:
-            chunks = response.aiter_raw()
         inflater: _Inflater | None = None
         parts: list[bytes] = []
         raw_size = size = 0
-        async for chunk in chunks:
-            if not chunk:
-                continue
+        async for chunk in response.content.iter_any():
             # Checked on the wire too, so junk after a compressed stream's end is bounded.
             raw_size += len(chunk)
             if raw_size > cap:
-                raise too_big
-            if inflater is None:
-                inflater = _Inflater.for_encoding(encoding)
-            data = inflater.feed(chunk, cap - size)
+                raise _too_big(cap)
+            data = chunk
+            if encoding is not None:
+                if inflater is None:
+                    inflater = _Inflater.for_encoding(encoding)
+                data = inflater.feed(chunk, cap - size)
             size += len(data)
             if size > cap:
-                raise too_big
+                raise _too_big(cap)
             parts.append(data)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _acquire(self, tls: TLSSettings) -> _Slot:
         if tls == _DEFAULT_TLS:
@@ -285,7 +279,7 @@ class HttpClient:
         # An evicted client may still carry other watches' requests: close it only
         # once the last of them is done.
         if slot.evicted and slot.in_use == 0:
-            task = asyncio.get_running_loop().create_task(slot.transport.aclose())
+            task = asyncio.get_running_loop().create_task(slot.session.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -301,11 +295,10 @@ class HttpClient:
             # A shared jar would carry one watch's cookies into another's requests.
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
+            # No timer of aiohttp's own: `send` bounds the whole attempt.
+            timeout=aiohttp.ClientTimeout(),
         )
-        # The transport is driven directly, not through httpx.AsyncClient: redirects,
-        # cookies and timeouts are handled here anyway, and the client's own
-        # machinery cost about as much CPU per request as the whole exchange.
-        return _Slot(AiohttpTransport(verify=context, client=session))
+        return _Slot(session)
 
 
 def _ssl_context(tls: TLSSettings) -> ssl.SSLContext:
@@ -370,10 +363,6 @@ class _Inflater:
         return out
 
 
-async def _single(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 # Each watch polls the same URL again and again: parse it once.
 @functools.lru_cache(maxsize=16384)
 def _parse_url(text: str) -> httpx.URL:
@@ -389,11 +378,15 @@ def _parse_url(text: str) -> httpx.URL:
 
 
 @functools.lru_cache(maxsize=16384)
-def _aiohttp_host(url: str) -> str:
-    return YarlURL(url).raw_host or ""
+def _aiohttp_url(url: str) -> YarlURL:
+    return YarlURL(url)
 
 
-def _validated_headers(headers: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+# A watch sends the same headers at every poll; values from Secrets change only
+# when the Secret does, and the cache is bounded.
+@functools.lru_cache(maxsize=4096)
+def _prepared_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """The request's headers, checked, after jobwatch's defaults it does not override."""
     checked: list[tuple[str, str]] = []
     for name, raw in headers:
         if not _TOKEN.fullmatch(name):
@@ -409,7 +402,9 @@ def _validated_headers(headers: tuple[tuple[str, str], ...]) -> list[tuple[str, 
                 "non-ASCII character",
             )
         checked.append((name, value))
-    return checked
+    given = {name.lower() for name, _ in checked}
+    defaults = [(n, v) for n, v in _DEFAULT_HEADERS.items() if n not in given]
+    return (*defaults, *checked)
 
 
 def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
@@ -444,10 +439,11 @@ def _host_port(url: httpx.URL) -> str:
     return f"{host}:{url.port or _DEFAULT_PORTS[url.scheme]}"
 
 
-def _joined_headers(headers: httpx.Headers) -> dict[str, str]:
+def _joined_headers(headers: Mapping[str, str]) -> dict[str, str]:
     joined: dict[str, str] = {}
-    for name, value in headers.multi_items():  # names come lower-cased
-        joined[name] = f"{joined[name]}, {value}" if name in joined else value
+    for name, value in headers.items():  # every value of a repeated name
+        key = name.lower()
+        joined[key] = f"{joined[key]}, {value}" if key in joined else value
     return joined
 
 
@@ -507,10 +503,6 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
         return _Failed(FailureKind.TRANSPORT, f"{where} closed the connection unexpectedly{after}")
     if find(aiohttp.ClientPayloadError) is not None:
         return _Failed(FailureKind.TRANSPORT, f"incomplete response body from {where}{after}")
-    if find(httpx.RemoteProtocolError) is not None:
-        # httpx raises it itself (the aiohttp transport maps nothing to it) only when
-        # it cannot build the request for a Location header, even when not following.
-        return _Failed(FailureKind.INVALID_RESPONSE, f"redirect to an invalid location{after}")
     if (bad := find(aiohttp.ClientResponseError)) is not None:
         detail = bad.message[:120]
         return _Failed(
@@ -525,6 +517,10 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
     return _Failed(
         FailureKind.TRANSPORT, f"request to {where} failed ({type(exc).__name__}){after}"
     )
+
+
+def _too_big(cap: int) -> _Failed:
+    return _Failed(FailureKind.INVALID_RESPONSE, f"response body exceeds {_size(cap)}")
 
 
 def _after(hop: int) -> str:

@@ -13,7 +13,7 @@ import datetime
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ import kopf
 GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
 API_VERSION = f"{GROUP}/{VERSION}"
 JSON_PATCH = {"content-type": "application/json-patch+json"}
+LIST_PAGE = 500
 _INSTANCE = socket.gethostname()
 
 
@@ -104,10 +105,18 @@ class KubeApi:
         await self._client.aclose()
 
     async def _request(
-        self, method: str, path: str, *, json: Any = None, headers: Mapping[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         for retry in (True, False):
-            response = await self._client.request(method, path, json=json, headers=headers)
+            response = await self._client.request(
+                method, path, json=json, headers=headers, params=params
+            )
             if response.status_code == 401 and retry:
                 old, self._client = self._client, _make_client(self._credentials())
                 await old.aclose()
@@ -145,6 +154,30 @@ class KubeApi:
         )
         if response.is_error:
             raise self._error(response)
+
+    async def list_jobwatches(
+        self, namespace: str | None, labels: tuple[tuple[str, str], ...] = ()
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """JobWatches of one namespace (None: all), a page at a time.
+
+        Paged so that neither the API server nor we hold 10k objects at once.
+        """
+        path = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+        if namespace is not None:
+            path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+        params = {"limit": str(LIST_PAGE)}
+        if labels:
+            params["labelSelector"] = ",".join(f"{k}={v}" for k, v in labels)
+        while True:
+            response = await self._request("GET", path, params=params)
+            if response.is_error:
+                raise self._error(response)
+            page = response.json()
+            yield page.get("items") or []
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return
+            params["continue"] = token
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
         """The Secret, or None when it does not exist (or we may not read it)."""

@@ -1,4 +1,4 @@
-"""The HTTP client against real servers on loopback, and respx for response handling.
+"""The HTTP client against real servers on loopback.
 
 Network rule for these tests: traffic goes to 127.0.0.0/8 only. Denied-destination
 tests point at loopback servers (bound on 127.0.0.2 where the test needs to prove
@@ -23,12 +23,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
-import httpx
 import pytest
-import respx
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
-from httpx_aiohttp import AiohttpTransport
 
 import jobwatch.egress
 from jobwatch import httpclient
@@ -803,47 +800,66 @@ async def test_compressed_body_is_capped_on_its_decoded_size(
     assert failure.message == "response body exceeds 1 MiB"
 
 
-# --- response handling without a server (respx) -----------------------------------
+# --- response bodies as they come off the wire ------------------------------------
+
+RawServe = Callable[..., Awaitable[str]]
 
 
-@contextlib.contextmanager
-def mocked() -> Iterator[respx.Router]:
-    """A respx router in place of the network, under the transport the client drives."""
-    router = respx.Router(assert_all_mocked=True)
+@pytest.fixture
+async def raw_server() -> AsyncIterator[RawServe]:
+    """A server that answers every request with exactly the bytes it is given: a head,
+    then each body piece written (and drained) on its own, as a network delivers them."""
+    servers: list[asyncio.Server] = []
 
-    async def handle(_: AiohttpTransport, request: httpx.Request) -> httpx.Response:
-        return await router.async_handler(request)
+    async def serve(head: bytes, *pieces: bytes) -> str:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(head)
+                for piece in pieces:
+                    await writer.drain()
+                    writer.write(piece)
+                await writer.drain()
+                await reader.read()  # until the client hangs up
+            writer.close()
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(AiohttpTransport, "handle_async_request", handle)
-        yield router
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+
+    yield serve
+    for server in servers:
+        server.close()
+        await server.wait_closed()
 
 
-class Chunks(httpx.AsyncByteStream):
-    """A body that arrives in pieces, as from the network (not pre-read by httpx)."""
-
-    def __init__(self, *chunks: bytes) -> None:
-        self.chunks = chunks
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
-            yield chunk
+def chunked(*pieces: bytes) -> list[bytes]:
+    """`pieces` in HTTP/1.1 chunked framing, one chunk each, and the last-chunk."""
+    return [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
 
 
-async def test_pre_read_mock_responses_work(make_client: MakeClient) -> None:
-    with mocked() as router:
-        router.get("http://status.test/").respond(
-            200, json={"status": "RUNNING"}, headers={"X-Mixed-Case": "v"}
-        )
-        response = expect_response(await make_client().send(get("http://status.test/")))
-    assert response.body == {"status": "RUNNING"}
+def head(code: int = 200, *headers: str) -> bytes:
+    lines = [f"HTTP/1.1 {code} X", *headers, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def test_header_names_are_lower_case_and_repeats_joined(
+    raw_server: RawServe, make_client: MakeClient
+) -> None:
+    url = await raw_server(
+        head(200, "X-Mixed-Case: v", "Via: a", "Via: b", "Content-Length: 2"), b"{}"
+    )
+    response = expect_response(await make_client().send(get(url)))
     assert response.headers["x-mixed-case"] == "v"
+    assert response.headers["via"] == "a, b"
+    assert response.body == {}
 
 
-async def test_invalid_utf8_is_replaced(make_client: MakeClient) -> None:
-    with mocked() as router:
-        router.get("http://status.test/").respond(200, stream=Chunks(b"ok \xff", b"\xfe done"))
-        response = expect_response(await make_client().send(get("http://status.test/")))
+async def test_invalid_utf8_is_replaced(raw_server: RawServe, make_client: MakeClient) -> None:
+    url = await raw_server(
+        head(200, "Transfer-Encoding: chunked"), *chunked(b"ok \xff", b"\xfe done")
+    )
+    response = expect_response(await make_client().send(get(url)))
     assert response.text == "ok \ufffd\ufffd done"
     assert response.body is None
 
@@ -855,79 +871,72 @@ async def test_invalid_utf8_is_replaced(make_client: MakeClient) -> None:
         zlib.compress(b'{"n": 1}')[2:-4],  # what many servers send: raw deflate
     ],
 )
-async def test_deflate_in_both_wire_forms(make_client: MakeClient, payload: bytes) -> None:
-    with mocked() as router:
-        router.get("http://status.test/").respond(
-            200, stream=Chunks(payload[:3], payload[3:]), headers={"Content-Encoding": "deflate"}
-        )
-        response = expect_response(await make_client().send(get("http://status.test/")))
+async def test_deflate_in_both_wire_forms(
+    raw_server: RawServe, make_client: MakeClient, payload: bytes
+) -> None:
+    url = await raw_server(
+        head(200, "Content-Encoding: deflate", "Transfer-Encoding: chunked"),
+        *chunked(payload[:3], payload[3:]),
+    )
+    response = expect_response(await make_client().send(get(url)))
     assert response.body == {"n": 1}
 
 
 @pytest.mark.parametrize(
-    ("headers", "content", "message"),
+    ("encoding", "content", "message"),
     [
-        ({"Content-Encoding": "br"}, b"\x1b\x00", "unsupported content-encoding 'br'"),
-        ({"Content-Encoding": "gzip"}, b"not gzip at all", "response body is not valid gzip data"),
+        ("br", b"\x1b\x00", "unsupported content-encoding 'br'"),
+        ("gzip", b"not gzip at all", "response body is not valid gzip data"),
     ],
 )
 async def test_undecodable_body(
-    make_client: MakeClient, headers: dict[str, str], content: bytes, message: str
+    raw_server: RawServe, make_client: MakeClient, encoding: str, content: bytes, message: str
 ) -> None:
-    with mocked() as router:
-        router.get("http://status.test/").respond(200, stream=Chunks(content), headers=headers)
-        failure = expect_failure(
-            await make_client().send(get("http://status.test/")), FailureKind.INVALID_RESPONSE
-        )
+    url = await raw_server(
+        head(200, f"Content-Encoding: {encoding}", f"Content-Length: {len(content)}"), content
+    )
+    failure = expect_failure(await make_client().send(get(url)), FailureKind.INVALID_RESPONSE)
     assert failure.message == message
 
 
-async def test_unknown_encoding_on_an_empty_body_is_fine(make_client: MakeClient) -> None:
-    with mocked() as router:
-        router.head("http://status.test/").respond(
-            204, stream=Chunks(), headers={"Content-Encoding": "br"}
-        )
-        response = expect_response(
-            await make_client().send(get("http://status.test/", method="HEAD"))
-        )
+async def test_unknown_encoding_on_an_empty_body_is_fine(
+    raw_server: RawServe, make_client: MakeClient
+) -> None:
+    url = await raw_server(head(204, "Content-Encoding: br"))
+    response = expect_response(await make_client().send(get(url, method="HEAD")))
     assert response.code == 204
 
 
-async def test_declared_length_over_the_cap_is_refused_unread(make_client: MakeClient) -> None:
-    with mocked() as router:
-        router.get("http://status.test/").respond(
-            200, stream=Chunks(b"x" * 10), headers={"Content-Length": "2000000"}
-        )
-        failure = expect_failure(
-            await make_client().send(get("http://status.test/")), FailureKind.INVALID_RESPONSE
-        )
+async def test_declared_length_over_the_cap_is_refused_unread(
+    raw_server: RawServe, make_client: MakeClient
+) -> None:
+    # Ten bytes of the two million declared: reading would wait for the rest.
+    url = await raw_server(head(200, "Content-Length: 2000000"), b"x" * 10)
+    failure = expect_failure(await make_client().send(get(url)), FailureKind.INVALID_RESPONSE)
     assert failure.message == "response body exceeds 1 MiB"
 
 
 # --- shared clients and TLS -------------------------------------------------------
 
 
-class RecordingTransport(AiohttpTransport):
-    @property
-    def is_closed(self) -> bool:
-        return isinstance(self.client, aiohttp.ClientSession) and self.client.closed
-
-
 @pytest.fixture
-def created_clients(monkeypatch: pytest.MonkeyPatch) -> list[RecordingTransport]:
-    created: list[RecordingTransport] = []
+def created_clients(monkeypatch: pytest.MonkeyPatch) -> list[aiohttp.ClientSession]:
+    """Every aiohttp session the client creates, in order."""
+    created: list[aiohttp.ClientSession] = []
 
-    class Recording(RecordingTransport):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            created.append(self)
+    real = aiohttp.ClientSession
 
-    monkeypatch.setattr(httpclient, "AiohttpTransport", Recording)
+    def recording(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+        session = real(*args, **kwargs)
+        created.append(session)
+        return session
+
+    monkeypatch.setattr(httpclient.aiohttp, "ClientSession", recording)
     return created
 
 
 async def test_one_client_per_tls_setting(
-    start_server: StartServer, make_client: MakeClient, created_clients: list[RecordingTransport]
+    start_server: StartServer, make_client: MakeClient, created_clients: list[aiohttp.ClientSession]
 ) -> None:
     server = await start_server(ok)
     client = make_client()
@@ -940,11 +949,11 @@ async def test_one_client_per_tls_setting(
         expect_response(await client.send(get(server.url(), tls=insecure)))
         expect_response(await client.send(get(server.url(), tls=TLSSettings())))
     assert len(created_clients) == 2
-    assert not any(c.is_closed for c in created_clients)
+    assert not any(c.closed for c in created_clients)
 
 
 async def test_least_recently_used_tls_client_is_evicted_and_closed(
-    start_server: StartServer, make_client: MakeClient, created_clients: list[RecordingTransport]
+    start_server: StartServer, make_client: MakeClient, created_clients: list[aiohttp.ClientSession]
 ) -> None:
     server = await start_server(ok)
     client = make_client(max_tls_clients=2)
@@ -957,15 +966,15 @@ async def test_least_recently_used_tls_client_is_evicted_and_closed(
     await asyncio.sleep(0)  # the eviction closes the client in a task
     await asyncio.sleep(0)
     client_a, client_b, client_c = created_clients
-    assert client_b.is_closed
-    assert not client_a.is_closed and not client_c.is_closed
+    assert client_b.closed
+    assert not client_a.closed and not client_c.closed
 
     expect_response(await client.send(get(server.url(), tls=b)))
     assert len(created_clients) == 4
 
 
 async def test_default_client_is_never_evicted(
-    start_server: StartServer, make_client: MakeClient, created_clients: list[RecordingTransport]
+    start_server: StartServer, make_client: MakeClient, created_clients: list[aiohttp.ClientSession]
 ) -> None:
     server = await start_server(ok)
     client = make_client(max_tls_clients=1)
@@ -974,7 +983,7 @@ async def test_default_client_is_never_evicted(
         tls = TLSSettings(insecure_skip_verify=True, ca_pem=name)
         expect_response(await client.send(get(server.url(), tls=tls)))
     expect_response(await client.send(get(server.url())))
-    assert not created_clients[0].is_closed
+    assert not created_clients[0].closed
     assert len(created_clients) == 4
 
 
