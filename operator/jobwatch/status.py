@@ -35,7 +35,6 @@ RETRY_DELAY = 1.0
 # on a busy event loop a round trip takes several loop turns: a single writer then
 # falls far below the token bucket's rate. One object is never written twice at once.
 WRITERS = 8
-BUSY_RETRY = 0.05
 
 
 def _condition(
@@ -118,16 +117,28 @@ class _Event:
 
 
 class TokenBucket:
+    """`rate` tokens a second, `burst` at most, and none taken on credit.
+
+    A token is taken once it is there, for the write chosen at that moment.
+    """
+
     def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self._rate, self._burst, self._clock = rate, float(burst), clock
         self._tokens, self._stamp = float(burst), clock()
 
-    def reserve(self) -> float:
-        """Takes a token, and says how long to wait before it may be used."""
+    def _refill(self) -> None:
         now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate) - 1
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
-        return max(0.0, -self._tokens / self._rate)
+
+    def delay(self) -> float:
+        """How long until a token is there; 0 when one is."""
+        self._refill()
+        return max(0.0, (1 - self._tokens) / self._rate)
+
+    def take(self) -> None:
+        self._refill()
+        self._tokens -= 1
 
 
 class StatusWriter:
@@ -157,10 +168,18 @@ class StatusWriter:
         self._seq = 0
         self._events: asyncio.Queue[_Event] = asyncio.Queue(MAX_EVENTS_QUEUED)
         self._written: dict[ObjectRef, tuple[int, float]] = {}  # ref -> (hash, when)
-        self._wake = asyncio.Event()
-        self._flushing = False
+        # Only the writer holding the gate waits, for work and then for a token, and picks
+        # what to write once the token is there. Writers that each picked first and then
+        # waited for their own token held a newly finished watch back behind all of them.
+        # The round trips happen outside the gate, WRITERS of them at once.
+        self._gate = asyncio.Lock()
+        self._wake = asyncio.Event()  # the queues changed, or a write ended
         self._dropping = False
         self._inflight: set[ObjectRef] = set()
+        # Set by flush(): retries must fit in its budget, and nothing is attempted after it.
+        self._deadline: float | None = None
+        self._given_up = 0
+        metrics.status_backlog.source = self.backlog
 
     def submit(self, watch: Watch, *, urgent: bool) -> None:
         ref = watch.ref
@@ -203,6 +222,101 @@ class StatusWriter:
     def pending(self) -> int:
         return len(self._final) + len(self._urgent) + len(self._progress) + self._events.qsize()
 
+    def backlog(self) -> dict[str, int]:
+        """What is queued, by kind (`jobwatch_status_backlog`)."""
+        return {
+            "final": len(self._final),
+            "urgent": len(self._urgent),
+            "progress": len(self._progress),
+            "events": self._events.qsize(),
+        }
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as writers:
+            for _ in range(WRITERS):
+                writers.create_task(self._writer(draining=False))
+
+    async def flush(self, budget: float) -> None:
+        """Writes everything queued, progress included, ignoring the progress interval.
+
+        Shutdown: a failed write is retried only if the retry fits in `budget`, nothing is
+        attempted after it, and a request that gets no answer ends the flush at once.
+        """
+        self._deadline = self._clock() + budget
+        self._given_up = 0
+        try:
+            async with asyncio.timeout(budget), asyncio.TaskGroup() as writers:
+                for _ in range(WRITERS):
+                    writers.create_task(self._writer(draining=True))
+        except TimeoutError:
+            pass
+        if left := self.pending + self._given_up:
+            log.warning("shutdown: %d status writes and Events were not written", left)
+
+    async def _writer(self, *, draining: bool) -> None:
+        while True:
+            async with self._gate:
+                item = await self._next(draining=draining)
+            if item is None:
+                return
+            if isinstance(item, _Event):
+                await self._emit(item)
+            else:
+                await self._write(item)
+
+    async def _next(self, *, draining: bool) -> Watch | _Event | None:
+        """The best thing to write once a token is there; the token is taken for it.
+
+        None when there is nothing more to do: the shutdown budget is spent, or, draining,
+        everything is written.
+        """
+        while not self._expired():
+            delay = self._bucket.delay()
+            if delay:
+                # What arrives meanwhile, an end above all, competes for this token.
+                await asyncio.sleep(delay)
+                continue
+            self._wake.clear()
+            item, wait = self._pop(draining=draining)
+            if item is not None:
+                self._bucket.take()
+                return item
+            if draining and not self.pending and not self._inflight:
+                return None
+            # Nothing to write, or only objects being written: wait for a change.
+            if self._deadline is not None:
+                wait = min(wait, self._deadline - self._clock())
+            try:
+                async with asyncio.timeout(None if wait == float("inf") else wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        return None
+
+    def _expired(self) -> bool:
+        return self._deadline is not None and self._clock() >= self._deadline
+
+    def _pop(self, *, draining: bool) -> tuple[Watch | _Event | None, float]:
+        """The best write now, or how long until a progress write is due."""
+        watch = self._pop_oldest(self._final) or self._pop_oldest(self._urgent)
+        if watch is None and not self._events.empty():
+            event = self._events.get_nowait()
+            self._dropping = self._dropping and not self._events.empty()
+            return event, 0.0
+        wait = 0.0
+        if watch is None:
+            watch, wait = self._next_progress(ignore_due=draining)
+        if watch is not None:
+            self._inflight.add(watch.ref)
+        return watch, wait
+
+    def _pop_oldest(self, queue: OrderedDict[ObjectRef, Watch]) -> Watch | None:
+        """The oldest entry whose object is not being written right now."""
+        for ref in queue:
+            if ref not in self._inflight:
+                return queue.pop(ref)
+        return None
+
     def _next_progress(self, *, ignore_due: bool) -> tuple[Watch | None, float]:
         """The first progress write that is due, or how long until the earliest one is."""
         now = self._clock()
@@ -214,71 +328,15 @@ class StatusWriter:
                 continue
             if due > now and not ignore_due:
                 return None, due - now
-            if ref in self._inflight:
-                return None, BUSY_RETRY
+            if ref in self._inflight:  # its write ending wakes the waiter
+                return None, float("inf")
             heapq.heappop(self._progress_due)
             del self._progress[ref]
             return entry[0], 0.0
         return None, float("inf")
 
-    async def run(self) -> None:
-        async def writer() -> None:
-            while True:
-                await self._step(block=True)
-
-        await asyncio.gather(*(writer() for _ in range(WRITERS)))
-
-    def _pop(self, queue: OrderedDict[ObjectRef, Watch]) -> Watch | None:
-        """The oldest entry whose object is not being written right now."""
-        for ref in queue:
-            if ref not in self._inflight:
-                return queue.pop(ref)
-        return None
-
-    async def flush(self, budget: float) -> None:
-        """Writes everything queued, progress included, ignoring the progress interval."""
-        self._flushing = True
-        try:
-            async with asyncio.timeout(budget):
-                while self.pending:
-                    await self._step(block=False)
-        except TimeoutError:
-            log.warning("shutdown: %d status writes were not flushed in time", self.pending)
-
-    async def _step(self, *, block: bool) -> None:
-        watch = self._pop(self._final) or self._pop(self._urgent)
-        if watch is not None:
-            await self._throttle()
-            await self._write(watch)
-            return
-        if not self._events.empty():
-            await self._throttle()
-            await self._emit(self._events.get_nowait())
-            self._dropping = self._dropping and not self._events.empty()
-            return
-        watch, wait = self._next_progress(ignore_due=self._flushing)
-        if watch is not None:
-            await self._throttle()
-            await self._write(watch)
-        elif block:
-            if self._final or self._urgent:  # only objects being written: wait for them
-                wait = min(wait, BUSY_RETRY)
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(None if wait == float("inf") else wait):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-        elif self.pending:
-            await asyncio.sleep(BUSY_RETRY)  # flushing: what is left is being written
-
-    async def _throttle(self) -> None:
-        delay = self._bucket.reserve()
-        if delay:
-            await asyncio.sleep(delay)
-
     async def _write(self, watch: Watch) -> None:
-        self._inflight.add(watch.ref)
+        """Writes a watch `_pop` marked in flight."""
         try:
             await self._write_once(watch)
         except asyncio.CancelledError:
@@ -306,8 +364,7 @@ class StatusWriter:
                 "status write for %s/%s failed: %s", watch.ref.namespace, watch.ref.name, exc
             )
             if exc.retriable:
-                await asyncio.sleep(RETRY_DELAY)
-                self.submit(watch, urgent=True)
+                await self._retry(watch)
             return
         except Exception as exc:
             self._metrics.status_writes.labels("error").inc()
@@ -317,11 +374,30 @@ class StatusWriter:
                 watch.ref.name,
                 type(exc).__name__,
             )
-            await asyncio.sleep(RETRY_DELAY)
-            self.submit(watch, urgent=True)
+            if self._deadline is None:
+                await self._retry(watch)
+            else:
+                self._unanswered()
             return
         self._metrics.status_writes.labels("written").inc()
         self._written[watch.ref] = (digest, self._clock())
+
+    async def _retry(self, watch: Watch) -> None:
+        if self._deadline is not None and self._clock() + RETRY_DELAY >= self._deadline:
+            self._given_up += 1  # shutdown: the retry would come after the budget
+            return
+        await asyncio.sleep(RETRY_DELAY)
+        self.submit(watch, urgent=True)
+
+    def _unanswered(self) -> None:
+        """At shutdown, a request got no answer: the flush ends here.
+
+        The API server is out of reach, or our client is already closed: every request
+        left would fail alike, each costing a token and a log line.
+        """
+        if self._deadline is not None:
+            self._given_up += 1
+            self._deadline = min(self._deadline, self._clock())
 
     async def _emit(self, event: _Event) -> None:
         try:
@@ -330,3 +406,7 @@ class StatusWriter:
             )
         except Exception as exc:
             log.warning("event %s for %s not created: %s", event.reason, event.ref.name, exc)
+            if not isinstance(exc, ApiError):
+                self._unanswered()
+        else:
+            self._metrics.events_created.inc()

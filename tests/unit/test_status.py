@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from jobwatch import status
 from jobwatch.kube import ApiError, ObjectRef
 from jobwatch.metrics import Metrics
 from jobwatch.policy import Phase
@@ -97,16 +100,22 @@ class FakeApi:
 
 
 def make_writer(
-    api: FakeApi, *, qps: float = 1000, burst: int = 1000, progress: float = 60.0
+    api: FakeApi,
+    *,
+    qps: float = 1000,
+    burst: int = 1000,
+    progress: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
+    metrics: Metrics | None = None,
 ) -> StatusWriter:
     return StatusWriter(
         api,
-        Metrics(),
+        metrics or Metrics(),
         qps=qps,
         burst=burst,  # type: ignore[arg-type]
         progress_interval=progress,
         wall=time.time,
-        clock=time.monotonic,
+        clock=clock,
     )
 
 
@@ -189,15 +198,21 @@ async def test_gone_object_is_dropped_and_server_errors_are_retried() -> None:
     assert [p[0].name for p in api.patches] == ["retried"]
 
 
-def test_token_bucket_refills_at_its_rate() -> None:
+def test_token_bucket_refills_at_its_rate_and_gives_no_credit() -> None:
     now = [0.0]
     bucket = TokenBucket(10, 2, lambda: now[0])
-    assert bucket.reserve() == 0.0
-    assert bucket.reserve() == 0.0
-    assert bucket.reserve() == pytest.approx(0.1)
-    assert bucket.reserve() == pytest.approx(0.2)
-    now[0] += 0.2
-    assert bucket.reserve() == pytest.approx(0.1)
+    for _ in range(2):
+        assert bucket.delay() == 0.0
+        bucket.take()
+    assert bucket.delay() == pytest.approx(0.1)
+    assert bucket.delay() == pytest.approx(0.1)  # asking takes nothing
+    now[0] += 0.05
+    assert bucket.delay() == pytest.approx(0.05)
+    now[0] += 10
+    for _ in range(2):  # refilled up to the burst, no further
+        assert bucket.delay() == 0.0
+        bucket.take()
+    assert bucket.delay() == pytest.approx(0.1)
 
 
 async def test_ends_are_written_before_other_phase_changes() -> None:
@@ -269,3 +284,85 @@ async def test_a_write_cut_by_shutdown_is_flushed() -> None:
     await asyncio.gather(task, return_exceptions=True)
     await writer.flush(1.0)
     assert [p[0].name for p in api.patches] == ["cut"]
+
+
+async def test_an_end_goes_out_at_the_next_token_while_the_bucket_is_saturated() -> None:
+    now = [0.0]  # the writer's clock: no token comes until the test says so
+    api = FakeApi()
+    writer = make_writer(api, qps=100, burst=2, clock=lambda: now[0])
+    for n in range(20):
+        writer.submit(make_watch(f"new{n}"), urgent=True)
+    task = asyncio.create_task(writer.run())
+    await until(lambda: len(api.patches) >= 2)  # the burst; 18 phase changes still queued
+    writer.submit(make_watch("done", phase=Phase.SUCCEEDED), urgent=True)
+    now[0] += 0.015  # one token, and half of the next
+    await until(lambda: len(api.patches) >= 3)
+    task.cancel()
+    assert [p[0].name for p in api.patches[2:]] == ["done"]
+
+
+class FailingApi(FakeApi):
+    """Every status write fails with `error`; records when each was attempted."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+        self.attempts: list[float] = []
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+        self.attempts.append(time.monotonic())
+        raise self.error
+
+
+async def test_at_shutdown_a_failed_write_is_retried_only_within_the_budget(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(status, "RETRY_DELAY", 0.05)
+    api = FailingApi(ApiError(503, "unavailable"))
+    writer = make_writer(api)
+    writer.submit(make_watch(), urgent=True)
+    # Writers that were not stopped before the flush must keep to its budget too.
+    task = asyncio.create_task(writer.run())
+    started = time.monotonic()
+    await writer.flush(0.3)
+    await asyncio.wait_for(task, 1.0)  # ended with the budget
+    assert len(api.attempts) > 1
+    assert max(api.attempts) < started + 0.3
+    assert "shutdown: 1 status writes and Events were not written" in caplog.text
+
+
+async def test_flush_ends_at_once_when_the_api_gives_no_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api = FailingApi(RuntimeError("client is closed"))
+    writer = make_writer(api)
+    for n in range(5):
+        writer.submit(make_watch(f"w{n}"), urgent=True)
+    writer.event(make_watch("w0"))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        await writer.flush(5.0)
+    assert time.monotonic() - started < status.RETRY_DELAY
+    assert len(api.attempts) == 1
+    assert "shutdown: 6 status writes and Events were not written" in caplog.text
+
+
+async def test_backlog_and_created_events_are_measured() -> None:
+    metrics = Metrics()
+    api = FakeApi()
+    writer = make_writer(api, metrics=metrics)
+    writer.submit(make_watch("done", phase=Phase.SUCCEEDED), urgent=True)
+    writer.submit(make_watch("changed"), urgent=True)
+    writer.submit(make_watch("polled"), urgent=False)
+    writer.event(make_watch("changed"))
+
+    def backlog() -> dict[str, float | None]:
+        return {
+            kind: metrics.registry.get_sample_value("jobwatch_status_backlog", {"kind": kind})
+            for kind in ("final", "urgent", "progress", "events")
+        }
+
+    assert backlog() == {"final": 1, "urgent": 1, "progress": 1, "events": 1}
+    await writer.flush(1.0)
+    assert backlog() == {"final": 0, "urgent": 0, "progress": 0, "events": 0}
+    assert metrics.registry.get_sample_value("jobwatch_events_created_total") == 1
