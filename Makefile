@@ -40,8 +40,8 @@ demo-down: ## stop everything `make demo` started
 	@hack/demo.sh --down
 
 lint: venv ## ruff, mypy and hadolint
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/ruff check operator tests bench demo
+	$(VENV)/bin/ruff format --check operator tests bench demo
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 

@@ -28,16 +28,34 @@ class Jobs:
         started = self.started.setdefault(job_id, time.monotonic())
         elapsed = time.monotonic() - started
         if elapsed < self.queued:
-            return {"id": job_id, "status": "QUEUED", "progress": 0, "message": "waiting for a worker"}
+            return {
+                "id": job_id,
+                "status": "QUEUED",
+                "progress": 0,
+                "message": "waiting for a worker",
+            }
         if elapsed < self.queued + self.processing:
             progress = int(100 * (elapsed - self.queued) / self.processing)
-            return {"id": job_id, "status": "PROCESSING", "progress": progress,
-                    "message": f"{progress}% done"}
+            return {
+                "id": job_id,
+                "status": "PROCESSING",
+                "progress": progress,
+                "message": f"{progress}% done",
+            }
         if "fail" in job_id:
-            return {"id": job_id, "status": "FAILED", "progress": 100,
-                    "message": "the report generator ran out of memory"}
-        return {"id": job_id, "status": "COMPLETED", "progress": 100, "message": "report ready",
-                "resultLink": f"https://reports.example.com/results/{job_id}.pdf"}
+            return {
+                "id": job_id,
+                "status": "FAILED",
+                "progress": 100,
+                "message": "the report generator ran out of memory",
+            }
+        return {
+            "id": job_id,
+            "status": "COMPLETED",
+            "progress": 100,
+            "message": "report ready",
+            "resultLink": f"https://reports.example.com/results/{job_id}.pdf",
+        }
 
 
 def make_app(jobs: Jobs) -> web.Application:
@@ -62,12 +80,17 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)
     parser.add_argument("--queued", type=float, default=3.0, help="seconds a job stays QUEUED")
-    parser.add_argument("--processing", type=float, default=8.0,
-                        help="seconds a job stays PROCESSING")
+    parser.add_argument(
+        "--processing", type=float, default=8.0, help="seconds a job stays PROCESSING"
+    )
     args = parser.parse_args()
-    web.run_app(make_app(Jobs(args.queued, args.processing)), host=args.host, port=args.port,
-                print=lambda *_: print(f"demo job API on http://{args.host}:{args.port}", flush=True),
-                access_log=None)
+    web.run_app(
+        make_app(Jobs(args.queued, args.processing)),
+        host=args.host,
+        port=args.port,
+        print=lambda *_: print(f"demo job API on http://{args.host}:{args.port}", flush=True),
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":
