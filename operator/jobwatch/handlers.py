@@ -1,8 +1,11 @@
-"""The kopf handlers: thin, they hand events to the runtime.
+"""The kopf handlers: thin, they start and stop the service.
 
-Only `@kopf.on.event` is used. Daemons and timers would put a finalizer on
-every JobWatch (kopf issues #1074, #833), and then a JobWatch could not be
-deleted, nor its namespace, while the operator is not running.
+kopf runs the process: credentials, the liveness probe, signals, start-up and
+clean-up. JobWatch events come from our own informer (informer.py), not from kopf's
+watching, which costs milliseconds of CPU per event (our status echoes included) and
+took minutes to adopt 10k JobWatches. kopf's daemons and timers would also have put a
+finalizer on every JobWatch (kopf issues #1074, #833): a JobWatch, or its namespace,
+could then not be deleted while the operator is not running. Nothing here adds one.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from aiohttp import web
 
 from .config import Config
 from .httpclient import HttpClient
-from .kube import GROUP, PLURAL, VERSION, KubeApi
+from .informer import Informer
+from .kube import KubeApi
 from .metrics import Metrics
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
-FREEZE_QUIET_SECONDS = 3.0
 
 
 @dataclass
@@ -35,9 +38,8 @@ class Service:
     api: KubeApi | None = None
     http: HttpClient | None = None
     metrics_runner: web.AppRunner | None = None
+    informer: asyncio.Task[None] | None = None
     freezer: asyncio.Task[None] | None = None
-    # JobWatches kopf has delivered so far, until its initial listing is taken as done.
-    delivered: set[tuple[str, str]] | None = None
 
 
 service = Service()
@@ -55,25 +57,26 @@ def _credentials(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     config = service.config
     assert config is not None, "configure() runs before kopf starts"
-    # Our own status writes come back as watch events; kopf need not log them.
     settings.posting.enabled = False
-    settings.watching.server_timeout = 300
-    # No runtime scanning of CRDs and namespaces: it would need cluster-wide
-    # list/watch on both, and the CRD and the configured namespaces are
-    # known at start-up.
+    # No scanning of CRDs and namespaces: it would need cluster-wide list/watch on
+    # both, and kopf watches no resource for us anyway.
     settings.scanning.disabled = True
-    # On SIGTERM kopf gives its per-object workers this long before the clean-up
-    # handler runs; what they would handle is only our own status echoes.
-    settings.queueing.exit_timeout = 1.0
     metrics = Metrics()
     service.api = KubeApi(lambda: _credentials(settings))
     service.http = HttpClient(
         config.egress, max_body_bytes=config.max_body_bytes, max_connections=config.max_in_flight
     )
-    service.runtime = Runtime(config, service.api, service.http, metrics)
-    service.runtime.start()
-    service.delivered = set()
-    service.freezer = asyncio.create_task(_adopt_then_freeze(config, service.api, service.runtime))
+    runtime = service.runtime = Runtime(config, service.api, service.http, metrics)
+    runtime.start()
+    informer = Informer(
+        service.api,
+        config.namespaces,
+        config.labels,
+        observe=runtime.observe,
+        keep_only=runtime.keep_only,
+    )
+    service.informer = asyncio.create_task(informer.run(), name="jobwatch-informer")
+    service.freezer = asyncio.create_task(_freeze_when_synced(informer, runtime))
     if config.metrics_port:
         service.metrics_runner = await metrics.serve(config.metrics_port)
     log.info(
@@ -83,50 +86,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
 
 
-async def _adopt_then_freeze(config: Config, api: KubeApi, runtime: Runtime) -> None:
-    await _adopt_existing(config, api, runtime)
-    await _freeze_after_initial_listing(runtime)
-
-
-async def _adopt_existing(config: Config, api: KubeApi, runtime: Runtime) -> None:
-    """Starts every existing JobWatch from a paged LIST of our own, before kopf does.
-
-    kopf hands its initial listing to its per-object workers one by one, and that
-    competes for the CPU with the polls of the watches already started: at 10k
-    JobWatches the last was adopted minutes after start-up. This list takes seconds.
-    kopf's events for the same objects come later and are no-ops (same uid and
-    generation); if this fails, kopf's listing still starts every watch.
-    """
-    started = asyncio.get_running_loop().time()
-    adopted = 0
-    try:
-        for namespace in config.namespaces or (None,):
-            async for page in api.list_jobwatches(namespace, config.labels):
-                for body in page:
-                    runtime.observe("ADDED", body)
-                adopted += len(page)
-    except Exception as exc:
-        log.warning("initial listing failed (%s); kopf's own listing will start the watches", exc)
-        return
-    elapsed = asyncio.get_running_loop().time() - started
-    log.info("initial listing: %d JobWatches adopted in %.1f s", adopted, elapsed)
-
-
-async def _freeze_after_initial_listing(runtime: Runtime) -> None:
-    """Moves what start-up built (thousands of watches, kopf's state) out of the GC's sight.
+async def _freeze_when_synced(informer: Informer, runtime: Runtime) -> None:
+    """Moves what start-up built (thousands of watches) out of the GC's sight.
 
     Full collections otherwise walk every long-lived object again and again: at 10k
-    watches that is a pause of over a second. kopf's initial listing is taken as done
-    when it has delivered every watch we know of, or when it has delivered nothing
-    new for a few seconds.
+    watches that is a pause of over a second.
     """
-    delivered = service.delivered
-    assert delivered is not None
-    seen = 0
-    while not delivered or (len(delivered) < len(runtime.watches) and len(delivered) != seen):
-        seen = len(delivered)
-        await asyncio.sleep(FREEZE_QUIET_SECONDS)
-    service.delivered = None
+    await informer.synced.wait()
     gc.collect()
     gc.freeze()
     log.info(
@@ -136,29 +102,19 @@ async def _freeze_after_initial_listing(runtime: Runtime) -> None:
     )
 
 
-async def jobwatch_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-    assert service.runtime is not None
-    if service.delivered is not None:
-        meta = body.get("metadata") or {}
-        service.delivered.add((str(meta.get("namespace")), str(meta.get("name"))))
-    service.runtime.observe(type, body)
-
-
 def configure(config: Config) -> None:
-    """Registers the event handler; with a label selector, for this shard's JobWatches only."""
     service.config = config
-    labels = dict(config.labels) or None
-    kopf.on.event(GROUP, VERSION, PLURAL, labels=labels)(jobwatch_event)
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
-    if service.freezer is not None:
-        service.freezer.cancel()
+    for task in (service.freezer, service.informer):
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     if service.runtime is not None and service.config is not None:
-        # The rest of the budget is kopf's: stopping its watches and workers before
-        # this handler runs, and closing its sessions after.
-        await service.runtime.shutdown(max(1.0, service.config.shutdown_budget - 5))
+        # The rest of the budget is kopf's, to close its own sessions after this.
+        await service.runtime.shutdown(max(1.0, service.config.shutdown_budget - 2))
     if service.http is not None:
         await service.http.aclose()
     if service.api is not None:

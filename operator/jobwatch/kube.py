@@ -9,7 +9,9 @@ credentials are loaded again once and the request is retried.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
+import json
 import socket
 import ssl
 import tempfile
@@ -25,6 +27,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 JSON_PATCH = {"content-type": "application/json-patch+json"}
 LIST_PAGE = 500
 _INSTANCE = socket.gethostname()
+
+
+class Expired(Exception):
+    """The resourceVersion to watch from is too old (410 Gone): list again."""
 
 
 class ApiError(Exception):
@@ -96,6 +102,10 @@ def _make_client(info: kopf.ConnectionInfo) -> httpx.AsyncClient:
     )
 
 
+def _selector(labels: tuple[tuple[str, str], ...]) -> str:
+    return ",".join(f"{key}={value}" for key, value in labels)
+
+
 class KubeApi:
     def __init__(self, credentials: Callable[[], kopf.ConnectionInfo]) -> None:
         self._credentials = credentials
@@ -118,11 +128,15 @@ class KubeApi:
                 method, path, json=json, headers=headers, params=params
             )
             if response.status_code == 401 and retry:
-                old, self._client = self._client, _make_client(self._credentials())
-                await old.aclose()
+                await self._relogin()
                 continue
             return response
         raise AssertionError("unreachable")
+
+    async def _relogin(self) -> None:
+        # A rotated ServiceAccount token, for one: load the credentials again.
+        old, self._client = self._client, _make_client(self._credentials())
+        await old.aclose()
 
     @staticmethod
     def _error(response: httpx.Response) -> ApiError:
@@ -155,29 +169,84 @@ class KubeApi:
         if response.is_error:
             raise self._error(response)
 
+    @staticmethod
+    def _collection(namespace: str | None) -> str:
+        if namespace is None:
+            return f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+
     async def list_jobwatches(
         self, namespace: str | None, labels: tuple[tuple[str, str], ...] = ()
-    ) -> AsyncIterator[list[dict[str, Any]]]:
-        """JobWatches of one namespace (None: all), a page at a time.
+    ) -> AsyncIterator[tuple[list[dict[str, Any]], str | None]]:
+        """JobWatches of one namespace (None: all), a page at a time, each with the
+        list's resourceVersion (on the last page, the one to watch from).
 
         Paged so that neither the API server nor we hold 10k objects at once.
         """
-        path = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
-        if namespace is not None:
-            path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
         params = {"limit": str(LIST_PAGE)}
         if labels:
-            params["labelSelector"] = ",".join(f"{k}={v}" for k, v in labels)
+            params["labelSelector"] = _selector(labels)
         while True:
-            response = await self._request("GET", path, params=params)
+            response = await self._request("GET", self._collection(namespace), params=params)
+            if response.status_code == 410:
+                raise Expired(self._error(response))
             if response.is_error:
                 raise self._error(response)
             page = response.json()
-            yield page.get("items") or []
-            token = (page.get("metadata") or {}).get("continue")
+            meta = page.get("metadata") or {}
+            yield page.get("items") or [], meta.get("resourceVersion")
+            token = meta.get("continue")
             if not token:
                 return
             params["continue"] = token
+
+    async def watch_jobwatches(
+        self,
+        namespace: str | None,
+        resource_version: str,
+        labels: tuple[tuple[str, str], ...] = (),
+        server_timeout: int = 300,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(type, object) events from `resource_version` on, bookmarks included, until
+        the API server ends the stream (after about `server_timeout` seconds)."""
+        params = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(server_timeout),
+        }
+        if labels:
+            params["labelSelector"] = _selector(labels)
+        # Quiet namespaces send nothing for minutes (bookmarks come about once a
+        # minute); a read that waits past the server's own timeout means a dead stream.
+        read_seconds = server_timeout + 30.0
+        async with self._stream(self._collection(namespace), params, read_seconds) as response:
+            if response.is_error:
+                await response.aread()
+                error = self._error(response)
+                raise Expired(error) if error.status == 410 else error
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    error = ApiError(int(obj.get("code") or 500), str(obj.get("message", "")))
+                    raise Expired(error) if error.status == 410 else error
+                yield str(kind), obj
+
+    @contextlib.asynccontextmanager
+    async def _stream(
+        self, path: str, params: Mapping[str, str], read_seconds: float
+    ) -> AsyncIterator[httpx.Response]:
+        timeout = httpx.Timeout(10.0, read=read_seconds)
+        for retry in (True, False):
+            async with self._client.stream("GET", path, params=params, timeout=timeout) as response:
+                if response.status_code == 401 and retry:
+                    await self._relogin()
+                    continue
+                yield response
+                return
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
         """The Secret, or None when it does not exist (or we may not read it)."""

@@ -100,6 +100,17 @@ class Runtime:
             current = None
         self._adopt(key, ObjectRef(key[0], key[1], uid), generation, body, current)
 
+    def keep_only(self, namespace: str | None, keys: set[tuple[str, str]]) -> None:
+        """After a fresh list of `namespace` (None: all): forgets the watches not in it,
+        deleted while no watch stream was open."""
+        gone = [
+            key
+            for key in self.watches
+            if (namespace is None or key[0] == namespace) and key not in keys
+        ]
+        for key in gone:
+            self._forget(key)
+
     def _forget(self, key: tuple[str, str]) -> None:
         watch = self.watches.pop(key, None)
         if watch is not None:

@@ -168,14 +168,18 @@ async def test_listing_follows_continue_tokens_with_the_label_selector(
         assert params["labelSelector"] == "shard=a,tier=x"
         if params.get("continue") is None:
             return httpx.Response(
-                200, json={"items": [{"n": 1}, {"n": 2}], "metadata": {"continue": "c1"}}
+                200,
+                json={
+                    "items": [{"n": 1}, {"n": 2}],
+                    "metadata": {"continue": "c1", "resourceVersion": "7"},
+                },
             )
         assert params["continue"] == "c1"
-        return httpx.Response(200, json={"items": [{"n": 3}], "metadata": {}})
+        return httpx.Response(200, json={"items": [{"n": 3}], "metadata": {"resourceVersion": "7"}})
 
     router.get("/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches").mock(side_effect=page)
     pages = [p async for p in api.list_jobwatches("ns", (("shard", "a"), ("tier", "x")))]
-    assert pages == [[{"n": 1}, {"n": 2}], [{"n": 3}]]
+    assert pages == [([{"n": 1}, {"n": 2}], "7"), ([{"n": 3}], "7")]
 
 
 async def test_listing_cluster_wide_and_refused(router: respx.MockRouter, api: KubeApi) -> None:
