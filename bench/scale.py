@@ -75,17 +75,6 @@ GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
 JW_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/{PLURAL}"
 EVENTS_PATH = f"/api/v1/namespaces/{NAMESPACE}/events"
 OPERATOR_NAMESPACE, OPERATOR_SA = "jobwatch-system", "jobwatch-operator"
-# What tests/e2e/conftest.py installs from the kustomize output: no Deployment, since
-# the operator runs here as a local process.
-SETUP_KINDS = {
-    "Namespace",
-    "CustomResourceDefinition",
-    "ServiceAccount",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "Role",
-    "RoleBinding",
-}
 LAG = "jobwatch_poll_lag_seconds"
 HTTP_ERROR_REASONS = ("TransientError", "HTTPError", "InvalidResponse")
 MiB = 1024 * 1024
@@ -324,7 +313,9 @@ async def install(cluster: Cluster) -> None:
     kubectl = [cluster.kubectl, "--kubeconfig", str(cluster.kubeconfig)]
     async with asyncio.timeout(180):
         built = await run_command([*kubectl, "kustomize", str(REPO / "manifests")])
-        docs = [d for d in yaml.safe_load_all(built) if d and d.get("kind") in SETUP_KINDS]
+        # As tests/e2e/conftest.py: all but the Deployment, since the operator runs
+        # here as a local process.
+        docs = [d for d in yaml.safe_load_all(built) if d and d.get("kind") != "Deployment"]
         await run_command(
             [*kubectl, "apply", "--server-side", "--force-conflicts", "-f", "-"],
             stdin=yaml.safe_dump_all(docs),

@@ -85,7 +85,7 @@ class Config:
             max_body_bytes=int(number("JOBWATCH_MAX_BODY_BYTES", "1048576", 1024)),
             max_in_flight=int(number("JOBWATCH_MAX_IN_FLIGHT", "200", 1)),
             progress_interval=duration("JOBWATCH_STATUS_PROGRESS_INTERVAL", "15s"),
-            status_qps=number("JOBWATCH_STATUS_QPS", "20", 0.1),
+            status_qps=number("JOBWATCH_STATUS_QPS", "18", 0.1),
             status_burst=int(number("JOBWATCH_STATUS_BURST", "50", 1)),
             health_port=int(number("JOBWATCH_HEALTH_PORT", "8080", 0)),
             metrics_port=int(number("JOBWATCH_METRICS_PORT", "9090", 0)),

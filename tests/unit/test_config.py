@@ -15,7 +15,7 @@ def test_defaults() -> None:
     assert config.labels == ()
     assert config.max_body_bytes == 1024 * 1024
     assert config.progress_interval == 15.0
-    assert config.status_qps == 20.0
+    assert config.status_qps == 18.0
     assert config.shutdown_budget == 10.0
     assert config.egress.check(ipaddress.ip_address("169.254.169.254")) is not None
     assert config.egress.check(ipaddress.ip_address("127.0.0.1")) is None
