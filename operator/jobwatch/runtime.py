@@ -70,8 +70,11 @@ class Runtime:
         self._writer_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.scheduler.start()
+        """Starts publishing status. Polls wait for `start_polling`."""
         self._writer_task = asyncio.create_task(self.writer.run(), name="jobwatch-status-writer")
+
+    def start_polling(self) -> None:
+        self.scheduler.start()
 
     async def shutdown(self, budget: float) -> None:
         """Stops polling and flushes status. Interrupted watches stay Polling."""
