@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
 export JOBWATCH_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: help venv binaries cluster cluster-down cluster-status demo demo-down test test-unit test-e2e lint bench-smoke
+.PHONY: help venv binaries cluster cluster-down cluster-status demo demo-down test test-unit test-e2e lint bench bench-overload bench-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -53,6 +53,12 @@ test-unit: venv ## unit tests only (no cluster)
 
 test-e2e: venv ## e2e tests only
 	hack/test.sh -m e2e
+
+bench: venv ## the scale benchmark: 1k, 5k and 10k JobWatches (~11 min; docs/benchmarks.md)
+	$(PY) bench/scale.py
+
+bench-overload: venv ## 10k JobWatches at twice the sustainable poll rate (~5 min)
+	$(PY) bench/scale.py --overload --sizes 10000
 
 bench-smoke: venv ## a small run of the scale benchmark, to check the harness works
 	$(PY) bench/scale.py --smoke

@@ -29,6 +29,7 @@ def main() -> None:
     handlers.configure(config)
     kopf.run(
         loop=uvloop.new_event_loop(),
+        stop_flag=handlers.service.stop,
         standalone=True,
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 # How long polling waits for the initial listing (a namespace the operator may not
 # list, for one, never completes it; its error is logged meanwhile).
 SYNC_TIMEOUT = 60
+# Of the shutdown budget, what is kept for closing the clients and kopf's own exit
+# after the status flush.
+EXIT_RESERVE = 2.0
 
 
 @dataclass
@@ -43,6 +47,10 @@ class Service:
     metrics_runner: web.AppRunner | None = None
     informer: asyncio.Task[None] | None = None
     starter: asyncio.Task[None] | None = None
+    # Handed to kopf.run: set on SIGTERM/SIGINT, after polling has been stopped.
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: asyncio.Task[None] | None = None
+    signalled_at: float | None = None  # loop time of the signal
 
 
 service = Service()
@@ -110,8 +118,26 @@ async def _poll_when_synced(informer: Informer, runtime: Runtime) -> None:
         )
     gc.collect()
     gc.freeze()
+    # From here on SIGTERM and SIGINT are ours: kopf would call the clean-up handler
+    # only after stopping its own tasks, seconds later on a busy loop, and polls would
+    # go on meanwhile. kopf then stops through `stop`. (kopf installs its handlers
+    # while start-up runs; the listing's round trips come after that, so these win.)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, signum)
     runtime.start_polling()
     log.info("polling %d watches; %d objects frozen", len(runtime.watches), gc.get_freeze_count())
+
+
+def _on_signal(signum: int) -> None:
+    if service.signalled_at is None:
+        log.info("%s: stopping polls, then flushing status", signal.Signals(signum).name)
+        service.signalled_at = asyncio.get_running_loop().time()
+        if service.starter is not None:
+            service.starter.cancel()  # polling must not start now
+        if service.runtime is not None:
+            service.stopping = asyncio.create_task(service.runtime.stop_polling())
+    service.stop.set()
 
 
 def configure(config: Config) -> None:
@@ -120,13 +146,18 @@ def configure(config: Config) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
+    # Stopped by kopf's own signal handler (before polling started): its waiter of
+    # `stop` would otherwise count as a hung task, which kopf waits 5 s for.
+    service.stop.set()
     for task in (service.starter, service.informer):
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     if service.runtime is not None and service.config is not None:
-        # The rest of the budget is kopf's, to close its own sessions after this.
-        await service.runtime.shutdown(max(1.0, service.config.shutdown_budget - 2))
+        budget = service.config.shutdown_budget - EXIT_RESERVE
+        if service.signalled_at is not None:
+            budget -= asyncio.get_running_loop().time() - service.signalled_at
+        await service.runtime.shutdown(max(1.0, budget))
     if service.http is not None:
         await service.http.aclose()
     if service.api is not None:

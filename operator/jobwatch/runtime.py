@@ -76,9 +76,13 @@ class Runtime:
     def start_polling(self) -> None:
         self.scheduler.start()
 
-    async def shutdown(self, budget: float) -> None:
-        """Stops polling and flushes status. Interrupted watches stay Polling."""
+    async def stop_polling(self) -> None:
+        """Cancels the polls in flight and plans no more. Interrupted watches stay Polling."""
         await self.scheduler.stop()
+
+    async def shutdown(self, budget: float) -> None:
+        """Stops polling and flushes status within `budget` seconds."""
+        await self.stop_polling()
         if self._writer_task is not None:
             self._writer_task.cancel()
             await asyncio.gather(self._writer_task, return_exceptions=True)
