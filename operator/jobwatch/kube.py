@@ -8,6 +8,7 @@ credentials are loaded again once and the request is retried.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime
@@ -181,24 +182,39 @@ class KubeApi:
         """JobWatches of one namespace (None: all), a page at a time, each with the
         list's resourceVersion (on the last page, the one to watch from).
 
-        Paged so that neither the API server nor we hold 10k objects at once.
+        Paged so that neither the API server nor we hold 10k objects at once. The next
+        page is requested before this one is handed out, so that the API server reads
+        it while the caller takes in this one.
         """
         params = {"limit": str(LIST_PAGE)}
         if labels:
             params["labelSelector"] = _selector(labels)
-        while True:
-            response = await self._request("GET", self._collection(namespace), params=params)
-            if response.status_code == 410:
-                raise Expired(self._error(response))
-            if response.is_error:
-                raise self._error(response)
-            page = response.json()
-            meta = page.get("metadata") or {}
-            yield page.get("items") or [], meta.get("resourceVersion")
-            token = meta.get("continue")
-            if not token:
-                return
-            params["continue"] = token
+        path = self._collection(namespace)
+        pending = asyncio.ensure_future(self._request("GET", path, params=dict(params)))
+        try:
+            while True:
+                response = await pending
+                if response.status_code == 410:
+                    raise Expired(self._error(response))
+                if response.is_error:
+                    raise self._error(response)
+                page = response.json()
+                meta = page.get("metadata") or {}
+                token = meta.get("continue")
+                if token:
+                    params["continue"] = token
+                    pending = asyncio.ensure_future(
+                        self._request("GET", path, params=dict(params))
+                    )
+                yield page.get("items") or [], meta.get("resourceVersion")
+                if not token:
+                    return
+        finally:
+            if pending.done():
+                if not pending.cancelled():
+                    pending.exception()  # retrieved: a page nobody asked for may fail
+            else:
+                pending.cancel()
 
     async def watch_jobwatches(
         self,

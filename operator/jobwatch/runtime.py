@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .outcome import Response
 from .policy import Decision, Phase
 from .scheduler import Scheduler
-from .spec import SpecError, WatchSpec, parse_spec, spec_hash
+from .spec import SpecError, WatchSpec, parse_spec, spec_digest
 from .status import StatusWriter
 from .watch import Watch
 
@@ -145,7 +145,7 @@ class Runtime:
         try:
             spec = parse_spec(raw_spec)
             compiled = CompiledWatch.compile(spec)
-            digest = spec_hash(raw_spec)
+            digest = spec_digest(spec)
         except (SpecError, ExpressionError) as exc:
             problem = str(exc)
             digest = f"invalid:{generation}"

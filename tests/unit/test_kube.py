@@ -6,6 +6,7 @@ is covered end to end in tests/e2e.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -189,3 +190,31 @@ async def test_listing_cluster_wide_and_refused(router: respx.MockRouter, api: K
     with pytest.raises(ApiError, match=r"HTTP 403: jobwatches\.jobwatch\.dev is forbidden"):
         async for _ in api.list_jobwatches(None):
             pass
+
+
+async def test_the_next_page_is_requested_while_this_one_is_handled(
+    router: respx.MockRouter, api: KubeApi
+) -> None:
+    def page(request: httpx.Request) -> httpx.Response:
+        n = int(request.url.params.get("continue") or 0)
+        meta = {"resourceVersion": "7", **({"continue": str(n + 1)} if n < 2 else {})}
+        return httpx.Response(200, json={"items": [{"n": n}], "metadata": meta})
+
+    route = router.get("/apis/jobwatch.dev/v1alpha1/jobwatches").mock(side_effect=page)
+    pages = api.list_jobwatches(None)
+    assert await anext(pages) == ([{"n": 0}], "7")
+    await asyncio.sleep(0)
+    assert route.call_count == 2  # page 1 is on its way before page 0 is taken in
+    assert [items async for items, _ in pages] == [[{"n": 1}], [{"n": 2}]]
+    assert route.call_count == 3
+
+
+async def test_abandoning_a_listing_cancels_the_page_in_flight(
+    router: respx.MockRouter, api: KubeApi
+) -> None:
+    router.get("/apis/jobwatch.dev/v1alpha1/jobwatches").respond(
+        200, json={"items": [], "metadata": {"resourceVersion": "7", "continue": "c"}}
+    )
+    pages = api.list_jobwatches(None)
+    await anext(pages)
+    await pages.aclose()  # no warning about a never-retrieved page

@@ -473,6 +473,25 @@ def test_hash_is_short_hex_and_stable() -> None:
     )
 
 
+def test_hash_never_changes_between_versions() -> None:
+    # status.specHash written by any earlier version must still match, or an upgraded
+    # operator would take every running watch for a new one (new deadline, attempts 0).
+    assert spec_hash(spec()) == "a88acdc9da382143"
+    everything = spec(
+        method="POST",
+        body="x",
+        headers=[
+            {"name": "A", "value": "1"},
+            {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+        ],
+        result={"b": "response.code", "a": "1"},
+        permanentStatusCodes=[500, 404],
+        tls={"insecureSkipVerify": True},
+        backoff={"jitter": "Equal", "factor": 3},
+    )
+    assert spec_hash(everything) == "6581eccac3ce04a6"
+
+
 @pytest.mark.parametrize("suspend", [True, False, None])
 def test_hash_ignores_suspend(suspend: bool | None) -> None:
     assert spec_hash(spec(suspend=suspend)) == spec_hash(spec())
