@@ -32,6 +32,9 @@ ALLOW_LABEL = "jobwatch.dev/allow-use"
 # A timer that fires a hair early must not poll just before the deadline with
 # a request timeout of a few milliseconds: aim just past it instead.
 DEADLINE_SLACK = 0.005
+# How fast the polls already due when polling starts are sent: about half of what one
+# process sustains, so the first round never queues behind itself.
+START_UP_POLLS_PER_SECOND = 1000.0
 
 
 class SecretProblem(Exception):
@@ -74,6 +77,25 @@ class Runtime:
         self._writer_task = asyncio.create_task(self.writer.run(), name="jobwatch-status-writer")
 
     def start_polling(self) -> None:
+        """Starts the scheduler, after spreading the polls that are due already.
+
+        At start-up every watch never polled (or due while the operator was down) is due
+        at once: 10k requests in one burst, at the job services and at this process's
+        event loop. They are spread at up to START_UP_POLLS_PER_SECOND instead, each
+        within its own interval.
+        """
+        now = self._wall()
+        due = [
+            (key, watch)
+            for key, watch in self.watches.items()
+            if watch.spec is not None
+            and watch.next_poll_time is not None
+            and watch.next_poll_time <= now
+        ]
+        spread = len(due) / START_UP_POLLS_PER_SECOND
+        for key, watch in due:
+            assert watch.spec is not None
+            self._plan(key, watch, now + self._rand() * min(spread, watch.spec.interval))
         self.scheduler.start()
 
     async def stop_polling(self) -> None:

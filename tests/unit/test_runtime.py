@@ -1,0 +1,114 @@
+"""When polling starts: the first round after start-up is spread, not one burst.
+
+Everything else the runtime does is seen by users and tested end to end (tests/e2e).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from jobwatch.config import Config
+from jobwatch.egress import EgressPolicy
+from jobwatch.httpclient import HttpClient
+from jobwatch.kube import KubeApi
+from jobwatch.metrics import Metrics
+from jobwatch.runtime import START_UP_POLLS_PER_SECOND, Runtime
+from jobwatch.spec import spec_hash
+from jobwatch.watch import format_time
+
+NOW = 1_800_000_000.0
+SPEC = {"url": "http://127.0.0.1:1/status", "interval": "5s"}
+
+
+def jobwatch(n: int, spec: dict[str, Any] = SPEC, status: dict[str, Any] | None = None) -> Any:
+    meta = {"namespace": "ns", "name": f"w{n}", "uid": f"u{n}", "generation": 1}
+    return {"metadata": meta, "spec": spec, **({"status": status} if status else {})}
+
+
+MakeRuntime = Callable[[], Runtime]
+
+
+@pytest.fixture
+async def make_runtime() -> AsyncIterator[MakeRuntime]:
+    made: list[Runtime] = []
+    http = HttpClient(EgressPolicy())
+
+    def make() -> Runtime:
+        # Nothing here reaches the API server: polls are planned, never sent.
+        api = KubeApi.__new__(KubeApi)
+        runtime = Runtime(
+            Config.from_env({}),
+            api,
+            http,
+            Metrics(),
+            wall=lambda: NOW,
+            rand=random.Random(7).random,
+        )
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        await runtime.scheduler.stop()
+    await http.aclose()
+
+
+def planned(runtime: Runtime) -> list[float]:
+    return sorted(w.next_poll_time - NOW for w in runtime.watches.values() if w.next_poll_time)
+
+
+async def test_a_large_first_round_is_spread_at_the_start_up_rate(
+    make_runtime: MakeRuntime,
+) -> None:
+    runtime = make_runtime()
+    for n in range(3000):
+        runtime.observe("ADDED", jobwatch(n))
+    assert planned(runtime) == [0.0] * 3000  # all due at once
+    runtime.start_polling()
+    await runtime.scheduler.stop()
+    spread = planned(runtime)
+    window = 3000 / START_UP_POLLS_PER_SECOND  # 3 s, inside the 5 s interval
+    assert spread[0] >= 0 and spread[-1] <= window
+    assert spread[-1] > 0.9 * window
+    # Evenly: about a tenth of the polls in each tenth of the window.
+    per_tenth = [
+        sum(1 for t in spread if k * window / 10 <= t < (k + 1) * window / 10) for k in range(10)
+    ]
+    assert min(per_tenth) > 200
+
+
+async def test_each_watch_polls_within_its_own_interval(make_runtime: MakeRuntime) -> None:
+    runtime = make_runtime()
+    for n in range(3000):
+        runtime.observe("ADDED", jobwatch(n, {**SPEC, "interval": "1s"}))
+    runtime.start_polling()
+    assert planned(runtime)[-1] <= 1.0
+
+
+async def test_a_few_watches_poll_at_once(make_runtime: MakeRuntime) -> None:
+    runtime = make_runtime()
+    for n in range(10):
+        runtime.observe("ADDED", jobwatch(n))
+    runtime.start_polling()
+    assert planned(runtime)[-1] <= 10 / START_UP_POLLS_PER_SECOND  # 10 ms
+
+
+async def test_a_resumed_watch_keeps_its_planned_poll(make_runtime: MakeRuntime) -> None:
+    runtime = make_runtime()
+    status = {
+        "phase": "Polling",
+        "specHash": spec_hash(SPEC),
+        "startTime": format_time(NOW - 60),
+        "deadline": format_time(NOW + 540),
+        "nextPollTime": format_time(NOW + 3.5),
+        "attempts": 12,
+    }
+    runtime.observe("ADDED", jobwatch(0, status=status))
+    for n in range(1, 3000):
+        runtime.observe("ADDED", jobwatch(n))
+    runtime.start_polling()
+    assert runtime.watches[("ns", "w0")].next_poll_time == pytest.approx(NOW + 3.5, abs=0.001)
