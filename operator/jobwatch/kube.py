@@ -203,9 +203,7 @@ class KubeApi:
                 token = meta.get("continue")
                 if token:
                     params["continue"] = token
-                    pending = asyncio.ensure_future(
-                        self._request("GET", path, params=dict(params))
-                    )
+                    pending = asyncio.ensure_future(self._request("GET", path, params=dict(params)))
                 yield page.get("items") or [], meta.get("resourceVersion")
                 if not token:
                     return
