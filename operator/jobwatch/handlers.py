@@ -49,7 +49,7 @@ class Service:
     starter: asyncio.Task[None] | None = None
     # Handed to kopf.run: set on SIGTERM/SIGINT, after polling has been stopped.
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    stopping: asyncio.Task[None] | None = None
+    stopping: asyncio.Task[None] | None = None  # held so the loop keeps the task alive
     signalled_at: float | None = None  # loop time of the signal
 
 

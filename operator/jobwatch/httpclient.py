@@ -167,11 +167,11 @@ class HttpClient:
         try:
             hop = 0
             while True:
-                self._check_literal(url, hop)
+                target_url = self._checked(url, hop)
                 try:
                     async with slot.session.request(
                         method,
-                        _aiohttp_url(str(url)),
+                        target_url,
                         headers=headers,
                         data=body,
                         allow_redirects=False,
@@ -212,10 +212,11 @@ class HttpClient:
         finally:
             self._release(slot)
 
-    def _check_literal(self, url: httpx.URL, hop: int) -> None:
-        # The host exactly as aiohttp will parse it from the URL the transport hands over.
+    def _checked(self, url: httpx.URL, hop: int) -> YarlURL:
+        """The URL as aiohttp will take it, once the egress policy allows its host
+        (if an IP literal: the resolver checks names)."""
         try:
-            host = _aiohttp_url(str(url)).raw_host or ""
+            parsed = _aiohttp_url(str(url))
         except ValueError as exc:
             # yarl is stricter than httpx in places (ports above 65535, for one).
             if hop:
@@ -223,9 +224,10 @@ class HttpClient:
                     FailureKind.INVALID_RESPONSE, "redirect to an invalid location"
                 ) from None
             raise _Failed(FailureKind.TRANSPORT, f"invalid URL: {exc}") from None
-        reason = self._policy.check_literal(host)
+        reason = self._policy.check_literal(parsed.raw_host or "")
         if reason is not None:
             raise _Failed(FailureKind.EGRESS_DENIED, f"egress denied: {reason}{_after(hop)}")
+        return parsed
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
         cap = self._max_body_bytes

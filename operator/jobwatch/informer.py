@@ -68,8 +68,6 @@ class Informer:
             except Expired:
                 log.info("watch of %s expired; listing again", _where(scope))
                 version = None
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 failures += 1
                 delay = min(MAX_BACKOFF, 0.5 * 2**failures) * (0.5 + random.random() / 2)

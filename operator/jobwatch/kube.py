@@ -103,6 +103,11 @@ def _make_client(info: kopf.ConnectionInfo) -> httpx.AsyncClient:
     )
 
 
+def _failure(error: ApiError) -> Exception:
+    """What a failed list or watch raises: 410 Gone means "list again"."""
+    return Expired(error) if error.status == 410 else error
+
+
 def _selector(labels: tuple[tuple[str, str], ...]) -> str:
     return ",".join(f"{key}={value}" for key, value in labels)
 
@@ -194,10 +199,8 @@ class KubeApi:
         try:
             while True:
                 response = await pending
-                if response.status_code == 410:
-                    raise Expired(self._error(response))
                 if response.is_error:
-                    raise self._error(response)
+                    raise _failure(self._error(response))
                 page = response.json()
                 meta = page.get("metadata") or {}
                 token = meta.get("continue")
@@ -237,16 +240,16 @@ class KubeApi:
         async with self._stream(self._collection(namespace), params, read_seconds) as response:
             if response.is_error:
                 await response.aread()
-                error = self._error(response)
-                raise Expired(error) if error.status == 410 else error
+                raise _failure(self._error(response))
             async for line in response.aiter_lines():
                 if not line:
                     continue
                 event = json.loads(line)
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
-                    error = ApiError(int(obj.get("code") or 500), str(obj.get("message", "")))
-                    raise Expired(error) if error.status == 410 else error
+                    raise _failure(
+                        ApiError(int(obj.get("code") or 500), str(obj.get("message", "")))
+                    )
                 yield str(kind), obj
 
     @contextlib.asynccontextmanager
