@@ -38,6 +38,7 @@ class ErrorClass(StrEnum):
     TRANSIENT = "Transient"
     INVALID_RESPONSE = "InvalidResponse"
     PERMANENT = "Permanent"
+    INTERNAL = "Internal"  # a fault inside the operator while handling this one watch
 
 
 @dataclass(frozen=True, slots=True)
