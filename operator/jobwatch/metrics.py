@@ -72,6 +72,12 @@ class Metrics:
             "Events not created because the queue was full.",
             registry=r,
         )
+        self.internal_errors = Counter(
+            "jobwatch_internal_errors",
+            "Unexpected faults inside the operator, each the error of one watch, by stage.",
+            ["stage"],
+            registry=r,
+        )
         self.events_created = Counter(
             "jobwatch_events_created", "Events the API server accepted.", registry=r
         )

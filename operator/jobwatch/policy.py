@@ -171,7 +171,9 @@ class _Attempt:
         if retry_after is None:
             delay = error_delay(self.spec, errors, self.rand)
         else:
-            delay = min(retry_after, self.spec.backoff.max_interval)
+            # `interval` is the floor whatever the header says: `Retry-After: 0` (or a
+            # date in the past) must not turn a watch into a busy loop.
+            delay = max(self.spec.interval, min(retry_after, self.spec.backoff.max_interval))
         return Decision(
             phase=Phase.POLLING,
             reason=reason,
@@ -193,19 +195,33 @@ def pending_delay(spec: WatchSpec, rand: Rand) -> float:
     return spec.interval * (1 - PENDING_SPREAD + 2 * PENDING_SPREAD * rand())
 
 
+def min_gap(spec: WatchSpec) -> float:
+    """The least time between the end of one request of a watch and the start of its next,
+    whatever happened meanwhile (edits, restarts, Retry-After): the pending spread's low end."""
+    if spec.backoff.jitter is Jitter.NONE:
+        return spec.interval
+    return spec.interval * (1 - PENDING_SPREAD)
+
+
 def error_delay(spec: WatchSpec, errors: int, rand: Rand) -> float:
-    """The delay after the `errors`-th transient error in a row, capped and jittered."""
+    """The delay after the `errors`-th transient error in a row, capped and jittered.
+
+    The jitter spreads the delay between `interval` and the capped backoff, not down to
+    zero as AWS's Full jitter does: no error may bring the next request closer than one
+    `interval` to the last (a cap below `interval` gives `interval`).
+    """
     backoff = spec.backoff
+    floor = spec.interval
     try:
-        grown = spec.interval * backoff.factor**errors
+        grown = floor * backoff.factor**errors
     except OverflowError:  # a long streak under no error limit: long past the cap
         grown = backoff.max_interval
-    delay = min(grown, backoff.max_interval)
+    span = max(0.0, min(grown, backoff.max_interval) - floor)
     if backoff.jitter is Jitter.FULL:
-        return rand() * delay
+        return floor + rand() * span
     if backoff.jitter is Jitter.EQUAL:
-        return delay / 2 + rand() * delay / 2
-    return delay
+        return floor + span / 2 + rand() * span / 2
+    return floor + span
 
 
 def parse_retry_after(value: str, now: float) -> float | None:
@@ -248,6 +264,28 @@ def deadline_exceeded(consecutive_errors: int) -> Decision:
 def invalid_spec(message: str) -> Decision:
     """The watch cannot start: `message` names the field (a SpecError or ExpressionError)."""
     return _ended(Phase.FAILED, "InvalidSpec", message, LastError(ErrorClass.PERMANENT, message))
+
+
+def error(
+    spec: WatchSpec,
+    consecutive_errors: int,
+    reason: str,
+    error: LastError,
+    *,
+    now: float,
+    deadline: float,
+    rand: Rand,
+) -> Decision:
+    """A transient error found before or after the request, outside the endpoint's answer:
+    a Secret that cannot be read right now, or a fault inside the operator (`Internal`).
+    Counted and backed off like any transient error; the deadline still ends the watch."""
+    return _Attempt(spec, consecutive_errors, now, deadline, rand).transient(reason, error)
+
+
+def internal_failure(message: str) -> Decision:
+    """The operator could not take the object in at all, so nothing can be retried: the
+    watch ends here (an edit of the spec starts a new one)."""
+    return _ended(Phase.FAILED, "InternalError", message, LastError(ErrorClass.INTERNAL, message))
 
 
 def waiting(

@@ -17,10 +17,10 @@ from . import policy
 from .config import Config
 from .expressions import CompiledWatch, ExpressionError, final_result
 from .httpclient import HttpClient, Request, TLSSettings
-from .kube import KubeApi, ObjectRef
+from .kube import ApiError, KubeApi, ObjectRef
 from .metrics import Metrics
 from .outcome import Response
-from .policy import Decision, Phase
+from .policy import Decision, ErrorClass, LastError, Phase
 from .scheduler import Scheduler
 from .spec import SpecError, WatchSpec, parse_spec, spec_digest
 from .status import StatusWriter
@@ -38,9 +38,23 @@ START_UP_POLLS_PER_SECOND = 1000.0
 
 
 class SecretProblem(Exception):
+    """The Secret is missing or not allowed: the watch waits for it (no error counted)."""
+
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class SecretUnavailable(Exception):
+    """The Secret could not be read right now: a transient error of the watch."""
+
+
+def _api_failure(exc: Exception) -> str:
+    # Only the status line or the exception's type: an API error body is no place
+    # to quote from, and an exception text could in principle carry a token.
+    if isinstance(exc, ApiError):
+        return f"HTTP {exc.status} from the API server"
+    return type(exc).__name__
 
 
 class Runtime:
@@ -113,7 +127,18 @@ class Runtime:
     # --- watch events ------------------------------------------------------
 
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        """Takes one watch event of a JobWatch. Cheap: our own status echoes end early."""
+        """Takes one watch event of a JobWatch. Cheap: our own status echoes end early.
+
+        Never raises: an object that cannot be taken in must not stop the informer (it
+        would replay the event forever, or never finish its listing, and so blind the
+        operator for every other JobWatch). It is that object's error instead.
+        """
+        try:
+            self._observe(event_type, body)
+        except Exception as exc:
+            self._adoption_fault(body, exc)
+
+    def _observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         current = self.watches.get(key)
@@ -128,6 +153,39 @@ class Runtime:
             self._forget(key)
             current = None
         self._adopt(key, ObjectRef(key[0], key[1], uid), generation, body, current)
+
+    def _adoption_fault(self, body: Mapping[str, Any], exc: Exception) -> None:
+        """What is left when taking in an object failed: the watch ends `Failed` with
+        reason `InternalError` and says so (an edit of its spec tries again)."""
+        self._metrics.internal_errors.labels("adopting").inc()
+        meta = body.get("metadata") if isinstance(body, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        namespace, name, uid = (str(meta.get(k)) for k in ("namespace", "name", "uid"))
+        log.error("%s/%s could not be taken in", namespace, name, exc_info=exc)
+        try:
+            key = (namespace, name)
+            self._forget(key)
+            generation = int(meta.get("generation") or 0)
+            now = self._wall()
+            watch = Watch(
+                ref=ObjectRef(namespace, name, uid),
+                generation=generation,
+                spec_hash=f"internal:{generation}",
+                spec=None,
+                compiled=None,
+                suspended=False,
+                start_time=now,
+                deadline=now,
+            )
+            self.watches[key] = watch
+            self._count()
+            message = (
+                f"the operator could not take this JobWatch in ({type(exc).__name__}); "
+                "its log has the details; an edit of the spec tries again"
+            )
+            self._finish(watch, policy.internal_failure(message), now)
+        except Exception:
+            log.exception("%s/%s: its error could not be recorded either", namespace, name)
 
     def keep_only(self, namespace: str | None, keys: set[tuple[str, str]]) -> None:
         """After a fresh list of `namespace` (None: all): forgets the watches not in it,
@@ -171,6 +229,10 @@ class Runtime:
         except (SpecError, ExpressionError) as exc:
             problem = str(exc)
             digest = f"invalid:{generation}"
+        except Exception as exc:  # a spec that crashes the parser is still the spec's fault
+            log.warning("%s/%s: spec could not be parsed", key[0], key[1], exc_info=exc)
+            problem = f"spec could not be parsed ({type(exc).__name__})"
+            digest = f"invalid:{generation}"
 
         timeout = spec.timeout if spec else 0.0
         watch = Watch(
@@ -195,6 +257,12 @@ class Runtime:
         self._count()
 
         if problem is not None:
+            if resumed and watch.finished:
+                # Reported before this restart: an end is final (no new completionTime,
+                # no second Event); only a new generation is acknowledged.
+                if generation != stored.get("observedGeneration"):
+                    self.writer.submit(watch, urgent=True)
+                return
             self._finish(watch, policy.invalid_spec(problem), now)
             return
         if not resumed:
@@ -213,6 +281,12 @@ class Runtime:
         self._plan(key, watch, due)
 
     def _plan(self, key: tuple[str, str], watch: Watch, due_wall: float) -> None:
+        """Plans the next poll. The one place that keeps the timing floor: whatever asked
+        for it (a decision, a resume, an edit, a restart), no request starts sooner than
+        `policy.min_gap` after the watch's last one ended. Only the deadline comes sooner
+        (no request is sent at it)."""
+        if watch.spec is not None and watch.last_end is not None:
+            due_wall = max(due_wall, watch.last_end + policy.min_gap(watch.spec))
         due_wall = min(due_wall, watch.deadline + DEADLINE_SLACK)
         watch.next_poll_time = due_wall
         delay = max(0.0, due_wall - self._wall())
@@ -221,69 +295,147 @@ class Runtime:
     # --- one poll ----------------------------------------------------------
 
     async def poll(self, key: tuple[str, str]) -> None:
+        """One poll of a watch.
+
+        Whatever goes wrong in here stays with this watch: an unexpected exception at any
+        step is its `Internal` error, retried with backoff until the deadline ends it. So
+        every watch always has a next poll planned or an end phase.
+        """
         watch = self.watches.get(key)
         if watch is None or watch.finished or watch.spec is None or watch.compiled is None:
             return
-        spec = watch.spec
-        now = self._wall()
-        if policy.timed_out(now, watch.deadline):
-            self._finish(watch, policy.deadline_exceeded(watch.consecutive_errors), now)
-            return
-        if watch.suspended:
-            self._plan(key, watch, watch.deadline)
-            return
+        stage = "planning the poll"
         try:
-            headers, sensitive = await self._headers(watch)
-            tls = await self._tls(watch)
-        except SecretProblem as problem:
-            decision = policy.waiting(
+            spec = watch.spec
+            now = self._wall()
+            if policy.timed_out(now, watch.deadline):
+                self._finish(watch, policy.deadline_exceeded(watch.consecutive_errors), now)
+                return
+            if watch.suspended:
+                self._plan(key, watch, watch.deadline)
+                return
+            stage = "reading Secrets"
+            try:
+                headers, sensitive = await self._headers(watch)
+                tls = await self._tls(watch)
+            except SecretProblem as problem:
+                decision = policy.waiting(
+                    spec,
+                    watch.phase,
+                    problem.reason,
+                    str(problem),
+                    now=now,
+                    deadline=watch.deadline,
+                    rand=self._rand,
+                )
+                self._apply(key, watch, decision, now)
+                return
+            except SecretUnavailable as unavailable:
+                decision = policy.error(
+                    spec,
+                    watch.consecutive_errors,
+                    "SecretUnavailable",
+                    LastError(ErrorClass.TRANSIENT, str(unavailable)),
+                    now=now,
+                    deadline=watch.deadline,
+                    rand=self._rand,
+                )
+                self._apply(key, watch, decision, now)
+                return
+            if self.watches.get(key) is not watch:
+                return
+
+            stage = "sending the request"
+            request = Request(
+                method=spec.method,
+                url=spec.url,
+                headers=headers,
+                sensitive_headers=sensitive,
+                body=spec.body.encode() if spec.body is not None else None,
+                timeout=policy.request_timeout(spec, now, watch.deadline),
+                tls=tls,
+            )
+            watch.attempts += 1
+            watch.last_poll_time = now
+            started = self._clock()
+            try:
+                outcome = await self._http.send(request)
+            finally:
+                watch.last_end = self._wall()
+            self._metrics.request_seconds.observe(self._clock() - started)
+            if self.watches.get(key) is not watch or watch.finished:
+                return  # deleted, replaced or ended while the request was out
+            stage = "judging the response"
+            response = outcome if isinstance(outcome, Response) else None
+            if response is not None:
+                watch.record_response(response)
+            now = self._wall()
+            decision = policy.decide(
                 spec,
-                watch.phase,
-                problem.reason,
-                str(problem),
+                watch.compiled,
+                outcome,
+                watch.consecutive_errors,
+                now=now,
+                deadline=watch.deadline,
+                rand=self._rand,
+            )
+            stage = "recording the outcome"
+            self._apply(key, watch, decision, now, response)
+        except Exception as exc:
+            self._fault(key, watch, stage, exc)
+
+    def _fault(self, key: tuple[str, str], watch: Watch, stage: str, exc: Exception) -> None:
+        """An unexpected exception while polling `watch`: its `Internal` error."""
+        self._metrics.internal_errors.labels(stage).inc()
+        log.error(
+            "%s/%s: internal error while %s",
+            watch.ref.namespace,
+            watch.ref.name,
+            stage,
+            exc_info=exc,
+        )
+        if self.watches.get(key) is not watch or watch.spec is None:
+            return
+        now = self._wall()
+        try:
+            if watch.finished:  # it failed while ending: make sure the end is written
+                self.writer.submit(watch, urgent=True)
+                return
+            if policy.timed_out(now, watch.deadline):  # a fault never outlives the deadline
+                self._finish(watch, policy.deadline_exceeded(watch.consecutive_errors), now)
+                return
+            message = (
+                f"internal error while {stage} ({type(exc).__name__}); "
+                "the operator's log has the details"
+            )
+            decision = policy.error(
+                watch.spec,
+                watch.consecutive_errors,
+                "InternalError",
+                LastError(ErrorClass.INTERNAL, message),
                 now=now,
                 deadline=watch.deadline,
                 rand=self._rand,
             )
             self._apply(key, watch, decision, now)
-            return
-        if self.watches.get(key) is not watch:
-            return
+        except Exception:
+            # Not even the error could be recorded: keep the watch alive at least, so
+            # that the deadline (checked first at every poll) still ends it.
+            log.exception("%s/%s: recording the error failed", watch.ref.namespace, key[1])
+            self.scheduler.schedule(key, self._clock() + max(watch.spec.interval, 1.0))
 
-        request = Request(
-            method=spec.method,
-            url=spec.url,
-            headers=headers,
-            sensitive_headers=sensitive,
-            body=spec.body.encode() if spec.body is not None else None,
-            timeout=policy.request_timeout(spec, now, watch.deadline),
-            tls=tls,
-        )
-        watch.attempts += 1
-        watch.last_poll_time = now
-        started = self._clock()
-        outcome = await self._http.send(request)
-        self._metrics.request_seconds.observe(self._clock() - started)
-        if self.watches.get(key) is not watch or watch.finished:
-            return  # deleted, replaced or ended while the request was out
-        if isinstance(outcome, Response):
-            watch.record_response(outcome)
-        now = self._wall()
-        decision = policy.decide(
-            spec,
-            watch.compiled,
-            outcome,
-            watch.consecutive_errors,
-            now=now,
-            deadline=watch.deadline,
-            rand=self._rand,
-        )
-        self._apply(key, watch, decision, now)
-
-    def _apply(self, key: tuple[str, str], watch: Watch, decision: Decision, now: float) -> None:
+    def _apply(
+        self,
+        key: tuple[str, str],
+        watch: Watch,
+        decision: Decision,
+        now: float,
+        response: Response | None = None,
+    ) -> None:
+        """`response`: the one this decision was made on, if any (see `_finish`)."""
         self._metrics.polls.labels(decision.reason).inc()
         if decision.finished:
-            self._finish(watch, decision, now)
+            self._finish(watch, decision, now, response)
             return
         # `waiting` keeps the phase it is given; any attempt made means Polling.
         phase = (
@@ -299,14 +451,24 @@ class Runtime:
         if phase_changed:
             self.writer.event(watch)
 
-    def _finish(self, watch: Watch, decision: Decision, now: float) -> None:
+    def _finish(
+        self, watch: Watch, decision: Decision, now: float, response: Response | None = None
+    ) -> None:
+        """Ends the watch. `result` is evaluated on the deciding `response` whatever its
+        size within the body cap; without one (a later error, the deadline), on the last
+        response kept in memory."""
         watch.phase, watch.reason, watch.message = decision.phase, decision.reason, decision.message
         watch.consecutive_errors = decision.consecutive_errors
         watch.last_error = decision.error
         watch.completion_time = now
         watch.next_poll_time = None
         if watch.compiled is not None:
-            watch.result, omitted = final_result(watch.compiled, watch.response)
+            try:
+                watch.result, omitted = final_result(watch.compiled, response or watch.response)
+            except Exception as exc:  # the end stands; only the result is lost
+                log.error("%s/%s: result failed", watch.ref.namespace, watch.ref.name, exc_info=exc)
+                self._metrics.internal_errors.labels("evaluating the result").inc()
+                watch.result, omitted = None, f"result not evaluated ({type(exc).__name__})"
             if omitted:
                 watch.message = f"{watch.message}; {omitted}"
         watch.response = None
@@ -318,7 +480,12 @@ class Runtime:
     # --- Secrets -----------------------------------------------------------
 
     async def _secret_value(self, namespace: str, name: str, key: str, use: str) -> bytes:
-        secret = await self._api.get_secret(namespace, name)
+        try:
+            secret = await self._api.get_secret(namespace, name)
+        except Exception as exc:  # 429, 5xx, a timeout: the Secret may be fine a moment later
+            raise SecretUnavailable(
+                f"Secret {name!r} ({use}) could not be read: {_api_failure(exc)}"
+            ) from None
         if secret is None:
             raise SecretProblem(
                 "SecretNotFound", f"Secret {name!r} ({use}) was not found in namespace {namespace}"

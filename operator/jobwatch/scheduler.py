@@ -3,7 +3,11 @@
 A task per watch would cost memory and start-up time at 10k objects; here a
 watch waiting for its next poll is one heap entry. The pool size caps requests
 in flight. A key is at most once in the heap's live set and at most once in the
-ready queue, so nothing here grows beyond the number of watches.
+ready queue, and the heap is compacted when replaced or cancelled entries outnumber
+the live ones, so nothing here grows beyond a small multiple of the number of watches.
+
+A key runs at most once at a time: a key that comes due while its job still runs (an
+edit planned a new poll meanwhile) is held and runs when the running job ends.
 
 One event-loop timer stands for the earliest entry: no dispatcher task, no
 timeout context per wake-up. At 2,000 polls/s those cost about 7 % of the CPU.
@@ -25,6 +29,9 @@ K = TypeVar("K", bound=Hashable)
 # wake-ups, and a timer that fires a hair early does not spin. Well inside
 # runtime.DEADLINE_SLACK, so a poll planned just past a deadline stays past it.
 EARLY = 0.001
+# The heap is rebuilt from the live entries when it holds more than twice as many,
+# plus this many (so that small heaps are not rebuilt over and over).
+COMPACT_SLACK = 1024
 
 
 class Scheduler(Generic[K]):
@@ -40,7 +47,12 @@ class Scheduler(Generic[K]):
         self._heap: list[tuple[float, int, K]] = []
         self._live: dict[K, int] = {}  # key -> sequence of its one valid heap entry
         self._seq = 0
-        self._ready: asyncio.Queue[tuple[K, float]] = asyncio.Queue()
+        self._ready: asyncio.Queue[tuple[K, float, int]] = asyncio.Queue()
+        # key -> sequence of its one valid entry in the ready queue: a key released again
+        # before a worker took it (an edit made it due at once) must still run once.
+        self._released: dict[K, int] = {}
+        self._running: set[K] = set()
+        self._held: dict[K, tuple[float, int]] = {}  # came due while running
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -53,9 +65,30 @@ class Scheduler(Generic[K]):
         heapq.heappush(self._heap, (at, self._seq, key))
         if at < self._timer_at:
             self._arm(at)
+        self._compact()
 
     def cancel(self, key: K) -> None:
         self._live.pop(key, None)
+        self._released.pop(key, None)
+        self._held.pop(key, None)
+        self._compact()
+
+    def planned(self, key: K) -> bool:
+        """Whether `key` has a run ahead: planned, due and waiting for a worker, or running."""
+        return key in self._live or key in self._released or key in self._running
+
+    @property
+    def entries(self) -> int:
+        """Heap entries, stale ones included (`jobwatch_scheduler_entries`)."""
+        return len(self._heap)
+
+    def _compact(self) -> None:
+        # A cancelled or replaced entry would otherwise stay until its time comes: for a
+        # suspended watch that is its deadline, up to a week away.
+        if len(self._heap) > 2 * len(self._live) + COMPACT_SLACK:
+            live = self._live
+            self._heap = [entry for entry in self._heap if live.get(entry[2]) == entry[1]]
+            heapq.heapify(self._heap)
 
     @property
     def queued(self) -> int:
@@ -95,20 +128,35 @@ class Scheduler(Generic[K]):
             at, seq, key = heapq.heappop(heap)
             if self._live.get(key) == seq:
                 del self._live[key]
-                self._ready.put_nowait((key, at))
+                self._released[key] = seq
+                self._ready.put_nowait((key, at, seq))
         self._metrics.queued.set(self._ready.qsize())
         if heap:
             self._arm(heap[0][0])
 
     async def _work(self) -> None:
         while True:
-            key, planned = await self._ready.get()
+            key, planned, seq = await self._ready.get()
+            if self._released.get(key) != seq:  # released again since, or cancelled
+                continue
+            del self._released[key]
             if key in self._live:  # re-planned while it waited for a worker
                 continue
+            if key in self._running:
+                self._held[key] = (planned, seq)
+                continue
             self._metrics.poll_lag.observe(max(0.0, self._clock() - planned))
+            self._running.add(key)
             try:
                 await self._job(key)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                # The job guards itself (Runtime.poll); this is the last line of defence.
                 log.exception("poll of %s failed unexpectedly", key)
+            finally:
+                self._running.discard(key)
+                held = self._held.pop(key, None)
+                if held is not None and key not in self._live:
+                    self._released[key] = held[1]
+                    self._ready.put_nowait((key, *held))

@@ -17,6 +17,9 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+import yarl
+
 from jobwatch.durations import format_duration, parse_duration
 
 METHODS = ("GET", "POST", "PUT", "HEAD")
@@ -292,7 +295,10 @@ def _url(value: Any) -> str:
     url = _required_string(value, "spec.url", MAX_URL)
     if _URL_FORBIDDEN.search(url):
         raise SpecError("spec.url", "must not contain spaces or control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[::1/": the API server's isURL() lets some of these pass
+        raise SpecError("spec.url", "is not a valid URL (check the host's brackets)") from None
     if parts.scheme not in ("http", "https"):
         raise SpecError("spec.url", "must be an http:// or https:// URL")
     try:
@@ -301,6 +307,12 @@ def _url(value: Any) -> str:
         raise SpecError("spec.url", "has an invalid port") from None
     if not parts.hostname:
         raise SpecError("spec.url", "has no host")
+    # The client parses with httpx, then yarl: a URL either of them refuses could never
+    # be polled, so it is refused here, where the user sees it at once.
+    try:
+        yarl.URL(str(httpx.URL(url)))
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise SpecError("spec.url", "is not a URL the operator can request") from None
     return url
 
 

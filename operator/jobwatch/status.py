@@ -6,7 +6,12 @@ The writer is polite to the API server at any fleet size:
   interval (one object, one write, however often it polls);
 - latest wins: a watch queued twice is written once, with its state at write time;
 - a status identical to the one last written is never sent;
-- all writes, Events included, share one token bucket (`JOBWATCH_STATUS_QPS`).
+- all writes, Events included, share one token bucket (`JOBWATCH_STATUS_QPS`);
+- a write always sends the newest state of its object, a retry included: the queues
+  hold the latest `Watch` submitted for each object, never an older one;
+- a status the API server cannot take (not encodable, or refused as invalid) is written
+  again without its result and last response, saying why, instead of being retried
+  forever.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ RETRY_DELAY = 1.0
 # on a busy event loop a round trip takes several loop turns: a single writer then
 # falls far below the token bucket's rate. One object is never written twice at once.
 WRITERS = 8
+# A message is a sentence; anything longer was built from something it should not hold.
+MAX_MESSAGE = 4096
+# The parts of a status that come from the endpoint: what is dropped when the API server
+# cannot take the status as it is.
+_FROM_ENDPOINT = ("result", "lastResponse")
 
 
 def _condition(
@@ -56,7 +66,7 @@ def _condition(
 
 def render(watch: Watch, now: float) -> dict[str, Any]:
     """The whole `status` for `watch`; a None value means the field is absent."""
-    phase, reason, message = watch.phase, watch.reason, watch.message
+    phase, reason, message = watch.phase, watch.reason, watch.message[:MAX_MESSAGE]
     finished = watch.finished
     reconciling_reason = "Suspended" if watch.suspended and not finished else reason
     reconciling_message = (
@@ -106,6 +116,27 @@ def render(watch: Watch, now: float) -> dict[str, Any]:
         "specHash": watch.spec_hash,
         "conditions": conditions,
     }
+
+
+def _minimal(watch: Watch, exc: Exception) -> dict[str, Any]:
+    """What is written when `render` fails: the phase and why the rest is missing."""
+    return {
+        "phase": watch.phase.value,
+        "reason": watch.reason,
+        "message": f"status could not be rendered ({type(exc).__name__}); "
+        "the operator's log has the details",
+        "attempts": watch.attempts,
+        "observedGeneration": watch.generation,
+        "specHash": watch.spec_hash,
+    }
+
+
+def _without_endpoint_parts(status: dict[str, Any], why: str) -> dict[str, Any]:
+    """`status` without what came from the endpoint, its message saying so."""
+    left = {key: value for key, value in status.items() if key not in _FROM_ENDPOINT}
+    note = f"; result and last response left out: the status was {why}"
+    left["message"] = (str(status.get("message", "")) + note)[:MAX_MESSAGE]
+    return left
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +199,9 @@ class StatusWriter:
         self._seq = 0
         self._events: asyncio.Queue[_Event] = asyncio.Queue(MAX_EVENTS_QUEUED)
         self._written: dict[ObjectRef, tuple[int, float]] = {}  # ref -> (hash, when)
+        # The newest Watch submitted for each object: what any write of it sends. A spec
+        # edit makes a new Watch for the same object; a retry must not bring back the old.
+        self._latest: dict[ObjectRef, Watch] = {}
         # Only the writer holding the gate waits, for work and then for a token, and picks
         # what to write once the token is there. Writers that each picked first and then
         # waited for their own token held a newly finished watch back behind all of them.
@@ -183,6 +217,7 @@ class StatusWriter:
 
     def submit(self, watch: Watch, *, urgent: bool) -> None:
         ref = watch.ref
+        self._latest[ref] = watch
         if urgent:
             self._progress.pop(ref, None)
             if ref in self._final or watch.finished:
@@ -217,6 +252,7 @@ class StatusWriter:
         self._urgent.pop(ref, None)
         self._progress.pop(ref, None)
         self._written.pop(ref, None)
+        self._latest.pop(ref, None)
 
     @property
     def pending(self) -> int:
@@ -336,25 +372,60 @@ class StatusWriter:
         return None, float("inf")
 
     async def _write(self, watch: Watch) -> None:
-        """Writes a watch `_pop` marked in flight."""
+        """Writes (the newest state of) a watch `_pop` marked in flight."""
+        watch = self._latest.get(watch.ref, watch)
         try:
             await self._write_once(watch)
         except asyncio.CancelledError:
-            self.submit(watch, urgent=True)  # shutdown: the flush writes it
+            self._resubmit(watch.ref)  # shutdown: the flush writes it
             raise
         finally:
             self._inflight.discard(watch.ref)
             self._wake.set()
 
+    def _resubmit(self, ref: ObjectRef) -> None:
+        latest = self._latest.get(ref)
+        if latest is not None:  # not forgotten (deleted) meanwhile
+            self.submit(latest, urgent=True)
+
     async def _write_once(self, watch: Watch) -> None:
-        status = render(watch, self._wall())
-        digest = hash(json.dumps(status, sort_keys=True))
+        try:
+            status = render(watch, self._wall())
+        except Exception as exc:  # a bug must not leave the object without any status
+            self._metrics.internal_errors.labels("rendering status").inc()
+            log.error(
+                "status of %s/%s: render failed", watch.ref.namespace, watch.ref.name, exc_info=exc
+            )
+            status = _minimal(watch, exc)
+        try:
+            text = json.dumps(status, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:  # NaN, a non-string key: never retry as is
+            status = _without_endpoint_parts(status, f"not encodable as JSON ({exc})")
+            text = json.dumps(status, sort_keys=True, default=str)
+            log.error("status of %s/%s was not encodable", watch.ref.namespace, watch.ref.name)
+        digest = hash(text)
         previous = self._written.get(watch.ref)
         if previous is not None and previous[0] == digest:
             self._metrics.status_writes.labels("unchanged").inc()
             return
         try:
-            await self._api.patch_status(watch.ref, status)
+            try:
+                await self._api.patch_status(watch.ref, status)
+            except ApiError as exc:
+                from_endpoint = any(status.get(key) is not None for key in _FROM_ENDPOINT)
+                if exc.status not in (400, 422) or not from_endpoint:
+                    raise
+                # Refused as invalid (too large, a value the schema does not take): what
+                # came from the endpoint goes, the rest of the status still gets out.
+                self._metrics.status_writes.labels("invalid").inc()
+                log.warning(
+                    "status of %s/%s refused (%s); writing it without result and last response",
+                    watch.ref.namespace,
+                    watch.ref.name,
+                    exc,
+                )
+                reason = f"refused by the API server (HTTP {exc.status})"
+                await self._api.patch_status(watch.ref, _without_endpoint_parts(status, reason))
         except ApiError as exc:
             if exc.gone:
                 self._metrics.status_writes.labels("gone").inc()
@@ -387,7 +458,7 @@ class StatusWriter:
             self._given_up += 1  # shutdown: the retry would come after the budget
             return
         await asyncio.sleep(RETRY_DELAY)
-        self.submit(watch, urgent=True)
+        self._resubmit(watch.ref)  # its newest state, not the one that failed
 
     def _unanswered(self) -> None:
         """At shutdown, a request got no answer: the flush ends here.

@@ -38,9 +38,12 @@ def parse_time(text: Any) -> float | None:
     if not isinstance(text, str) or not text:
         return None
     try:
-        return datetime.datetime.fromisoformat(text).timestamp()
+        moment = datetime.datetime.fromisoformat(text)
     except ValueError:
         return None
+    if moment.tzinfo is None:  # RFC 3339 always has a zone; a naive one is UTC, not local
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
 
 
 @dataclass(slots=True, eq=False)
@@ -59,6 +62,9 @@ class Watch:
     attempts: int = 0
     consecutive_errors: int = 0
     last_poll_time: float | None = None
+    # When the last request ended (wall clock): the timing floor counts from it. Not in
+    # `status`; after a restart `lastPollTime` (when it started) stands in for it.
+    last_end: float | None = None
     next_poll_time: float | None = None
     completion_time: float | None = None
     last_response: dict[str, Any] | None = None
@@ -81,18 +87,23 @@ class Watch:
         self.response = response if len(response.text) <= KEEP_RESPONSE_BYTES else None
 
     def resume_from(self, status: Mapping[str, Any]) -> None:
-        """Carries on the watch that `status` describes (same spec hash)."""
+        """Carries on the watch that `status` describes (same spec hash).
+
+        Tolerant of any content: whoever may write `status` can put anything there, and
+        a field that cannot be read falls back to its default rather than failing the
+        adoption.
+        """
         try:
             self.phase = Phase(status.get("phase", "Pending"))
-        except ValueError:
+        except (ValueError, TypeError):
             self.phase = Phase.PENDING
         self.reason = str(status.get("reason") or self.reason)
         self.message = str(status.get("message") or self.message)
-        self.attempts = int(status.get("attempts") or 0)
-        self.consecutive_errors = int(status.get("consecutiveErrors") or 0)
+        self.attempts = _count(status.get("attempts"))
+        self.consecutive_errors = _count(status.get("consecutiveErrors"))
         self.start_time = parse_time(status.get("startTime")) or self.start_time
         self.deadline = parse_time(status.get("deadline")) or self.deadline
-        self.last_poll_time = parse_time(status.get("lastPollTime"))
+        self.last_poll_time = self.last_end = parse_time(status.get("lastPollTime"))
         self.next_poll_time = parse_time(status.get("nextPollTime"))
         self.completion_time = parse_time(status.get("completionTime"))
         last_response = status.get("lastResponse")
@@ -106,7 +117,14 @@ class Watch:
             except ValueError:
                 self.last_error = None
         self.result = status.get("result")
-        for cond in status.get("conditions") or []:
+        conditions = status.get("conditions")
+        for cond in conditions if isinstance(conditions, list) else ():
+            if not isinstance(cond, Mapping):
+                continue
             since = parse_time(cond.get("lastTransitionTime"))
-            if isinstance(cond, Mapping) and since is not None:
+            if since is not None:
                 self.transitions[str(cond.get("type"))] = (str(cond.get("status")), since)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -309,12 +309,12 @@ def test_other_non_2xx_3xx_codes_are_transient(code: int) -> None:
     [
         ("7", 7.0),
         (" 12 ", 12.0),
-        ("0", 0.0),
+        ("0", 5.0),  # never below spec.interval: no busy loop
         ("3600", 60.0),  # clamped to backoff.maxInterval
         (formatdate(NOW + 30, usegmt=True), 30.0),
         (formatdate(NOW + 30.9, usegmt=True), 30.0),  # HTTP-dates have whole seconds
         (formatdate(NOW + 86400, usegmt=True), 60.0),
-        (formatdate(NOW - 60, usegmt=True), 0.0),  # a date in the past: retry now
+        (formatdate(NOW - 60, usegmt=True), 5.0),  # a date in the past: after interval
     ],
 )
 def test_retry_after_sets_the_next_delay(code: int, header: str, delay: float) -> None:
@@ -398,12 +398,13 @@ def test_no_pending_spread_without_jitter(rand: float) -> None:
 @pytest.mark.parametrize(
     ("jitter", "rand", "delay"),
     [
-        ("Full", 0.0, 0.0),
-        ("Full", 0.5, 10.0),
-        ("Full", 0.999, 19.98),
-        ("Equal", 0.0, 10.0),
-        ("Equal", 0.5, 15.0),
-        ("Equal", 0.999, 19.99),
+        # spread between interval (5s) and the backoff (5s * 2² = 20s)
+        ("Full", 0.0, 5.0),
+        ("Full", 0.5, 12.5),
+        ("Full", 0.999, 19.985),
+        ("Equal", 0.0, 12.5),
+        ("Equal", 0.5, 16.25),
+        ("Equal", 0.999, 19.9925),
         ("None", 0.0, 20.0),
         ("None", 0.5, 20.0),
         ("None", 0.999, 20.0),
@@ -433,7 +434,7 @@ def test_backoff_grows_by_factor_up_to_max_interval(errors: int, delay: float) -
         ({"factor": 1.5}, 2, 11.25),
         ({"factor": 3, "maxInterval": "10m"}, 4, 405.0),
         ({"factor": 2, "maxInterval": "7s"}, 1, 7.0),
-        ({"factor": 2, "maxInterval": "1s"}, 1, 1.0),  # a cap under the interval wins
+        ({"factor": 2, "maxInterval": "1s"}, 1, 5.0),  # the interval is the floor
         ({"factor": 1.0001, "maxInterval": "168h"}, 10_000_000, 604800.0),  # no overflow
     ],
 )
@@ -644,7 +645,12 @@ def test_finished_means_an_end_phase(phase: Phase, finished: bool) -> None:
 
 def test_wire_names() -> None:
     assert [p.value for p in Phase] == ["Pending", "Polling", "Succeeded", "Failed", "TimedOut"]
-    assert [c.value for c in ErrorClass] == ["Transient", "InvalidResponse", "Permanent"]
+    assert [c.value for c in ErrorClass] == [
+        "Transient",
+        "InvalidResponse",
+        "Permanent",
+        "Internal",
+    ]
 
 
 def test_decide_is_deterministic_and_uses_only_the_given_random() -> None:
@@ -659,5 +665,5 @@ def test_decide_is_deterministic_and_uses_only_the_given_random() -> None:
     first = decide(spec, compiled, transport(), 0, now=NOW, deadline=LATER, rand=rand)
     second = decide(spec, compiled, transport(), 0, now=NOW, deadline=LATER, rand=rand)
     assert first == second
-    assert first.delay == 2.5  # Full jitter: 0.25 * 10s
+    assert first.delay == 6.25  # Full jitter: 5s + 0.25 * (10s - 5s)
     assert len(calls) == 2

@@ -92,3 +92,71 @@ async def test_a_failing_job_does_not_kill_its_worker() -> None:
     scheduler.schedule(2, now + 0.01)
     await wait_until(lambda: ran == [1, 2])
     await scheduler.stop()
+
+
+async def test_a_key_never_runs_twice_at_once() -> None:
+    """A key planned again while its job runs (an edit during a request) waits for it."""
+    running: set[str] = set()
+    overlaps = 0
+    runs = 0
+    release = asyncio.Event()
+
+    async def job(key: str) -> None:
+        nonlocal overlaps, runs
+        overlaps += key in running
+        running.add(key)
+        runs += 1
+        if runs == 1:
+            await release.wait()
+        running.discard(key)
+
+    scheduler: Scheduler[str] = Scheduler(job, workers=4, metrics=Metrics(), clock=time.monotonic)
+    scheduler.start()
+    scheduler.schedule("w", time.monotonic())
+    await wait_until(lambda: runs == 1)
+    scheduler.schedule("w", time.monotonic())  # due now, while the first run is out
+    await asyncio.sleep(0.05)  # give a second worker every chance to start it
+    assert runs == 1
+    release.set()
+    await wait_until(lambda: runs == 2)
+    await scheduler.stop()
+    assert overlaps == 0
+
+
+async def test_a_held_key_that_is_cancelled_does_not_run() -> None:
+    runs = 0
+    release = asyncio.Event()
+
+    async def job(key: str) -> None:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+
+    scheduler: Scheduler[str] = Scheduler(job, workers=2, metrics=Metrics(), clock=time.monotonic)
+    scheduler.start()
+    scheduler.schedule("w", time.monotonic())
+    await wait_until(lambda: runs == 1)
+    scheduler.schedule("w", time.monotonic())
+    await asyncio.sleep(0.02)
+    scheduler.cancel("w")  # deleted while held
+    release.set()
+    scheduler.schedule("marker", time.monotonic() + 0.02)
+    await wait_until(lambda: runs == 2)  # the marker
+    await asyncio.sleep(0.02)
+    await scheduler.stop()
+    assert runs == 2
+
+
+async def test_cancelled_entries_do_not_pile_up() -> None:
+    async def job(key: int) -> None:
+        pass
+
+    scheduler: Scheduler[int] = Scheduler(job, workers=1, metrics=Metrics(), clock=time.monotonic)
+    far = time.monotonic() + 3600
+    for round_ in range(20):
+        for key in range(1000):
+            scheduler.schedule(key, far + round_)  # replaces the previous plan
+    assert scheduler.entries <= 2 * 1000 + 1024 + 1
+    for key in range(1000):
+        scheduler.cancel(key)
+    assert scheduler.entries <= 1024 + 1

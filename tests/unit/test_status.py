@@ -17,6 +17,9 @@ from jobwatch.policy import Phase
 from jobwatch.status import StatusWriter, TokenBucket, render
 from jobwatch.watch import Watch
 
+# Longer than StatusWriter's retry delay: a retry that was going to come has come.
+RETRY_WAIT = status.RETRY_DELAY + 0.3
+
 
 def make_watch(name: str = "w", **fields: Any) -> Watch:
     now = time.time()
@@ -366,3 +369,57 @@ async def test_backlog_and_created_events_are_measured() -> None:
     await writer.flush(1.0)
     assert backlog() == {"final": 0, "urgent": 0, "progress": 0, "events": 0}
     assert metrics.registry.get_sample_value("jobwatch_events_created_total") == 1
+
+
+async def test_a_retry_writes_the_newest_state_not_the_one_that_failed() -> None:
+    """A spec edit while a write fails makes a new Watch for the same object: the retry
+    must send that one, not bring back the old generation."""
+    api = FakeApi(fail_with=ApiError(503, "unavailable"))
+    writer = make_writer(api)
+    old = make_watch(generation=1)
+    writer.submit(old, urgent=True)
+    task = asyncio.create_task(writer.run())
+    await until(lambda: api.fail_with is None)  # the first write failed
+    new = make_watch(generation=2)  # same ref: the same object, edited
+    writer.submit(new, urgent=True)
+    await until(lambda: api.patches)
+    await asyncio.sleep(RETRY_WAIT)  # the failed write's retry comes after a second
+    task.cancel()
+    assert [p[1]["observedGeneration"] for p in api.patches] == [2]
+
+
+async def test_a_forgotten_object_is_not_retried() -> None:
+    api = FakeApi(fail_with=ApiError(503, "unavailable"))
+    writer = make_writer(api)
+    watch = make_watch()
+    writer.submit(watch, urgent=True)
+    task = asyncio.create_task(writer.run())
+    await until(lambda: api.fail_with is None)
+    writer.forget(watch.ref)  # deleted meanwhile
+    await asyncio.sleep(RETRY_WAIT)
+    task.cancel()
+    assert api.patches == []
+
+
+async def test_a_status_that_cannot_be_encoded_is_written_without_the_endpoint_parts() -> None:
+    api = FakeApi()
+    writer = make_writer(api)
+    watch = make_watch(phase=Phase.SUCCEEDED, result={"x": float("nan")})
+    writer.submit(watch, urgent=True)
+    await writer.flush(1.0)
+    ((_, written),) = api.patches
+    assert written["phase"] == "Succeeded"
+    assert "result" not in written
+    assert "not encodable" in written["message"]
+
+
+async def test_a_status_refused_as_invalid_is_written_again_without_the_endpoint_parts() -> None:
+    api = FakeApi(fail_with=ApiError(422, "status.result: Too long"))
+    writer = make_writer(api)
+    watch = make_watch(phase=Phase.SUCCEEDED, result={"big": "x"})
+    writer.submit(watch, urgent=True)
+    await writer.flush(1.0)
+    ((_, written),) = api.patches
+    assert written["phase"] == "Succeeded"
+    assert "result" not in written
+    assert "refused by the API server (HTTP 422)" in written["message"]
