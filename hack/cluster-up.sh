@@ -5,6 +5,9 @@
 #
 # No kubelet runs, so no pods start: the operator runs as a local process.
 set -euo pipefail
+# Private files: tokens.csv and the kubeconfigs hold tokens of system:masters, and
+# on a machine shared with other users they must not be readable by them.
+umask 077
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")

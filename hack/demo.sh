@@ -4,13 +4,24 @@
 # sample JobWatch from manifests/samples/job-api.yaml, watched until it ends.
 # Progress is written every second (not every 15s) so that `kubectl get jw -w`
 # shows the attempts climb. Everything keeps running afterwards for you to explore; `make demo-down` stops it.
+#
+# `hack/demo.sh --operator KUBECONFIG` runs just the operator as the demo does, in the
+# foreground (tests/e2e/test_demo_nonroot.py runs it as an unprivileged user).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+
+if [[ ${1:-} == --operator ]]; then
+  # No health or metrics endpoint (0): a second demo, a non-root user or a busy
+  # 8080/9090 must not stop it; every port it would listen on has to be named.
+  KUBECONFIG=$2 JOBWATCH_HEALTH_PORT=0 JOBWATCH_METRICS_PORT=0 \
+    JOBWATCH_STATUS_PROGRESS_INTERVAL=1s exec .venv/bin/python -m jobwatch
+fi
 dir=${JOBWATCH_CLUSTER_DIR:-$repo/.cache/cluster}
 demo=$repo/.cache/demo
 
-stop_pid() { [[ -f $1 ]] && kill "$(cat "$1")" 2>/dev/null; rm -f "$1"; }
+# A process that has already exited (an operator that failed) is no error.
+stop_pid() { [[ -f $1 ]] && { kill "$(cat "$1")" 2>/dev/null || true; }; rm -f "$1"; }
 if [[ ${1:-} == --down ]]; then
   stop_pid "$demo/operator.pid"
   stop_pid "$demo/jobservice.pid"
@@ -42,10 +53,9 @@ echo "== starting the operator as ServiceAccount jobwatch-system/jobwatch-operat
 stop_pid "$demo/operator.pid"
 KUBECTL=$bin/kubectl hack/sa-kubeconfig.sh jobwatch-system jobwatch-operator \
   "$demo/operator.kubeconfig" "$KUBECONFIG" >/dev/null
-KUBECONFIG=$demo/operator.kubeconfig JOBWATCH_HEALTH_PORT=0 JOBWATCH_METRICS_PORT=0 \
-  JOBWATCH_STATUS_PROGRESS_INTERVAL=1s \
-  .venv/bin/python -m jobwatch >"$demo/operator.log" 2>&1 &
-echo $! > "$demo/operator.pid"
+hack/demo.sh --operator "$demo/operator.kubeconfig" >"$demo/operator.log" 2>&1 &
+operator=$!
+echo $operator > "$demo/operator.pid"
 
 echo "== applying manifests/samples/job-api.yaml, pointed at the demo job API"
 k delete jobwatch report-42 --ignore-not-found >/dev/null
@@ -54,10 +64,24 @@ sed "s#http://reports.default.svc#http://127.0.0.1:$port#" manifests/samples/job
 echo "== kubectl get jw -w   (the job is QUEUED 3s, then PROCESSING 8s, then COMPLETED)"
 "$bin/kubectl" get jw report-42 -w &
 watcher=$!
-k wait --for=condition=Finished --timeout=120s jw/report-42 >/dev/null
+"$bin/kubectl" wait --for=condition=Finished --timeout=120s jw/report-42 >/dev/null &
+waiter=$!
+# Whichever ends first: an operator that exits is reported at once, with its log,
+# rather than after the two minutes of the wait.
+status=0 ended=
+wait -n -p ended $waiter $operator || status=$?
 sleep 0.5
-kill $watcher 2>/dev/null || true
-wait $watcher 2>/dev/null || true
+kill $watcher $waiter 2>/dev/null || true
+wait $watcher $waiter 2>/dev/null || true
+if [[ $ended != "$waiter" || $status != 0 ]]; then
+  if [[ $ended == "$operator" ]]; then
+    echo "the operator exited (status $status); the end of $demo/operator.log:" >&2
+  else
+    echo "report-42 did not finish within 120s; the end of $demo/operator.log:" >&2
+  fi
+  tail -n 20 "$demo/operator.log" >&2
+  exit 1
+fi
 
 echo
 echo "== the finished watch"

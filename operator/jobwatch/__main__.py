@@ -4,13 +4,80 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 import kopf
 import uvloop
+from aiohttp import web
 
 from . import handlers
 from .config import Config, ConfigError
+
+# Every interface: the kubelet probes the pod's IP, and Prometheus scrapes it.
+LISTEN_HOST = "0.0.0.0"
+
+
+class ListenError(Exception):
+    pass
+
+
+def listen(variable: str, port: int) -> socket.socket | None:
+    """The listening socket of one endpoint (None for port 0: no endpoint).
+
+    Bound here, before kopf starts, so that a port that is taken or not allowed stops
+    the process at once with one line naming the variable. Bound later, inside kopf, it
+    was a traceback, and an operator that went on running without polling.
+    """
+    if port == 0:
+        return None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # As aiohttp's own sites do: a restarted operator must not wait for the old
+        # one's connections to leave TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LISTEN_HOST, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        raise ListenError(
+            f"{variable}={port}: cannot listen on {LISTEN_HOST}:{port}: {reason}"
+            " (set another port, or 0 for no endpoint)"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_health(listener: socket.socket) -> web.AppRunner:
+    """/healthz: that it answers at all is the news (the event loop runs)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        response = web.Response(text="ok\n")
+        # No idle keep-alive connection, whose handler task kopf would wait for at exit.
+        response.force_close()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.SockSite(runner, listener).start()
+    return runner
+
+
+async def operate(config: Config, health: socket.socket | None) -> None:
+    runner = await serve_health(health) if health is not None else None
+    try:
+        await kopf.operator(
+            stop_flag=handlers.service.stop,
+            standalone=True,
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+        )
+    finally:
+        if runner is not None:
+            await runner.cleanup()
 
 
 def main() -> None:
@@ -26,15 +93,14 @@ def main() -> None:
     except ConfigError as exc:
         print(f"jobwatch: bad configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    handlers.configure(config)
-    kopf.run(
-        loop=uvloop.new_event_loop(),
-        stop_flag=handlers.service.stop,
-        standalone=True,
-        clusterwide=not config.namespaces,
-        namespaces=config.namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-    )
+    try:
+        health = listen("JOBWATCH_HEALTH_PORT", config.health_port)
+        metrics = listen("JOBWATCH_METRICS_PORT", config.metrics_port)
+    except ListenError as exc:
+        print(f"jobwatch: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    handlers.configure(config, metrics)
+    uvloop.new_event_loop().run_until_complete(operate(config, health))
 
 
 if __name__ == "__main__":

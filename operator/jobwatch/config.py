@@ -28,9 +28,12 @@ class Config:
     progress_interval: float  # seconds between progress writes of one pending watch
     status_qps: float  # fleet-wide status writes per second, sustained
     status_burst: int
-    health_port: int
+    health_port: int  # 0: no liveness endpoint
     metrics_port: int  # 0: no metrics endpoint
     shutdown_budget: float  # seconds from SIGTERM to exit
+    secret_ttl: float  # seconds a Secret read is reused
+    secret_qps: float  # fleet-wide Secret reads per second, sustained
+    secret_burst: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -54,6 +57,16 @@ class Config:
             except ValueError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
 
+        def port(name: str, default: str) -> int:
+            # ASCII digits only: int() also takes "+80" and "٨٠", float() "8e1" and "80.9";
+            # the operator must never listen on a port that nobody wrote down.
+            raw = text(name, default)
+            if not (raw.isascii() and raw.isdigit()) or int(raw) > 65535:
+                raise ConfigError(
+                    f"{name}={raw!r} is not a port number (1-65535, or 0 for no endpoint)"
+                )
+            return int(raw)
+
         def networks(name: str) -> list[str]:
             raw = text(name, "")
             return [part.strip() for part in raw.split(",") if part.strip()]
@@ -76,6 +89,13 @@ class Config:
                 )
             labels.append((key.strip(), value.strip()))
 
+        health_port = port("JOBWATCH_HEALTH_PORT", "8080")
+        metrics_port = port("JOBWATCH_METRICS_PORT", "9090")
+        if health_port and health_port == metrics_port:
+            raise ConfigError(
+                f"JOBWATCH_HEALTH_PORT and JOBWATCH_METRICS_PORT are both {health_port}"
+            )
+
         return cls(
             labels=tuple(labels),
             namespaces=tuple(
@@ -87,7 +107,10 @@ class Config:
             progress_interval=duration("JOBWATCH_STATUS_PROGRESS_INTERVAL", "15s"),
             status_qps=number("JOBWATCH_STATUS_QPS", "18", 0.1),
             status_burst=int(number("JOBWATCH_STATUS_BURST", "50", 1)),
-            health_port=int(number("JOBWATCH_HEALTH_PORT", "8080", 0)),
-            metrics_port=int(number("JOBWATCH_METRICS_PORT", "9090", 0)),
+            health_port=health_port,
+            metrics_port=metrics_port,
             shutdown_budget=duration("JOBWATCH_SHUTDOWN_BUDGET", "10s"),
+            secret_ttl=duration("JOBWATCH_SECRET_TTL", "10s"),
+            secret_qps=number("JOBWATCH_SECRET_QPS", "20", 0.1),
+            secret_burst=int(number("JOBWATCH_SECRET_BURST", "40", 1)),
         )

@@ -16,7 +16,8 @@ import socket
 from collections.abc import Iterable, Sequence
 
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
+
+from jobwatch.resolver import CachingResolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -171,11 +172,13 @@ class GuardedResolver(AbstractResolver):
 
     aiohttp connects only to what the resolver returns and caches only that, so
     checking here, on every resolution, covers DNS rebinding and the DNS cache.
+    `inner` defaults to a `CachingResolver` (c-ares, TTL cache, bounded lookups), so
+    create this inside the running event loop.
     """
 
     def __init__(self, policy: EgressPolicy, inner: AbstractResolver | None = None) -> None:
         self._policy = policy
-        self._inner = inner if inner is not None else DefaultResolver()
+        self._inner = inner if inner is not None else CachingResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET

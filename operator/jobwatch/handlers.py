@@ -1,9 +1,10 @@
 """The kopf handlers: thin, they start and stop the service.
 
-kopf runs the process: credentials, the liveness probe, signals, start-up and
-clean-up. JobWatch events come from our own informer (informer.py), not from kopf's
-watching, which costs milliseconds of CPU per event (our status echoes included) and
-took minutes to adopt 10k JobWatches. kopf's daemons and timers would also have put a
+kopf runs the process: credentials, signals, start-up and clean-up (`/healthz` is
+ours, served by __main__.py on a socket bound before kopf starts). JobWatch events
+come from our own informer (informer.py), not from kopf's watching, which costs
+milliseconds of CPU per event (our status echoes included) and took minutes to adopt
+10k JobWatches. kopf's daemons and timers would also have put a
 finalizer on every JobWatch (kopf issues #1074, #833): a JobWatch, or its namespace,
 could then not be deleted while the operator is not running. Nothing here adds one.
 """
@@ -14,6 +15,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,7 @@ class Service:
     runtime: Runtime | None = None
     api: KubeApi | None = None
     http: HttpClient | None = None
+    metrics_listener: socket.socket | None = None  # bound by __main__ before kopf starts
     metrics_runner: web.AppRunner | None = None
     informer: asyncio.Task[None] | None = None
     starter: asyncio.Task[None] | None = None
@@ -88,8 +91,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     service.informer = asyncio.create_task(informer.run(), name="jobwatch-informer")
     service.starter = asyncio.create_task(_poll_when_synced(informer, runtime))
-    if config.metrics_port:
-        service.metrics_runner = await metrics.serve(config.metrics_port)
+    if service.metrics_listener is not None:
+        service.metrics_runner = await metrics.serve(service.metrics_listener)
     log.info(
         "jobwatch started: %s, %d requests in flight at most",
         "namespaces " + ", ".join(config.namespaces) if config.namespaces else "cluster-wide",
@@ -140,8 +143,9 @@ def _on_signal(signum: int) -> None:
     service.stop.set()
 
 
-def configure(config: Config) -> None:
+def configure(config: Config, metrics_listener: socket.socket | None) -> None:
     service.config = config
+    service.metrics_listener = metrics_listener
 
 
 @kopf.on.cleanup()

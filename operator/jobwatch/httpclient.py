@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import aiohttp
 import httpx
+from aiohttp.http_exceptions import LineTooLong
 from yarl import URL as YarlURL
 
 from jobwatch.egress import EgressDeniedError, EgressPolicy, GuardedResolver
@@ -54,6 +55,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _DEFAULT_HEADERS = {"user-agent": "jobwatch", "accept-encoding": "gzip, deflate"}
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Where an aiohttp parser error message starts quoting the bytes it choked on
+# ("Invalid HTTP header: b'...'", "Bad status line '...'").
+_QUOTING = re.compile(r"[:'\"\n]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +294,12 @@ class HttpClient:
         if self._resolver is None:
             self._resolver = GuardedResolver(self._policy)
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ssl=context, resolver=self._resolver
+            limit=self._max_connections,
+            ssl=context,
+            resolver=self._resolver,
+            # The resolver caches by record TTL; aiohttp's own cache would keep answers a
+            # fixed 10 s on top of that.
+            use_dns_cache=False,
         )
         session = aiohttp.ClientSession(
             connector=connector,
@@ -338,7 +347,9 @@ class _Inflater:
             return cls("gzip")
         if codings == ["deflate"]:
             return cls("deflate")
-        raise _Failed(FailureKind.INVALID_RESPONSE, f"unsupported content-encoding {header!r}")
+        raise _Failed(
+            FailureKind.INVALID_RESPONSE, f"unsupported content-encoding {_quoted(header or '')}"
+        )
 
     def feed(self, data: bytes, limit: int) -> bytes:
         """Decoded bytes of `data`; more than `limit` of them means over the cap.
@@ -416,7 +427,7 @@ def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
         raise _Failed(FailureKind.INVALID_RESPONSE, "redirect to an invalid location") from None
     if target.scheme not in _DEFAULT_PORTS:
         raise _Failed(
-            FailureKind.INVALID_RESPONSE, f"redirect to unsupported scheme {target.scheme!r}"
+            FailureKind.INVALID_RESPONSE, f"redirect to unsupported scheme {_quoted(target.scheme)}"
         )
     if not target.host:
         raise _Failed(FailureKind.INVALID_RESPONSE, "redirect to a location without a host")
@@ -506,7 +517,11 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
     if find(aiohttp.ClientPayloadError) is not None:
         return _Failed(FailureKind.TRANSPORT, f"incomplete response body from {where}{after}")
     if (bad := find(aiohttp.ClientResponseError)) is not None:
-        detail = bad.message[:120]
+        if (long_line := find(LineTooLong)) is not None:
+            detail = f"a line of its head is longer than {long_line.args[1]} bytes"
+        else:
+            # The parser's description; what follows it quotes the endpoint's bytes.
+            detail = _QUOTING.split(bad.message, maxsplit=1)[0].strip()[:120] or "malformed"
         return _Failed(
             FailureKind.INVALID_RESPONSE, f"invalid HTTP response from {where}: {detail}{after}"
         )
@@ -519,6 +534,11 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
     return _Failed(
         FailureKind.TRANSPORT, f"request to {where} failed ({type(exc).__name__}){after}"
     )
+
+
+def _quoted(value: str, limit: int = 24) -> str:
+    """A value the endpoint sent, quoted for a message, cut to `limit` characters."""
+    return repr(value if len(value) <= limit else value[: limit - 1] + "…")
 
 
 def _too_big(cap: int) -> _Failed:

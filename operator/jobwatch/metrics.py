@@ -6,6 +6,7 @@ so neither secrets nor cardinality can leak in through them.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable, Mapping
 
 from aiohttp import web
@@ -92,7 +93,9 @@ class Metrics:
             "jobwatch_polls_queued", "Polls that are due but wait for a free worker.", registry=r
         )
 
-    async def serve(self, port: int) -> web.AppRunner:
+    async def serve(self, listener: socket.socket) -> web.AppRunner:
+        """Serves /metrics on a socket bound at start-up (see __main__.listen)."""
+
         async def handle(_: web.Request) -> web.Response:
             return web.Response(
                 body=generate_latest(self.registry),
@@ -103,5 +106,5 @@ class Metrics:
         app.router.add_get("/metrics", handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "0.0.0.0", port).start()
+        await web.SockSite(runner, listener).start()
         return runner

@@ -126,7 +126,11 @@ class _Attempt:
         except EvaluationError as problem:
             if ok:
                 body = excerpt(response.text) or "(empty)"
-                message = f"cannot evaluate {problem} (HTTP {code}); body: {body}"
+                # Why JSON-looking text is no body (too deep, NaN, out of range); plain
+                # text or HTML speaks for itself in the excerpt.
+                why = response.body_problem
+                unusable = f" ({why})" if why and not why.startswith("not JSON") else ""
+                message = f"cannot evaluate {problem} (HTTP {code}){unusable}; body: {body}"
                 return self.transient(
                     "InvalidResponse", LastError(ErrorClass.INVALID_RESPONSE, message)
                 )

@@ -17,11 +17,12 @@ from . import policy
 from .config import Config
 from .expressions import CompiledWatch, ExpressionError, final_result
 from .httpclient import HttpClient, Request, TLSSettings
-from .kube import ApiError, KubeApi, ObjectRef
+from .kube import KubeApi, ObjectRef
 from .metrics import Metrics
 from .outcome import Response
 from .policy import Decision, ErrorClass, LastError, Phase
 from .scheduler import Scheduler
+from .secrets import SecretCache, SecretUnavailable
 from .spec import SpecError, WatchSpec, parse_spec, spec_digest
 from .status import StatusWriter
 from .watch import Watch
@@ -43,18 +44,6 @@ class SecretProblem(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class SecretUnavailable(Exception):
-    """The Secret could not be read right now: a transient error of the watch."""
-
-
-def _api_failure(exc: Exception) -> str:
-    # Only the status line or the exception's type: an API error body is no place
-    # to quote from, and an exception text could in principle carry a token.
-    if isinstance(exc, ApiError):
-        return f"HTTP {exc.status} from the API server"
-    return type(exc).__name__
 
 
 class Runtime:
@@ -85,6 +74,16 @@ class Runtime:
             self.poll, workers=config.max_in_flight, metrics=metrics, clock=clock
         )
         self._writer_task: asyncio.Task[None] | None = None
+        # Reads of the Secrets that headers and CA bundles refer to: shared by every
+        # watch that uses the same Secret, inside a fleet-wide budget of API reads.
+        self._secrets = SecretCache(
+            api,
+            ttl=config.secret_ttl,
+            missing_ttl=min(config.secret_ttl, 5.0),
+            reads_per_second=config.secret_qps,
+            burst=config.secret_burst,
+            clock=clock,
+        )
 
     def start(self) -> None:
         """Starts publishing status. Polls wait for `start_polling`."""
@@ -369,6 +368,9 @@ class Runtime:
             response = outcome if isinstance(outcome, Response) else None
             if response is not None:
                 watch.record_response(response)
+                await watch.compiled.prepare_verdict(response)  # off the loop if it iterates
+                if self.watches.get(key) is not watch:
+                    return
             now = self._wall()
             decision = policy.decide(
                 spec,
@@ -379,6 +381,11 @@ class Runtime:
                 deadline=watch.deadline,
                 rand=self._rand,
             )
+            if decision.finished and response is not None:
+                stage = "evaluating the result"
+                await watch.compiled.prepare_result(response)
+                if self.watches.get(key) is not watch:
+                    return
             stage = "recording the outcome"
             self._apply(key, watch, decision, now, response)
         except Exception as exc:
@@ -481,10 +488,13 @@ class Runtime:
 
     async def _secret_value(self, namespace: str, name: str, key: str, use: str) -> bytes:
         try:
-            secret = await self._api.get_secret(namespace, name)
-        except Exception as exc:  # 429, 5xx, a timeout: the Secret may be fine a moment later
+            secret = await self._secrets.get(namespace, name)
+        except SecretUnavailable:
+            raise
+        except Exception as exc:  # the cache's own fault: still only this watch's error
+            log.error("reading Secret %s/%s failed", namespace, name, exc_info=exc)
             raise SecretUnavailable(
-                f"Secret {name!r} ({use}) could not be read: {_api_failure(exc)}"
+                f"Secret {name!r} ({use}) could not be read ({type(exc).__name__})"
             ) from None
         if secret is None:
             raise SecretProblem(

@@ -31,9 +31,14 @@ def everything_published(ns: Namespace, name: str) -> str:
     return json.dumps(ns.get(name)) + json.dumps(events)
 
 
+# Secret reads are cached (JOBWATCH_SECRET_TTL, 10 s by default): these tests shorten it.
+SHORT_SECRET_TTL = {"JOBWATCH_SECRET_TTL": "1s"}
+
+
 def test_secret_without_opt_in_label_is_not_used_until_labelled(
-    ns: Namespace, jobs: JobServer, operator: Operator
+    ns: Namespace, jobs: JobServer, start_operator: OperatorFactory
 ) -> None:
+    start_operator(**SHORT_SECRET_TTL)
     ns.secret("api-token", {"token": f"Bearer {TOKEN_1}"})
     url = jobs.script("/private", [Reply(200, {"status": "PROCESSING"})])
     ns.create("private", bearer_spec(url))
@@ -64,9 +69,10 @@ def test_missing_secret_waits_then_is_picked_up(
     ns.wait_phase("later", "Succeeded")
 
 
-def test_secret_rotation_is_used_at_the_next_attempt_and_never_published(
-    ns: Namespace, jobs: JobServer, operator: Operator
+def test_secret_rotation_is_used_within_the_ttl_and_never_published(
+    ns: Namespace, jobs: JobServer, start_operator: OperatorFactory
 ) -> None:
+    operator = start_operator(**SHORT_SECRET_TTL)
     ns.secret("api-token", {"token": f"Bearer {TOKEN_1}"}, labels=ALLOW)
     url = jobs.script("/rotating", [Reply(200, {"status": "PROCESSING"})])
     ns.create("rotating", bearer_spec(url))

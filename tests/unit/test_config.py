@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -52,3 +57,79 @@ def test_bad_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_env({variable: value})
     assert variable in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "port"),
+    [
+        ("JOBWATCH_HEALTH_PORT", "0", 0),
+        ("JOBWATCH_METRICS_PORT", "0", 0),
+        ("JOBWATCH_HEALTH_PORT", " 8081 ", 8081),
+        ("JOBWATCH_METRICS_PORT", "65535", 65535),
+    ],
+)
+def test_ports_are_read(variable: str, value: str, port: int) -> None:
+    config = Config.from_env({variable: value})
+    assert getattr(config, variable.removeprefix("JOBWATCH_").lower()) == port
+
+
+def test_default_ports() -> None:
+    config = Config.from_env({})
+    assert (config.health_port, config.metrics_port) == (8080, 9090)
+
+
+@pytest.mark.parametrize("variable", ["JOBWATCH_HEALTH_PORT", "JOBWATCH_METRICS_PORT"])
+@pytest.mark.parametrize("value", ["", "-1", "+80", "80.9", "8e1", "0x50", "٨٠", "65536", "http"])
+def test_a_port_is_plain_digits_in_range(variable: str, value: str) -> None:
+    # Each of these would have been read as some port by int() or float(), or as
+    # kopf's default port 80: the operator must listen on no port nobody named.
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({variable: value})
+    assert variable in str(caught.value)
+    assert "0 for no endpoint" in str(caught.value)
+
+
+def test_health_and_metrics_cannot_share_a_port() -> None:
+    with pytest.raises(ConfigError, match="both 8000"):
+        Config.from_env({"JOBWATCH_HEALTH_PORT": "8000", "JOBWATCH_METRICS_PORT": "8000"})
+    both_off = Config.from_env({"JOBWATCH_HEALTH_PORT": "0", "JOBWATCH_METRICS_PORT": "0"})
+    assert (both_off.health_port, both_off.metrics_port) == (0, 0)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another process listens on (on loopback: enough to refuse 0.0.0.0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("variable", ["JOBWATCH_HEALTH_PORT", "JOBWATCH_METRICS_PORT"])
+def test_a_taken_port_stops_the_operator_at_once_with_one_line(
+    variable: str, taken_port: int
+) -> None:
+    # No cluster is needed: the ports are bound before kopf starts, so the process
+    # exits before it would even look for credentials; a line of kopf's in stderr
+    # (logging goes there) would mean it got further.
+    env = {
+        **os.environ,
+        "JOBWATCH_HEALTH_PORT": "0",
+        "JOBWATCH_METRICS_PORT": "0",
+        variable: str(taken_port),
+        "KUBECONFIG": "/nonexistent",
+    }
+    ran = subprocess.run(
+        [sys.executable, "-m", "jobwatch"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 1
+    assert ran.stdout == ""
+    assert ran.stderr == (
+        f"jobwatch: {variable}={taken_port}: cannot listen on 0.0.0.0:{taken_port}:"
+        " address already in use (set another port, or 0 for no endpoint)\n"
+    )

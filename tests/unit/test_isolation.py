@@ -4,7 +4,7 @@ planned next poll or ends, with the error in its status, and no other watch noti
 The runtime here is the real one (scheduler, status writer, policy, CEL); the API server
 and the job service are stand-ins that record what they are sent, so each step can be
 made to fail on purpose. What users see of the same faults end to end is in
-tests/e2e/test_isolation.py.
+tests/e2e/test_hostile_tenants.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,177 @@
+"""Secret reads for headers and CA bundles, within the operator's API budget.
+
+Every attempt of a watch needs its Secrets, and a thousand watches polling every 5 s
+with a Secret header would be 200 GETs a second: the API server answers 429 and every
+tenant's reads fail. So reads go through `SecretCache`:
+
+- each (namespace, name) is read at most once per TTL; a missing Secret too, for less;
+- concurrent callers of one key share one read in flight;
+- a fleet-wide token bucket caps the GETs a second, and a caller waits for a token a
+  bounded time at most;
+- size is bounded (LRU).
+
+Whatever keeps a Secret from being read (API error, timeout, no budget left) raises
+`SecretUnavailable`, whose message names the Secret and never carries its data or the
+API server's own message. While reads fail, a value read shortly before is served
+instead (`stale_for`), so one tenant exhausting the budget does not blind the watches
+whose Secrets were already known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+
+from jobwatch.kube import ApiError, Secret
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+class SecretReader(Protocol):
+    async def get_secret(self, namespace: str, name: str) -> Secret | None: ...
+
+
+class SecretUnavailable(Exception):
+    """A Secret could not be read now; safe to publish (names the Secret only)."""
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+class _Budget:
+    """`rate` reads a second, `burst` at most; a read may book a token that is due
+    within the caller's wait bound, so waiting callers are served in order."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate, self._burst, self._clock = rate, float(burst), clock
+        self._tokens, self._stamp = float(burst), clock()
+
+    def book(self, max_wait: float) -> float | None:
+        """Seconds until the booked token is there, or None (nothing booked) when
+        that would be longer than `max_wait`."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        wait = max(0.0, (1.0 - self._tokens) / self._rate)
+        if wait > max_wait:
+            return None
+        self._tokens -= 1.0
+        return wait
+
+
+@dataclass(slots=True)
+class _Entry:
+    secret: Secret | None
+    read_at: float
+    fresh_until: float
+
+
+class SecretCache:
+    """Reads Secrets through `api` with a TTL, one read per key in flight, an LRU
+    bound and a read budget. Use it inside one running event loop."""
+
+    def __init__(
+        self,
+        api: SecretReader,
+        *,
+        ttl: float = 10.0,
+        missing_ttl: float = 5.0,
+        stale_for: float = 120.0,
+        max_entries: int = 10_000,
+        reads_per_second: float = 20.0,
+        burst: int = 40,
+        max_wait: float = 1.0,
+        read_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._api = api
+        self._ttl, self._missing_ttl, self._stale_for = ttl, missing_ttl, stale_for
+        self._max_entries = max_entries
+        self._max_wait, self._read_timeout = max_wait, read_timeout
+        self._clock, self._sleep = clock, sleep
+        self._budget = _Budget(reads_per_second, burst, clock)
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self._reads: dict[Key, asyncio.Task[Secret | None]] = {}
+
+    async def get(self, namespace: str, name: str) -> Secret | None:
+        """The Secret, or None when it does not exist or may not be read (403/404).
+
+        Raises SecretUnavailable when it cannot be read now.
+        """
+        key = (namespace, name)
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is not None and now < entry.fresh_until:
+            self._entries.move_to_end(key)
+            return entry.secret
+        read = self._reads.get(key)
+        if read is None:
+            read = self._reads[key] = asyncio.create_task(self._read(key))
+            read.add_done_callback(functools.partial(self._read_done, key))
+        try:
+            # A caller that gives up must not cancel the read the others wait for.
+            return await asyncio.shield(read)
+        except SecretUnavailable:
+            entry = self._entries.get(key)
+            if entry is not None and self._clock() - entry.read_at <= self._stale_for:
+                return entry.secret
+            raise
+
+    def _read_done(self, key: Key, read: asyncio.Task[Secret | None]) -> None:
+        if self._reads.get(key) is read:
+            del self._reads[key]
+        # Every waiter may have given up: fetch the outcome so asyncio does not
+        # report it as never retrieved.
+        if not read.cancelled():
+            read.exception()
+
+    async def _read(self, key: Key) -> Secret | None:
+        namespace, name = key
+        wait = self._budget.book(self._max_wait)
+        if wait is None:
+            raise self._unavailable(key, "the operator's Secret read budget is used up")
+        if wait:
+            await self._sleep(wait)
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                secret = await self._api.get_secret(namespace, name)
+        except TimeoutError:
+            raise self._unavailable(
+                key, f"the API server did not answer within {_seconds(self._read_timeout)}"
+            ) from None
+        except ApiError as exc:
+            raise self._unavailable(key, f"the API server answered HTTP {exc.status}") from None
+        except httpx.TransportError as exc:
+            why = f"the API server could not be reached ({type(exc).__name__})"
+            raise self._unavailable(key, why) from None
+        except Exception as exc:
+            # A body that is not a Secret (bad JSON or base64), for one. The exception's
+            # own text is not used: it could quote the body.
+            why = f"the API server's answer could not be used ({type(exc).__name__})"
+            raise self._unavailable(key, why) from None
+        now = self._clock()
+        ttl = self._ttl if secret is not None else self._missing_ttl
+        self._entries[key] = _Entry(secret, read_at=now, fresh_until=now + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+        return secret
+
+    @staticmethod
+    def _unavailable(key: Key, why: str) -> SecretUnavailable:
+        namespace, name = key
+        message = f"Secret {name!r} in namespace {namespace} could not be read: {why}"
+        log.debug("%s", message)
+        return SecretUnavailable(message)
