@@ -79,23 +79,21 @@ Outcome = Response | RequestFailure
 # is refused here, once, or for big integers and lone surrogates repaired.
 #
 # Costs: the C decoder does the work. A check hooked into it costs a Python call per
-# number: numbers get one when the text is short (a few numbers), or when a scan finds
-# a run of 19 digits or a 3-digit exponent, which every number out of range has. Only
-# a text with more brackets than the depth limit can nest too deeply, and only such a
-# text is walked. Measured per parse (2-core machine, Python 3.11), before
-# these checks and with them: a 200-byte status 3.4 and 3.8 µs; 100 KB of nested
-# records 1.1 and 1.9 ms; 73 KB of integers 0.70 and 0.83 ms.
+# number, so only floats always get one; integers get one when the text is short (a
+# few numbers) or has a run of 19 digits somewhere, which every integer outside int64
+# has. Only a text with more brackets than the depth limit can nest too deeply, and
+# only such a text is walked. Per parse, before these checks and with them (2-core
+# machine, Python 3.11): a 200-byte job status 3.4 and 3.8 µs; 100 KB of nested
+# records 1.1 and 1.7 ms; 73 KB of integers 0.70 and 0.85 ms.
 
 _DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
 _SPACE = " \t\n\r"  # JSON's whitespace; str.isspace() takes more
 _LEADING_SPACE = tuple(_SPACE)
 _INT64 = range(-(2**63), 2**63)
 _CONTAINERS = frozenset({dict, list})
-_SHORT_TEXT = 1024  # below this, checking each number is cheaper than a scan
-# For the scan: digits and signs as "0", exponents as "e".
-_NUMBER_MARKS = bytes.maketrans(b"123456789+-E", b"00000000000e")
+_SHORT_TEXT = 1024  # below this, checking each integer is cheaper than a scan
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_DIGITS = b"0" * 19  # every integer outside int64 has them
-_LONG_EXPONENT = b"e000"  # every float outside float64 without _LONG_DIGITS has it
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -107,8 +105,8 @@ def _parse_json(text: str) -> tuple[Any, str | None]:
     """`text` (not empty) as JSON data, or (None, why not); never raises."""
     try:
         decoder = _CHECKED
-        if len(text) > _SHORT_TEXT and not _may_overflow(text):
-            decoder = _UNCHECKED
+        if len(text) > _SHORT_TEXT and not _has_long_digits(text):
+            decoder = _FLOATS_CHECKED
         start = 0
         if text.startswith(_LEADING_SPACE):
             start = len(text) - len(text.lstrip(_SPACE))
@@ -132,13 +130,12 @@ def _parse_json(text: str) -> tuple[Any, str | None]:
     return value, None
 
 
-def _may_overflow(text: str) -> bool:
-    """Whether a number in `text` may be out of int64 or float range (or a string may
-    just look like one): a scan in C, cheaper than a call per number in a long text."""
+def _has_long_digits(text: str) -> bool:
+    """Whether `text` has a run of 19 digits, as an integer outside int64 (or just a
+    string) does: a scan in C, cheaper than a call per integer in a long text."""
     # Encoded, as bytes.translate is a plain table lookup (str.translate is that
     # only for ASCII text).
-    marks = text.encode("utf-8", "surrogatepass").translate(_NUMBER_MARKS)
-    return _LONG_DIGITS in marks or _LONG_EXPONENT in marks
+    return _LONG_DIGITS in text.encode("utf-8", "surrogatepass").translate(_DIGITS_AS_ZERO)
 
 
 def _integer(literal: str) -> int | float:
@@ -166,7 +163,7 @@ def _constant(literal: str) -> Any:
 
 
 _CHECKED = json.JSONDecoder(parse_int=_integer, parse_float=_float, parse_constant=_constant)
-_UNCHECKED = json.JSONDecoder(parse_constant=_constant)  # for numbers that fit
+_FLOATS_CHECKED = json.JSONDecoder(parse_float=_float, parse_constant=_constant)
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
