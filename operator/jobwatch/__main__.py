@@ -50,10 +50,16 @@ def listen(variable: str, port: int) -> socket.socket | None:
 
 
 async def serve_health(listener: socket.socket) -> web.AppRunner:
-    """/healthz: that it answers at all is the news (the event loop runs)."""
+    """/healthz: that it answers at all is most of the news (the event loop runs); a
+    long-lived part of the operator that has stopped (the informer, the status writer)
+    makes it 503, so that the kubelet restarts a process that can no longer see or
+    report JobWatches."""
 
     async def healthz(_: web.Request) -> web.Response:
-        response = web.Response(text="ok\n")
+        problem = handlers.service.problem()
+        response = (
+            web.Response(text=f"{problem}\n", status=503) if problem else web.Response(text="ok\n")
+        )
         # No idle keep-alive connection, whose handler task kopf would wait for at exit.
         response.force_close()
         return response

@@ -55,6 +55,14 @@ class Service:
     stopping: asyncio.Task[None] | None = None  # held so the loop keeps the task alive
     signalled_at: float | None = None  # loop time of the signal
 
+    def problem(self) -> str | None:
+        """Why the process is not healthy, or None: a long-lived task has ended."""
+        if self.informer is not None and self.informer.done():
+            return "the JobWatch informer has stopped"
+        if self.runtime is not None and self.runtime.writer_stopped:
+            return "the status writer has stopped"
+        return None
+
 
 service = Service()
 

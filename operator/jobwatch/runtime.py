@@ -89,6 +89,12 @@ class Runtime:
         """Starts publishing status. Polls wait for `start_polling`."""
         self._writer_task = asyncio.create_task(self.writer.run(), name="jobwatch-status-writer")
 
+    @property
+    def writer_stopped(self) -> bool:
+        """The status writer ended before shutdown (it only ends by cancellation)."""
+        task = self._writer_task
+        return task is not None and task.done()
+
     def start_polling(self) -> None:
         """Starts the scheduler, after spreading the polls that are due already.
 

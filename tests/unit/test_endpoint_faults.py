@@ -433,7 +433,15 @@ async def test_malformed_head(
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
-        pytest.param("[" * 100_000 + "]" * 100_000, "JSON nested deeper than 64 levels", id="deep"),
+        pytest.param("[" * 10_000 + "]" * 10_000, "JSON nested deeper than 64 levels", id="deep"),
+        pytest.param(
+            "[" * 100_000 + "]" * 100_000,
+            "JSON with more than 10000 arrays and objects",
+            id="many-containers",
+        ),
+        pytest.param(
+            "[" + "1," * 150_000 + "1]", "JSON with more than 100000 values", id="many-values"
+        ),
         pytest.param('{"status": NaN}', "NaN is not valid JSON", id="NaN"),
         pytest.param('{"status": "x", "n": 1e400}', "JSON number out of range: 1e400", id="1e400"),
         pytest.param(b'\xff{"status": "COMPLETED"}', "not JSON: Expecting value", id="bad UTF-8"),
@@ -507,7 +515,8 @@ def nested_value(depth: int) -> Any:
         (nested(MAX_JSON_DEPTH), nested_value(MAX_JSON_DEPTH), None),
         (nested(MAX_JSON_DEPTH + 1), None, "JSON nested deeper than 64 levels"),
         ('{"a": ' * 65 + "1" + "}" * 65, None, "JSON nested deeper than 64 levels"),
-        ("[" * 200_000, None, "JSON nested deeper than 64 levels"),
+        ("[" * 10_000, None, "JSON nested deeper than 64 levels"),
+        ("[" * 200_000, None, "JSON with more than 10000 arrays and objects"),
         # Brackets in strings are not nesting, and many siblings are not depth.
         (json.dumps(["[" * 100, "]" * 100]), ["[" * 100, "]" * 100], None),
         (json.dumps([[[]]] * 500), [[[]]] * 500, None),
@@ -606,3 +615,10 @@ def test_json_like_junk_gives_a_body_the_status_can_carry(text: str) -> None:
     body, problem = parsed(text)
     assert body is None or problem is None
     json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+
+
+def test_brackets_and_commas_inside_strings_do_not_count_against_the_caps() -> None:
+    text = json.dumps({"status": "DONE", "csv": "a,[b],{c}," * 40_000})
+    response = Response(code=200, headers={}, text=text, latency_ms=1)
+    assert response.body_problem is None
+    assert response.body["status"] == "DONE"
