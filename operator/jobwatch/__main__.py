@@ -106,6 +106,10 @@ def main() -> None:
         print(f"jobwatch: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     handlers.configure(config, metrics)
+    # CEL expressions that iterate run on a thread of their own (expressions.py) and hold
+    # the GIL between switches: 1 ms instead of 5 ms lets the event loop in five times as
+    # often (measured: longest loop pause 12.8 -> 6.3 ms during a 10k-item `exists`).
+    sys.setswitchinterval(0.001)
     uvloop.new_event_loop().run_until_complete(operate(config, health))
 
 
