@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
 export JOBWATCH_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: help venv binaries cluster cluster-down cluster-status demo demo-down test test-unit test-e2e lint bench bench-overload bench-smoke
+.PHONY: help venv binaries cluster cluster-down cluster-status demo demo-down test test-unit test-e2e lint bench bench-overload bench-smoke soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -62,3 +62,6 @@ bench-overload: venv ## 10k JobWatches at twice the sustainable poll rate (~5 mi
 
 bench-smoke: venv ## a small run of the scale benchmark, to check the harness works
 	$(PY) bench/scale.py --smoke
+
+soak: venv ## 1,000 JobWatches, 30 min of churn: memory, tasks, poll timing (~35 min)
+	$(PY) bench/soak.py

@@ -135,6 +135,7 @@ class HttpProtocol(asyncio.Protocol):
         self._buffer = b""
         self._skip = 0  # body bytes of the current request still to discard
         self._transport: asyncio.Transport | None = None
+        self._held = False  # a request got no answer: neither does anything after it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -143,6 +144,8 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         transport = self._transport
         assert transport is not None
+        if self._held:
+            return
         buffer = self._buffer + data if self._buffer else data
         replies: list[bytes] = []
         close = False
@@ -173,7 +176,11 @@ class HttpProtocol(asyncio.Protocol):
                 close = True
                 break
             self._skip = length
-            code, body = self._route(method, target.decode("latin-1"))
+            routed = self._route(method, target.decode("latin-1"))
+            if routed is None:  # held: the client's timeout ends this connection
+                self._held = True
+                break
+            code, body = routed
             replies.append(_reply(code, body, close))
         self._buffer = buffer
         if replies:
@@ -181,7 +188,9 @@ class HttpProtocol(asyncio.Protocol):
         if close:
             transport.close()
 
-    def _route(self, method: bytes, target: str) -> tuple[int, bytes]:
+    def _route(self, method: bytes, target: str) -> tuple[int, bytes] | None:
+        """(code, body) of the reply; None holds the request unanswered (subclasses
+        that simulate a hung job service)."""
         path = target.partition("?")[0]
         if method != b"GET":
             return 405, b'{"error": "only GET"}'
@@ -201,6 +210,8 @@ _REASONS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
 }
 
 

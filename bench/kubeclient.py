@@ -111,6 +111,18 @@ class Kube:
                 raise KubeError(response.status, text[:300])
             return json.loads(text) if text else None
 
+    async def patch(self, path: str, body: Any) -> Any:
+        """A JSON merge patch (`request` sends JSON, which PATCH does not take)."""
+        async with self._session.patch(
+            self._server + path,
+            data=json.dumps(body),
+            headers={"content-type": "application/merge-patch+json"},
+        ) as response:
+            text = await response.text()
+            if response.status != 200:
+                raise KubeError(response.status, text[:300])
+            return json.loads(text)
+
     async def text(self, path: str) -> str:
         async with self._session.get(self._server + path) as response:
             text = await response.text()

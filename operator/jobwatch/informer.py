@@ -9,6 +9,14 @@ minutes after start-up. Here an event costs one JSON parse and a few dict lookup
 Per namespace (or once cluster-wide): a paged LIST, then a WATCH from the list's
 resourceVersion with bookmarks, resumed where it ended; a 410 Gone means list again.
 A re-list also forgets the watches whose JobWatches disappeared meanwhile.
+
+Errors the API server answers back off up to 30 s. While it does not answer at all (it
+restarts, say), the informer tries again about every second: a refused connection
+costs the server nothing, and what changed while it was away must be taken in within
+about a second of its return, not after a backoff grown during a minute of outage.
+Nor do the errors of its first seconds back count (503 before its paths are installed,
+429 while its storage initialises, 403 before its RBAC rules are loaded): they end on
+their own, and are retried about every second as well.
 """
 
 from __future__ import annotations
@@ -17,7 +25,10 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from .kube import Expired, KubeApi
 
@@ -25,6 +36,10 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 MAX_BACKOFF = 30.0
+# Between attempts while the API server does not answer at all, and while it starts up
+# after that (see the module's doc): errors answered this long after its return count.
+UNREACHABLE_RETRY = 1.0
+START_UP_GRACE = 30.0
 # A stream the server ends at once, again and again, must not become a busy loop of
 # requests: one that lasted less than this is followed by a pause of this length.
 MIN_STREAM_SECONDS = 1.0
@@ -54,23 +69,33 @@ class Informer:
                 group.create_task(self._follow(scope), name=f"jobwatch-informer-{scope or '*'}")
 
     async def _follow(self, scope: str | None) -> None:
-        failures = 0
+        loop = asyncio.get_running_loop()
+        failures = 0  # errors the API server answered, in a row
+        reach = _Reach(_where(scope))
         version: str | None = None
         while True:
             try:
                 if version is None:
                     version = await self._list(scope)
-                opened = asyncio.get_running_loop().time()
-                version = await self._watch(scope, version)
+                    reach.ok(loop.time())
+                opened = loop.time()
+                version = await self._watch(scope, version, lambda: reach.ok(loop.time()))
                 failures = 0
-                if asyncio.get_running_loop().time() - opened < MIN_STREAM_SECONDS:
+                if loop.time() - opened < MIN_STREAM_SECONDS:
                     await asyncio.sleep(MIN_STREAM_SECONDS)
             except Expired:
                 log.info("watch of %s expired; listing again", _where(scope))
+                reach.ok(loop.time())
                 version = None
+            except httpx.TransportError as exc:
+                reach.unanswered(loop.time(), exc)
+                await asyncio.sleep(_jittered(UNREACHABLE_RETRY))
             except Exception as exc:
-                failures += 1
-                delay = min(MAX_BACKOFF, 0.5 * 2**failures) * (0.5 + random.random() / 2)
+                if reach.starting_up(loop.time()):
+                    delay = _jittered(UNREACHABLE_RETRY)
+                else:
+                    failures += 1
+                    delay = _jittered(min(MAX_BACKOFF, 0.5 * 2**failures))
                 log.warning(
                     "watching %s failed (%s); again in %.1f s",
                     _where(scope),
@@ -100,15 +125,54 @@ class Informer:
             raise RuntimeError("the list response carried no resourceVersion")
         return version
 
-    async def _watch(self, scope: str | None, version: str) -> str:
+    async def _watch(self, scope: str | None, version: str, opened: Callable[[], None]) -> str:
         """Follows the stream until the server ends it; returns where to resume."""
-        events = self._api.watch_jobwatches(scope, version, self._labels, self._server_timeout)
+        events = self._api.watch_jobwatches(
+            scope, version, self._labels, self._server_timeout, opened=opened
+        )
         async for kind, body in events:
             meta = body.get("metadata") or {}
             version = str(meta.get("resourceVersion") or version)
             if kind != "BOOKMARK":
                 self._observe(kind, body)
         return version
+
+
+@dataclass
+class _Reach:
+    """Whether one scope's requests get answers: an outage, and the start-up after it."""
+
+    where: str
+    away_since: float | None = None  # the first request in a row without an answer
+    back_at: float | None = None  # the first answer after that
+
+    def unanswered(self, now: float, exc: Exception) -> None:
+        if self.away_since is None:
+            self.away_since, self.back_at = now, None
+            log.warning(
+                "the API server does not answer (%s); watching %s again every %.0f s",
+                type(exc).__name__,
+                self.where,
+                UNREACHABLE_RETRY,
+            )
+
+    def starting_up(self, now: float) -> bool:
+        """An error answered now comes from a server that was away a moment ago."""
+        if self.away_since is None:
+            return False
+        if self.back_at is None:
+            self.back_at = now
+        return now - self.back_at < START_UP_GRACE
+
+    def ok(self, now: float) -> None:
+        if self.away_since is not None:
+            away = (self.back_at or now) - self.away_since
+            log.info("the API server answers %s again, after %.1f s away", self.where, away)
+        self.away_since = self.back_at = None
+
+
+def _jittered(delay: float) -> float:
+    return delay * (0.5 + random.random() / 2)
 
 
 def _where(scope: str | None) -> str:

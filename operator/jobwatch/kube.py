@@ -46,7 +46,10 @@ class ApiError(Exception):
 
     @property
     def retriable(self) -> bool:
-        return self.status == 429 or self.status >= 500
+        """The same request may well succeed a moment later: 429, 5xx, and 403, which a
+        restarted API server answers until its authorizer has loaded the RBAC rules (a
+        status write refused then would be lost for good, an end included)."""
+        return self.status in (403, 429) or self.status >= 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,9 +226,14 @@ class KubeApi:
         resource_version: str,
         labels: tuple[tuple[str, str], ...] = (),
         server_timeout: int = 300,
+        *,
+        opened: Callable[[], None] | None = None,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(type, object) events from `resource_version` on, bookmarks included, until
-        the API server ends the stream (after about `server_timeout` seconds)."""
+        the API server ends the stream (after about `server_timeout` seconds).
+
+        `opened` is called once the server has accepted the watch: a quiet namespace
+        may send nothing for a minute, and the caller would not know it works."""
         params = {
             "watch": "true",
             "resourceVersion": resource_version,
@@ -241,6 +249,8 @@ class KubeApi:
             if response.is_error:
                 await response.aread()
                 raise _failure(self._error(response))
+            if opened is not None:
+                opened()
             async for line in response.aiter_lines():
                 if not line:
                     continue

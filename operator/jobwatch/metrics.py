@@ -6,6 +6,7 @@ so neither secrets nor cardinality can leak in through them.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable, Iterable, Mapping
 
@@ -41,6 +42,31 @@ class _Backlog:
         for kind, count in self.source().items():
             family.add_metric([kind], count)
         yield family
+
+
+class _Internals:
+    """`jobwatch_scheduler_entries` and `jobwatch_asyncio_tasks`, read at scrape time: a
+    steady fleet must hold both steady (the soak benchmark watches them for leaks)."""
+
+    def __init__(self) -> None:
+        self.scheduler_entries: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "jobwatch_scheduler_entries",
+            "Entries in the scheduler's heap, replaced and cancelled ones included.",
+            value=self.scheduler_entries(),
+        )
+        yield GaugeMetricFamily(
+            "jobwatch_asyncio_tasks", "Tasks of the event loop.", value=_tasks()
+        )
+
+
+def _tasks() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped from outside a running loop (tests)
+        return 0
 
 
 class Metrics:
@@ -85,6 +111,9 @@ class Metrics:
         # The status writer plugs its queue lengths in (StatusWriter.backlog).
         self.status_backlog = _Backlog()
         r.register(self.status_backlog)
+        # The runtime plugs the scheduler in (Runtime.__init__).
+        self.internals = _Internals()
+        r.register(self.internals)
         self.watches = Gauge("jobwatch_watches", "JobWatches known to this operator.", registry=r)
         self.active = Gauge(
             "jobwatch_active_watches", "JobWatches still polling (not ended).", registry=r

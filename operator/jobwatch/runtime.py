@@ -73,6 +73,7 @@ class Runtime:
         self.scheduler: Scheduler[tuple[str, str]] = Scheduler(
             self.poll, workers=config.max_in_flight, metrics=metrics, clock=clock
         )
+        metrics.internals.scheduler_entries = lambda: self.scheduler.entries
         self._writer_task: asyncio.Task[None] | None = None
         # Reads of the Secrets that headers and CA bundles refer to: shared by every
         # watch that uses the same Secret, inside a fleet-wide budget of API reads.
@@ -258,6 +259,10 @@ class Runtime:
             watch = current
         elif resumed:
             watch.resume_from(stored)
+        elif current is not None:
+            # A new watch of the same object (a spec edit): the same job service may be
+            # polled, so the timing floor counts from the old watch's last request.
+            watch.last_end = current.last_end
         self.watches[key] = watch
         self._count()
 

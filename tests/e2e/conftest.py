@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import REPO, Cluster, JobServer, Namespace, Operator, iter_docs, wait_for
+from harness import (
+    REPO,
+    Cluster,
+    ControlPlane,
+    JobServer,
+    Namespace,
+    Operator,
+    iter_docs,
+    wait_for,
+)
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
@@ -80,7 +89,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         kubectl = _pinned_kubectl()
     api = k8s_config.new_client_from_config(config_file=str(kubeconfig))
     try:
-        yield Cluster(kubeconfig, kubectl, api)
+        yield Cluster(kubeconfig, kubectl, api, directory)
     finally:
         api.close()
         if directory is not None:
@@ -93,6 +102,15 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
             )
             if failed:
                 shutil.copytree(directory / "logs", LOGS / "control-plane", dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def control_plane(cluster: Cluster) -> ControlPlane:
+    """The local control plane's processes, to stop and start; skips on a cluster the
+    tests do not own."""
+    if cluster.directory is None:
+        pytest.skip("JOBWATCH_E2E_EXISTING_CLUSTER=1: the tests do not own this control plane")
+    return ControlPlane(cluster.directory)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +54,9 @@ class Cluster:
     kubeconfig: Path
     kubectl_bin: str
     api: k8s.ApiClient
+    # The local control plane's folder (hack/cluster-up.sh); None for a cluster that
+    # the tests do not own (JOBWATCH_E2E_EXISTING_CLUSTER=1).
+    directory: Path | None = None
 
     def kubectl(
         self, *args: str, stdin: str | None = None, kubeconfig: Path | None = None
@@ -72,6 +77,116 @@ class Cluster:
     @property
     def core(self) -> k8s.CoreV1Api:
         return k8s.CoreV1Api(self.api)
+
+
+# component -> its pid file in the control plane's folder (hack/cluster-up.sh)
+PID_FILES = {
+    "etcd": "etcd.pid",
+    "kube-apiserver": "apiserver.pid",
+    "kube-controller-manager": "kcm.pid",
+}
+
+
+class ControlPlane:
+    """Stops and starts the processes of the local control plane one at a time.
+
+    A component starts again with the very command line it ran with, read from
+    /proc: the same ports, serving certificate, ServiceAccount keys, token file and
+    etcd data, so every kubeconfig and token made before stays valid. The pid files
+    are kept up to date, so hack/cluster-down.sh still stops everything.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._argv: dict[str, list[str]] = {}  # the command line of each stopped component
+
+    def _pid(self, component: str) -> int:
+        return int((self.directory / PID_FILES[component]).read_text().strip())
+
+    def running(self, component: str) -> bool:
+        try:
+            state = Path(f"/proc/{self._pid(component)}/stat").read_text().rsplit(")", 1)[1]
+        except (OSError, ValueError):
+            return False
+        return state.split()[0] != "Z"
+
+    def stop(self, component: str, grace: float = 5) -> None:
+        """SIGTERM, SIGKILL after `grace` seconds, and wait until the process is gone.
+
+        kube-apiserver serves the watches open at SIGTERM for a long while (20 s and
+        more) but refuses new connections at once: the grace keeps tests short."""
+        pid = self._pid(component)
+        self._argv[component] = _cmdline(pid)
+        os.kill(pid, signal.SIGTERM)
+        try:
+            wait_for(lambda: not self.running(component), grace, f"{component} to exit")
+        except AssertionError:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not self.running(component), 10, f"{component} to die")
+
+    def start(self, component: str, timeout: float = 90) -> None:
+        """Starts a stopped component as it ran before; returns once it is ready."""
+        assert not self.running(component), f"{component} is running"
+        log = (self.directory / "logs" / f"{component}.log").open("ab")
+        log.write(f"\n===== {component} start (e2e) {time.strftime('%H:%M:%S')} =====\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            self._argv[component],
+            cwd=self.directory,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        # Reaped as soon as it exits: a zombie would look alive to cluster-down.sh.
+        threading.Thread(target=proc.wait, daemon=True).start()
+        (self.directory / PID_FILES[component]).write_text(f"{proc.pid}\n")
+        wait_for(lambda: self.ready(component), timeout, f"{component} to be ready", 0.1)
+
+    def heal(self) -> None:
+        """Starts again, in order, whatever was stopped here and is still stopped."""
+        for component in PID_FILES:
+            if component in self._argv and not self.running(component):
+                self.start(component)
+
+    def _flag(self, component: str, name: str) -> str:
+        argv = self._argv.get(component) or _cmdline(self._pid(component))
+        return argv[argv.index(name) + 1]
+
+    def etcd_url(self) -> str:
+        return self._flag("etcd", "--listen-client-urls").split(",")[0]
+
+    def ready(self, component: str) -> bool:
+        if not self.running(component):
+            return False
+        if component == "etcd":
+            url, context = f"{self.etcd_url()}/health", None
+        elif component == "kube-apiserver":
+            port = self._flag(component, "--secure-port")
+            url = f"https://127.0.0.1:{port}/readyz"
+            context = ssl.create_default_context(cafile=self.directory / "pki" / "ca.crt")
+        else:
+            return True  # no probe needed: it retries the API server on its own
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def etcd(self, method: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A call of etcd's v3 JSON gateway (`kv/put`, `kv/compaction`, ...)."""
+        request = urllib.request.Request(
+            f"{self.etcd_url()}/v3/{method}",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return dict(json.loads(response.read()))
+
+
+def _cmdline(pid: int) -> list[str]:
+    return [arg.decode() for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if arg]
 
 
 @dataclass
@@ -238,6 +353,7 @@ class Seen:
     method: str
     headers: dict[str, str]
     body: bytes
+    concurrent: int = 0  # requests to the same path still being answered when it came
 
 
 class JobServer:
@@ -249,6 +365,7 @@ class JobServer:
     def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self._routes: dict[str, list[Reply]] = {}
         self._seen: dict[str, list[Seen]] = {}
+        self._active: dict[str, int] = {}
         self._lock = threading.Lock()
         server = self
 
@@ -262,6 +379,12 @@ class JobServer:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 reply = server._record(self.path, self.command, dict(self.headers), body)
+                try:
+                    self._answer(reply)
+                finally:
+                    server._done(self.path)
+
+            def _answer(self, reply: Reply) -> None:
                 if reply.delay:
                     time.sleep(reply.delay)
                 payload = (
@@ -307,13 +430,25 @@ class JobServer:
 
     def _record(self, path: str, method: str, headers: dict[str, str], body: bytes) -> Reply:
         with self._lock:
+            active = self._active.get(path, 0)
+            self._active[path] = active + 1
             self._seen.setdefault(path, []).append(
-                Seen(time.monotonic(), method, {k.lower(): v for k, v in headers.items()}, body)
+                Seen(
+                    time.monotonic(),
+                    method,
+                    {k.lower(): v for k, v in headers.items()},
+                    body,
+                    active,
+                )
             )
             replies = self._routes.get(path)
             if not replies:
                 return Reply(404, {"error": "no such path"})
             return replies.pop(0) if len(replies) > 1 else replies[0]
+
+    def _done(self, path: str) -> None:
+        with self._lock:
+            self._active[path] -= 1
 
     def close(self) -> None:
         self._httpd.shutdown()

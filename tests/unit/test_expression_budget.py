@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import sys
 import json
 import time
 from typing import Any
@@ -155,12 +156,21 @@ async def test_an_iterating_expression_does_not_hold_the_event_loop() -> None:
             ticks.append(time.perf_counter())
             await asyncio.sleep(0.001)
 
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)  # as the operator sets it (__main__.py)
     task = asyncio.create_task(ticker())
-    await asyncio.sleep(0.01)
-    await compiled_watch.prepare_verdict(big)
-    await compiled_watch.prepare_result(big)
-    task.cancel()
+    try:
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        await compiled_watch.prepare_verdict(big)
+        await compiled_watch.prepare_result(big)
+        elapsed = time.perf_counter() - started
+    finally:
+        task.cancel()
+        sys.setswitchinterval(switch)
     assert compiled_watch.judge(big) == (False, False)  # picked up, not evaluated again
     assert final_result(compiled_watch, big) == ({"n": MAX_BODY_VALUES - 16}, None)
     longest = max(b - a for a, b in itertools.pairwise(ticks))
-    assert longest < 0.05, longest  # the GIL's switch interval is 5 ms
+    # Measured about 6 ms on a quiet machine; the bound leaves room for a busy one, and
+    # is far below the evaluation's own time, which on the loop would be one pause.
+    assert longest < 0.1 and longest < elapsed / 4, (longest, elapsed)

@@ -7,6 +7,7 @@ tested end to end in tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
@@ -17,8 +18,13 @@ import pytest
 import respx
 
 from jobwatch import informer as informer_module
+from jobwatch.config import Config
+from jobwatch.egress import EgressPolicy
+from jobwatch.httpclient import HttpClient
 from jobwatch.informer import Informer
 from jobwatch.kube import KubeApi
+from jobwatch.metrics import Metrics
+from jobwatch.runtime import Runtime
 
 SERVER = "https://api.test:6443"
 COLLECTION = "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches"
@@ -188,3 +194,89 @@ async def test_errors_back_off_and_recover(
     assert recorder.events[:2] == [("ADDED", "a"), ("MODIFIED", "a")]
     assert len(delays) >= 2
     assert 0.5 <= delays[0] <= 1.0 and 1.0 <= delays[1] <= 2.0  # doubling, with jitter
+
+
+async def test_an_outage_and_the_start_up_after_it_are_retried_every_second(
+    router: respx.MockRouter, api: KubeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(informer_module.asyncio, "sleep", sleep)
+    refused = [httpx.ConnectError("connection refused")] * 8
+    # What a restarted kube-apiserver answers in its first seconds.
+    starting = [
+        httpx.Response(503, json={"message": "before all known HTTP paths have been installed"}),
+        httpx.Response(429, json={"message": "storage is (re)initializing"}),
+        httpx.Response(403, json={"message": "jobwatches.jobwatch.dev is forbidden"}),
+    ]
+    answers = iter([*refused, *starting, listing("10"), httpx.Response(500), httpx.Response(500)])
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        got = next(answers, None)
+        if isinstance(got, Exception):
+            raise got
+        return got or stream(("ADDED", jw("a", "11")))
+
+    router.get(COLLECTION).mock(side_effect=answer)
+    recorder = Recorder()
+    informer = Informer(api, ("ns",), (), observe=recorder.observe, keep_only=recorder.keep_only)
+    await run_until(informer, recorder, 2)
+    # A minute away, or its start-up, would otherwise have grown the backoff to 30 s.
+    assert all(0.5 <= d <= informer_module.UNREACHABLE_RETRY for d in delays[:11]), delays
+    # Once it has answered properly, errors back off again from the start.
+    assert 0.5 <= delays[11] <= 1.0 and 1.0 <= delays[12] <= 2.0, delays
+
+
+async def test_a_relist_after_410_polls_nobody_anew(router: respx.MockRouter, api: KubeApi) -> None:
+    """A re-list hands every JobWatch in again: a watch it already has keeps its plan (and
+    its state), or the whole fleet would be polled at once after every 410."""
+    spec = {"url": "http://127.0.0.1:1/status", "interval": "5s"}
+    names = [f"w{n}" for n in range(5)]
+    lists = 0
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal lists
+        if request.url.params.get("watch") != "true":
+            lists += 1
+            # The second list carries our own status writes: new resourceVersions.
+            return listing(
+                f"{lists}0", *({**jw(n, f"{lists}{i}"), "spec": spec} for i, n in enumerate(names))
+            )
+        if lists == 1:
+            return httpx.Response(410, json={"message": "too old resource version"})
+        return stream(("BOOKMARK", jw("", "99")))
+
+    router.get(COLLECTION).mock(side_effect=answer)
+    ticks = itertools.count(1_800_000_000)  # every reading of the wall clock moves it
+    http = HttpClient(EgressPolicy())
+    runtime = Runtime(Config.from_env({}), api, http, Metrics(), wall=lambda: float(next(ticks)))
+    recorder = Recorder()
+
+    def observe(kind: str, body: Mapping[str, Any]) -> None:
+        runtime.observe(kind, body)
+        recorder.observe(kind, body)
+
+    informer = Informer(api, ("ns",), (), observe=observe, keep_only=runtime.keep_only)
+    first: dict[tuple[str, str], tuple[object, float | None]] = {}
+
+    def plans() -> dict[tuple[str, str], tuple[object, float | None]]:
+        return {key: (watch, watch.next_poll_time) for key, watch in runtime.watches.items()}
+
+    task = asyncio.create_task(informer.run())
+    try:
+        await recorder.until(len(names))
+        first = plans()
+        await recorder.until(2 * len(names))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runtime.scheduler.stop()
+        await http.aclose()
+    assert lists == 2
+    assert len(first) == len(names)
+    assert plans() == first  # the same watch objects, each with the poll planned before

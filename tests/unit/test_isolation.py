@@ -384,3 +384,18 @@ async def test_a_resume_right_after_a_request_keeps_the_interval(env: Env) -> No
         runtime.observe("MODIFIED", body)
     await until(lambda: http.sent.get("http://jobs.test/w", 0) == 2)
     assert time.monotonic() - first >= 0.45
+
+
+async def test_a_spec_edit_right_after_a_request_keeps_the_floor(env: Env) -> None:
+    """An edit starts a new watch of the same object; its first request still comes no
+    sooner than the floor after the old watch's last one ended."""
+    runtime, _, http = env
+    body = jobwatch("w", timeout="1m", interval="500ms", backoff={"jitter": "None"})
+    runtime.observe("ADDED", body)
+    await until(lambda: http.sent.get("http://jobs.test/w", 0) == 1)
+    first = time.monotonic()
+    edited = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    edited["spec"] = {**body["spec"], "failureWhen": "false"}  # a new watch
+    runtime.observe("MODIFIED", edited)
+    await until(lambda: http.sent.get("http://jobs.test/w", 0) == 2)
+    assert time.monotonic() - first >= 0.45

@@ -101,8 +101,8 @@ async def test_a_second_401_is_an_error_not_a_loop(router: respx.MockRouter) -> 
 
 @pytest.mark.parametrize(
     ("code", "gone", "retriable"),
-    [(404, True, False), (409, True, False), (422, False, False), (429, False, True),
-     (500, False, True), (503, False, True)],
+    [(403, False, True), (404, True, False), (409, True, False), (422, False, False),
+     (429, False, True), (500, False, True), (503, False, True)],
 )  # fmt: skip
 async def test_errors_say_whether_the_object_is_gone_or_worth_a_retry(
     router: respx.MockRouter, api: KubeApi, code: int, gone: bool, retriable: bool
