@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import sys
 import json
+import sys
 import time
 from typing import Any
 
