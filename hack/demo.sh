@@ -87,8 +87,18 @@ echo
 echo "== the finished watch"
 k get jw report-42 -o wide
 k get jw report-42 -o jsonpath='{"phase: "}{.status.phase}{"\nreason: "}{.status.reason}{"\nresult: "}{.status.result}{"\nconditions: "}{range .status.conditions[*]}{.type}={.status} {end}{"\n"}'
-k get events --field-selector involvedObject.name=report-42 \
-  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message
+# In the order they happened. kubectl lists Events by name (random here), and their
+# timestamps are whole seconds (Pending and Polling often share one): ties go by
+# resourceVersion, which the API server hands out in the order of its writes.
+k get events --field-selector involvedObject.name=report-42 -o json | .venv/bin/python -c '
+import json, sys
+events = json.load(sys.stdin)["items"]
+events.sort(key=lambda e: (e["lastTimestamp"], int(e["metadata"]["resourceVersion"])))
+row = "{:<22}{:<9}{:<21}{}"
+print(row.format("TIME", "TYPE", "REASON", "MESSAGE"))
+for e in events:
+    print(row.format(e["lastTimestamp"], e["type"], e["reason"], e["message"]))
+'
 cat <<MSG
 
 Still running, for you to explore:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
+from typing import NoReturn
 
 import kopf
 import uvloop
 from aiohttp import web
 
-from . import handlers
-from .config import Config, ConfigError
+from . import handlers, logs
+from .config import Config, ConfigError, LogFormat, LogSettings
 
 # Every interface: the kubelet probes the pod's IP, and Prometheus scrapes it.
 LISTEN_HOST = "0.0.0.0"
+log = logging.getLogger("jobwatch")
 
 
 class ListenError(Exception):
@@ -86,25 +87,34 @@ async def operate(config: Config, health: socket.socket | None) -> None:
             await runner.cleanup()
 
 
+def _stop(settings: LogSettings, message: str, code: int) -> NoReturn:
+    """Start-up failure: one line on stderr, a JSON one when the logs are JSON."""
+    if settings.format is LogFormat.JSON:
+        log.critical("%s", message)
+    else:
+        print(f"jobwatch: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
 def main() -> None:
-    logging.basicConfig(
-        level=os.environ.get("JOBWATCH_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        log_settings = LogSettings.from_env()
+    except ConfigError as exc:
+        print(f"jobwatch: bad configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logs.setup(log_settings)
     # kopf logs every event handler call at INFO: at thousands of watches that
     # is mostly our own status echoes.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         config = Config.from_env()
     except ConfigError as exc:
-        print(f"jobwatch: bad configuration: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _stop(log_settings, f"bad configuration: {exc}", 2)
     try:
         health = listen("JOBWATCH_HEALTH_PORT", config.health_port)
         metrics = listen("JOBWATCH_METRICS_PORT", config.metrics_port)
     except ListenError as exc:
-        print(f"jobwatch: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _stop(log_settings, str(exc), 1)
     handlers.configure(config, metrics)
     # CEL expressions that iterate run on a thread of their own (expressions.py) and hold
     # the GIL between switches: 1 ms instead of 5 ms lets the event loop in five times as

@@ -6,6 +6,8 @@ better than polling with a configuration nobody asked for.
 
 from __future__ import annotations
 
+import enum
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +18,40 @@ from .egress import EgressPolicy, parse_networks
 
 class ConfigError(ValueError):
     pass
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"  # for a terminal
+    JSON = "json"  # one object per line, for Loki, Elasticsearch and the like
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """How the operator logs: read on its own, before `Config`, so that an error in
+    the rest of the configuration is already logged in the chosen format."""
+
+    format: LogFormat
+    level: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> LogSettings:
+        raw_format = env.get("JOBWATCH_LOG_FORMAT", "text").strip()
+        try:
+            log_format = LogFormat(raw_format.lower())
+        except ValueError:
+            choices = ", ".join(LogFormat)
+            raise ConfigError(
+                f"JOBWATCH_LOG_FORMAT={raw_format!r} is not one of {choices}"
+            ) from None
+        raw_level = env.get("JOBWATCH_LOG_LEVEL", "INFO").strip()
+        # Any name `logging` knows, as before this was checked (WARN and FATAL too).
+        level = logging.getLevelNamesMapping().get(raw_level.upper())
+        if level is None:
+            raise ConfigError(
+                f"JOBWATCH_LOG_LEVEL={raw_level!r} is not one of"
+                " DEBUG, INFO, WARNING, ERROR, CRITICAL"
+            )
+        return cls(format=log_format, level=level)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from .config import Config
 from .expressions import CompiledWatch, ExpressionError, final_result
 from .httpclient import HttpClient, Request, TLSSettings
 from .kube import KubeApi, ObjectRef
+from .logs import about
 from .metrics import Metrics
 from .outcome import Response
 from .policy import Decision, ErrorClass, LastError, Phase
@@ -167,7 +168,13 @@ class Runtime:
         meta = body.get("metadata") if isinstance(body, Mapping) else None
         meta = meta if isinstance(meta, Mapping) else {}
         namespace, name, uid = (str(meta.get(k)) for k in ("namespace", "name", "uid"))
-        log.error("%s/%s could not be taken in", namespace, name, exc_info=exc)
+        log.error(
+            "%s/%s could not be taken in",
+            namespace,
+            name,
+            exc_info=exc,
+            extra=about(ObjectRef(namespace, name, uid)),
+        )
         try:
             key = (namespace, name)
             self._forget(key)
@@ -191,7 +198,12 @@ class Runtime:
             )
             self._finish(watch, policy.internal_failure(message), now)
         except Exception:
-            log.exception("%s/%s: its error could not be recorded either", namespace, name)
+            log.exception(
+                "%s/%s: its error could not be recorded either",
+                namespace,
+                name,
+                extra=about(ObjectRef(namespace, name, uid)),
+            )
 
     def keep_only(self, namespace: str | None, keys: set[tuple[str, str]]) -> None:
         """After a fresh list of `namespace` (None: all): forgets the watches not in it,
@@ -236,7 +248,9 @@ class Runtime:
             problem = str(exc)
             digest = f"invalid:{generation}"
         except Exception as exc:  # a spec that crashes the parser is still the spec's fault
-            log.warning("%s/%s: spec could not be parsed", key[0], key[1], exc_info=exc)
+            log.warning(
+                "%s/%s: spec could not be parsed", key[0], key[1], exc_info=exc, extra=about(ref)
+            )
             problem = f"spec could not be parsed ({type(exc).__name__})"
             digest = f"invalid:{generation}"
 
@@ -411,6 +425,7 @@ class Runtime:
             watch.ref.name,
             stage,
             exc_info=exc,
+            extra=about(watch.ref),
         )
         if self.watches.get(key) is not watch or watch.spec is None:
             return
@@ -439,7 +454,12 @@ class Runtime:
         except Exception:
             # Not even the error could be recorded: keep the watch alive at least, so
             # that the deadline (checked first at every poll) still ends it.
-            log.exception("%s/%s: recording the error failed", watch.ref.namespace, key[1])
+            log.exception(
+                "%s/%s: recording the error failed",
+                watch.ref.namespace,
+                key[1],
+                extra=about(watch.ref),
+            )
             self.scheduler.schedule(key, self._clock() + max(watch.spec.interval, 1.0))
 
     def _apply(
@@ -484,7 +504,13 @@ class Runtime:
             try:
                 watch.result, omitted = final_result(watch.compiled, response or watch.response)
             except Exception as exc:  # the end stands; only the result is lost
-                log.error("%s/%s: result failed", watch.ref.namespace, watch.ref.name, exc_info=exc)
+                log.error(
+                    "%s/%s: result failed",
+                    watch.ref.namespace,
+                    watch.ref.name,
+                    exc_info=exc,
+                    extra=about(watch.ref),
+                )
                 self._metrics.internal_errors.labels("evaluating the result").inc()
                 watch.result, omitted = None, f"result not evaluated ({type(exc).__name__})"
             if omitted:
@@ -493,7 +519,14 @@ class Runtime:
         self.scheduler.cancel((watch.ref.namespace, watch.ref.name))
         self.writer.submit(watch, urgent=True)
         self.writer.event(watch)
-        log.info("%s/%s %s: %s", watch.ref.namespace, watch.ref.name, watch.phase, watch.message)
+        log.info(
+            "%s/%s %s: %s",
+            watch.ref.namespace,
+            watch.ref.name,
+            watch.phase,
+            watch.message,
+            extra=about(watch.ref),
+        )
 
     # --- Secrets -----------------------------------------------------------
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .kube import ApiError, KubeApi, ObjectRef
+from .logs import about
 from .metrics import Metrics
 from .policy import Phase
 from .watch import Watch, format_time, format_time_seconds
@@ -394,7 +395,11 @@ class StatusWriter:
         except Exception as exc:  # a bug must not leave the object without any status
             self._metrics.internal_errors.labels("rendering status").inc()
             log.error(
-                "status of %s/%s: render failed", watch.ref.namespace, watch.ref.name, exc_info=exc
+                "status of %s/%s: render failed",
+                watch.ref.namespace,
+                watch.ref.name,
+                exc_info=exc,
+                extra=about(watch.ref),
             )
             status = _minimal(watch, exc)
         try:
@@ -402,7 +407,12 @@ class StatusWriter:
         except (TypeError, ValueError) as exc:  # NaN, a non-string key: never retry as is
             status = _without_endpoint_parts(status, f"not encodable as JSON ({exc})")
             text = json.dumps(status, sort_keys=True, default=str)
-            log.error("status of %s/%s was not encodable", watch.ref.namespace, watch.ref.name)
+            log.error(
+                "status of %s/%s was not encodable",
+                watch.ref.namespace,
+                watch.ref.name,
+                extra=about(watch.ref),
+            )
         digest = hash(text)
         previous = self._written.get(watch.ref)
         if previous is not None and previous[0] == digest:
@@ -423,6 +433,7 @@ class StatusWriter:
                     watch.ref.namespace,
                     watch.ref.name,
                     exc,
+                    extra=about(watch.ref),
                 )
                 reason = f"refused by the API server (HTTP {exc.status})"
                 await self._api.patch_status(watch.ref, _without_endpoint_parts(status, reason))
@@ -432,7 +443,11 @@ class StatusWriter:
                 return
             self._metrics.status_writes.labels("error").inc()
             log.warning(
-                "status write for %s/%s failed: %s", watch.ref.namespace, watch.ref.name, exc
+                "status write for %s/%s failed: %s",
+                watch.ref.namespace,
+                watch.ref.name,
+                exc,
+                extra=about(watch.ref),
             )
             if exc.retriable:
                 await self._retry(watch)
@@ -444,6 +459,7 @@ class StatusWriter:
                 watch.ref.namespace,
                 watch.ref.name,
                 type(exc).__name__,
+                extra=about(watch.ref),
             )
             if self._deadline is None:
                 await self._retry(watch)
@@ -476,7 +492,13 @@ class StatusWriter:
                 event.ref, warning=event.warning, reason=event.reason, message=event.message
             )
         except Exception as exc:
-            log.warning("event %s for %s not created: %s", event.reason, event.ref.name, exc)
+            log.warning(
+                "event %s for %s not created: %s",
+                event.reason,
+                event.ref.name,
+                exc,
+                extra=about(event.ref),
+            )
             if not isinstance(exc, ApiError):
                 self._unanswered()
         else:
