@@ -73,7 +73,6 @@ TARGET_RSS_GROWTH = 0.05
 HEAP_SLACK = 1024
 GAUGES = {
     "watches": "jobwatch_watches",
-    "active": "jobwatch_active_watches",
     "queued": "jobwatch_polls_queued",
     "scheduler_entries": "jobwatch_scheduler_entries",
     "asyncio_tasks": "jobwatch_asyncio_tasks",

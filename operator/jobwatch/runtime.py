@@ -19,7 +19,7 @@ from .expressions import CompiledWatch, ExpressionError, final_result
 from .httpclient import HttpClient, Request, TLSSettings
 from .kube import KubeApi, ObjectRef
 from .logs import about
-from .metrics import Metrics
+from .metrics import FleetFigures, Metrics
 from .outcome import Response
 from .policy import Decision, ErrorClass, LastError, Phase
 from .scheduler import Scheduler
@@ -75,6 +75,7 @@ class Runtime:
             self.poll, workers=config.max_in_flight, metrics=metrics, clock=clock
         )
         metrics.internals.scheduler_entries = lambda: self.scheduler.entries
+        metrics.fleet.source = self._fleet_figures
         self._writer_task: asyncio.Task[None] | None = None
         # Reads of the Secrets that headers and CA bundles refer to: shared by every
         # watch that uses the same Secret, inside a fleet-wide budget of API reads.
@@ -90,6 +91,16 @@ class Runtime:
     def start(self) -> None:
         """Starts publishing status. Polls wait for `start_polling`."""
         self._writer_task = asyncio.create_task(self.writer.run(), name="jobwatch-status-writer")
+
+    def _fleet_figures(self) -> FleetFigures:
+        now = self._wall()
+        by_phase = dict.fromkeys((phase.value for phase in Phase), 0)
+        overrun = 0.0
+        for watch in self.watches.values():
+            by_phase[watch.phase.value] += 1
+            if not watch.finished and now > watch.deadline:
+                overrun = max(overrun, now - watch.deadline)
+        return FleetFigures(by_phase, overrun)
 
     @property
     def writer_stopped(self) -> bool:
@@ -191,7 +202,6 @@ class Runtime:
                 deadline=now,
             )
             self.watches[key] = watch
-            self._count()
             message = (
                 f"the operator could not take this JobWatch in ({type(exc).__name__}); "
                 "its log has the details; an edit of the spec tries again"
@@ -221,10 +231,6 @@ class Runtime:
         if watch is not None:
             self.scheduler.cancel(key)
             self.writer.forget(watch.ref)
-            self._count()
-
-    def _count(self) -> None:
-        self._metrics.watches.set(len(self.watches))
 
     def _adopt(
         self,
@@ -278,7 +284,6 @@ class Runtime:
             # polled, so the timing floor counts from the old watch's last request.
             watch.last_end = current.last_end
         self.watches[key] = watch
-        self._count()
 
         if problem is not None:
             if resumed and watch.finished:
