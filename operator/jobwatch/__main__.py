@@ -11,7 +11,7 @@ import kopf
 import uvloop
 from aiohttp import web
 
-from . import handlers, logs
+from . import endpoints, handlers, logs
 from .config import Config, ConfigError, LogFormat, LogSettings
 
 # Every interface: the kubelet probes the pod's IP, and Prometheus scrapes it.
@@ -65,12 +65,7 @@ async def serve_health(listener: socket.socket) -> web.AppRunner:
         response.force_close()
         return response
 
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.SockSite(runner, listener).start()
-    return runner
+    return await endpoints.serve(listener, "/healthz", healthz)
 
 
 async def operate(config: Config, health: socket.socket | None) -> None:

@@ -23,6 +23,8 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from . import endpoints
+
 # Fine steps up to a quarter second, where the lag targets (50 ms, 250 ms) and most HTTP
 # exchanges fall; up to a minute for an overloaded process's tail and slow endpoints.
 _SECONDS_BUCKETS = (
@@ -174,9 +176,4 @@ class Metrics:
                 headers={"content-type": CONTENT_TYPE_PLAIN_0_0_4},
             )
 
-        app = web.Application()
-        app.router.add_get("/metrics", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.SockSite(runner, listener).start()
-        return runner
+        return await endpoints.serve(listener, "/metrics", handle)
