@@ -387,6 +387,8 @@ def judge(fleet: Fleet, ledger: Ledger, since: float, until: float) -> Timing:
             if at < since:
                 last, previous = at, what
                 deadline = at + interval * (1 + SPREAD) + SLACK
+                if what == "done":  # ended during the warm-up: nothing more is due
+                    deadline, stopped_at = None, at
                 continue
             if stopped_at is not None and at > stopped_at + REACH:
                 timing.flag("polled_after_stop", watch, at, at - stopped_at, since)

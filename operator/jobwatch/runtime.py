@@ -34,6 +34,9 @@ ALLOW_LABEL = "jobwatch.dev/allow-use"
 # A timer that fires a hair early must not poll just before the deadline with
 # a request timeout of a few milliseconds: aim just past it instead.
 DEADLINE_SLACK = 0.005
+# A poll released this much before its floor (the scheduler releases up to EARLY early)
+# still goes: re-planning it would only spin.
+FLOOR_SLACK = 0.002
 # How fast the polls already due when polling starts are sent: about half of what one
 # process sustains, so the first round never queues behind itself.
 START_UP_POLLS_PER_SECOND = 1000.0
@@ -343,6 +346,14 @@ class Runtime:
             if watch.suspended:
                 self._plan(key, watch, watch.deadline)
                 return
+            if (
+                watch.last_end is not None
+                and now < watch.last_end + policy.min_gap(spec) - FLOOR_SLACK
+            ):
+                # Planned before the last request ended (a poll held while the replaced
+                # watch's request was out): the floor counts from that request's end.
+                self._plan(key, watch, now)
+                return
             stage = "reading Secrets"
             try:
                 headers, sensitive = await self._headers(watch)
@@ -391,6 +402,9 @@ class Runtime:
                 outcome = await self._http.send(request)
             finally:
                 watch.last_end = self._wall()
+                successor = self.watches.get(key)
+                if successor is not None and successor is not watch:
+                    successor.last_end = watch.last_end  # an edit replaced it meanwhile
             self._metrics.request_seconds.observe(self._clock() - started)
             if self.watches.get(key) is not watch or watch.finished:
                 return  # deleted, replaced or ended while the request was out

@@ -395,7 +395,38 @@ async def test_a_spec_edit_right_after_a_request_keeps_the_floor(env: Env) -> No
     await until(lambda: http.sent.get("http://jobs.test/w", 0) == 1)
     first = time.monotonic()
     edited = {**body, "metadata": {**body["metadata"], "generation": 2}}
-    edited["spec"] = {**body["spec"], "failureWhen": "false"}  # a new watch
+    edited["spec"] = {**body["spec"], "successWhen": 'response.body.status == "OVER"'}
     runtime.observe("MODIFIED", edited)
     await until(lambda: http.sent.get("http://jobs.test/w", 0) == 2)
     assert time.monotonic() - first >= 0.45
+
+
+async def test_an_edit_during_a_request_waits_the_floor_after_it(env: Env) -> None:
+    """The new watch's first poll was planned while the old request was out: it starts
+    no sooner than the floor after that request ended (found by the soak benchmark)."""
+    runtime, _, _ = env
+    ended: list[float] = []
+    started: list[float] = []
+    release = asyncio.Event()
+
+    class SlowHttp(FakeHttp):
+        async def send(self, request: Request) -> Outcome:
+            started.append(time.monotonic())
+            if len(started) == 1:
+                await release.wait()
+            try:
+                return await super().send(request)
+            finally:
+                ended.append(time.monotonic())
+
+    runtime._http = SlowHttp()
+    body = jobwatch("w", timeout="1m", interval="500ms", backoff={"jitter": "None"})
+    runtime.observe("ADDED", body)
+    await until(lambda: len(started) == 1)
+    edited = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    edited["spec"] = {**body["spec"], "successWhen": 'response.body.status == "OVER"'}
+    runtime.observe("MODIFIED", edited)
+    await asyncio.sleep(0.05)
+    release.set()
+    await until(lambda: len(started) == 2, env)
+    assert started[1] - ended[0] >= 0.45, started[1] - ended[0]
