@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .durations import parse_duration
 from .egress import EgressPolicy, parse_networks
+from .hosts import HostLimits, HostSettings, parse_limits
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,7 @@ class Config:
     secret_ttl: float  # seconds a Secret read is reused
     secret_qps: float  # fleet-wide Secret reads per second, sustained
     secret_burst: int
+    hosts: HostSettings = field(default_factory=HostSettings)  # limits and breaker per host
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -84,6 +87,12 @@ class Config:
                 raise ConfigError(f"{name}={raw!r} is not a number") from None
             if value < minimum:
                 raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+            return value
+
+        def finite(name: str, default: str, minimum: float) -> float:
+            value = number(name, default, minimum)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}={text(name, default)!r} is not a finite number")
             return value
 
         def duration(name: str, default: str) -> float:
@@ -132,7 +141,30 @@ class Config:
                 f"JOBWATCH_HEALTH_PORT and JOBWATCH_METRICS_PORT are both {health_port}"
             )
 
+        try:
+            overrides = parse_limits(text("JOBWATCH_HOST_LIMITS", ""))
+        except ValueError as exc:
+            raise ConfigError(f"JOBWATCH_HOST_LIMITS: {exc}") from None
+        cooldown = duration("JOBWATCH_HOST_BREAKER_COOLDOWN", "5s")
+        max_cooldown = duration("JOBWATCH_HOST_BREAKER_MAX_COOLDOWN", "5m")
+        if cooldown <= 0 or max_cooldown < cooldown:
+            raise ConfigError(
+                "JOBWATCH_HOST_BREAKER_COOLDOWN must be above 0 and at most"
+                f" JOBWATCH_HOST_BREAKER_MAX_COOLDOWN (they are {cooldown:g}s, {max_cooldown:g}s)"
+            )
+        hosts = HostSettings(
+            limits=HostLimits(
+                qps=finite("JOBWATCH_HOST_QPS", "50", 0.01),
+                max_in_flight=int(finite("JOBWATCH_HOST_MAX_IN_FLIGHT", "20", 1)),
+            ),
+            overrides=overrides,
+            breaker_failures=int(finite("JOBWATCH_HOST_BREAKER_FAILURES", "10", 0)),
+            cooldown=cooldown,
+            max_cooldown=max_cooldown,
+        )
+
         return cls(
+            hosts=hosts,
             labels=tuple(labels),
             namespaces=tuple(
                 part.strip() for part in text("JOBWATCH_NAMESPACES", "").split(",") if part.strip()

@@ -85,10 +85,16 @@ class Request:
 
 
 class _Failed(Exception):
-    def __init__(self, kind: FailureKind, message: str) -> None:
+    def __init__(self, kind: FailureKind, message: str, *, host_failed: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.host_failed = host_failed  # see RequestFailure.host_failed
+
+
+@dataclass(slots=True)
+class _Progress:
+    hop: int = 0  # redirects followed so far
 
 
 @dataclass(slots=True, eq=False)
@@ -128,18 +134,29 @@ class HttpClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         budget = asyncio.timeout(request.timeout)
+        progress = _Progress()
         try:
             async with budget:
-                return await self._attempt(request, started)
+                return await self._attempt(request, started, progress)
         except _Failed as failure:
             # Anything that broke because the budget ran out is reported as the timeout.
             if not budget.expired():
-                return RequestFailure(failure.kind, failure.message, _elapsed_ms(loop, started))
+                return RequestFailure(
+                    failure.kind,
+                    failure.message,
+                    _elapsed_ms(loop, started),
+                    host_failed=failure.host_failed,
+                )
         except TimeoutError:
             if not budget.expired():
                 raise
         message = f"request timed out after {_seconds(request.timeout)}"
-        return RequestFailure(FailureKind.TRANSPORT, message, _elapsed_ms(loop, started))
+        return RequestFailure(
+            FailureKind.TRANSPORT,
+            message,
+            _elapsed_ms(loop, started),
+            host_failed=progress.hop == 0,
+        )
 
     async def aclose(self) -> None:
         slots = [*self._slots.values()]
@@ -155,7 +172,7 @@ class HttpClient:
             await self._resolver.close()
             self._resolver = None
 
-    async def _attempt(self, request: Request, started: float) -> Response:
+    async def _attempt(self, request: Request, started: float, progress: _Progress) -> Response:
         url = _parse_url(request.url)
         headers = _prepared_headers(request.headers)
         if url.userinfo:
@@ -189,6 +206,7 @@ class HttpClient:
                                 headers=_joined_headers(response.headers),
                                 text=content.decode("utf-8", errors="replace"),
                                 latency_ms=_elapsed_ms(asyncio.get_running_loop(), started),
+                                redirects=hop,
                             )
                 except _Failed:
                     raise
@@ -213,6 +231,7 @@ class HttpClient:
                     )
                 url = target
                 hop += 1
+                progress.hop = hop
         finally:
             self._release(slot)
 
@@ -477,6 +496,7 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
     causes = list(_chain(exc))
     where = _host_port(url)
     after = _after(hop)
+    first_hop = hop == 0
 
     def find(kind: type[_E]) -> _E | None:
         return next((c for c in causes if isinstance(c, kind)), None)
@@ -493,7 +513,11 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
         return _Failed(FailureKind.EGRESS_DENIED, f"{denied}{after}")
     if (dns := find(aiohttp.ClientConnectorDNSError)) is not None:
         detail = dns.os_error.strerror or str(dns.os_error)
-        return _Failed(FailureKind.TRANSPORT, f"DNS lookup failed for {url.host} ({detail}){after}")
+        return _Failed(
+            FailureKind.TRANSPORT,
+            f"DNS lookup failed for {url.host} ({detail}){after}",
+            host_failed=first_hop,
+        )
     if (cert := find_ssl(ssl.SSLCertVerificationError)) is not None:
         detail = cert.verify_message or cert.reason or "unknown reason"
         return _Failed(
@@ -501,7 +525,11 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
         )
     if (tls := find_ssl(ssl.SSLError)) is not None:
         detail = tls.reason or tls.strerror or "unknown reason"
-        return _Failed(FailureKind.TRANSPORT, f"TLS handshake with {where} failed: {detail}{after}")
+        return _Failed(
+            FailureKind.TRANSPORT,
+            f"TLS handshake with {where} failed: {detail}{after}",
+            host_failed=first_hop,
+        )
     if (connect := find(aiohttp.ClientConnectorError)) is not None:
         code = connect.os_error.errno
         if code == errno.ECONNREFUSED:
@@ -511,11 +539,19 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
         else:
             detail = connect.os_error.strerror or str(connect.os_error)
             message = f"cannot connect to {where}: {detail}"
-        return _Failed(FailureKind.TRANSPORT, message + after)
+        return _Failed(FailureKind.TRANSPORT, message + after, host_failed=first_hop)
     if find(aiohttp.ServerDisconnectedError) is not None:
-        return _Failed(FailureKind.TRANSPORT, f"{where} closed the connection unexpectedly{after}")
+        return _Failed(
+            FailureKind.TRANSPORT,
+            f"{where} closed the connection unexpectedly{after}",
+            host_failed=first_hop,
+        )
     if find(aiohttp.ClientPayloadError) is not None:
-        return _Failed(FailureKind.TRANSPORT, f"incomplete response body from {where}{after}")
+        return _Failed(
+            FailureKind.TRANSPORT,
+            f"incomplete response body from {where}{after}",
+            host_failed=first_hop,
+        )
     if (bad := find(aiohttp.ClientResponseError)) is not None:
         if (long_line := find(LineTooLong)) is not None:
             detail = f"a line of its head is longer than {long_line.args[1]} bytes"
@@ -527,7 +563,11 @@ def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
         )
     if (os_error := find(OSError)) is not None:
         detail = os_error.strerror or str(os_error)
-        return _Failed(FailureKind.TRANSPORT, f"connection to {where} failed: {detail}{after}")
+        return _Failed(
+            FailureKind.TRANSPORT,
+            f"connection to {where} failed: {detail}{after}",
+            host_failed=first_hop,
+        )
     # Unknown: keep the watch going as a transient error, and leave a trace for us.
     # Header values were validated before sending, so the exception cannot echo one.
     log.error("unexpected error requesting %s", where, exc_info=exc)

@@ -21,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import endpoints
 
@@ -107,6 +107,52 @@ class _Fleet:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class HostFigures:
+    breakers: Mapping[str, Mapping[str, int]]  # host label -> breaker state -> hosts
+    held: Mapping[str, int]  # reason -> polls not sent since start
+    hosts: int  # hosts in the table
+
+
+class _Hosts:
+    """`jobwatch_host_breaker_state`, `jobwatch_host_polls_held_total` and
+    `jobwatch_hosts`, read from the host table at scrape time (nothing per poll).
+
+    The `host` label is bounded: only hosts whose breaker is not closed, at most
+    hosts.MAX_LABELLED_HOSTS of them by origin (the most recently polled); the others
+    are summed under host="other". A closed breaker has no series."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], HostFigures] = lambda: HostFigures({}, {}, 0)
+
+    def collect(self) -> Iterable[Metric]:
+        figures = self.source()
+        breakers = GaugeMetricFamily(
+            "jobwatch_host_breaker_state",
+            "Job service hosts whose circuit breaker is not closed, by host (origin, at most "
+            '50; the rest as host="other") and state (open, half-open).',
+            labels=["host", "state"],
+        )
+        for host, states in figures.breakers.items():
+            for state, count in states.items():
+                breakers.add_metric([host, state], count)
+        yield breakers
+        held = CounterMetricFamily(
+            "jobwatch_host_polls_held",
+            "Polls not sent because of their host's shared limits, by reason "
+            "(HostCircuitOpen, HostRateLimited, HostRetryAfter).",
+            labels=["reason"],
+        )
+        for reason, count in figures.held.items():
+            held.add_metric([reason], count)
+        yield held
+        yield GaugeMetricFamily(
+            "jobwatch_hosts",
+            "Job service hosts (scheme, host, port) in the shared host table.",
+            value=figures.hosts,
+        )
+
+
 def _tasks() -> int:
     try:
         return len(asyncio.all_tasks())
@@ -162,6 +208,9 @@ class Metrics:
         # The runtime plugs the watches in (Runtime.__init__).
         self.fleet = _Fleet()
         r.register(self.fleet)
+        # The runtime plugs the host table in (Runtime.__init__).
+        self.hosts = _Hosts()
+        r.register(self.hosts)
         ProcessCollector(registry=r)  # CPU, memory, start time: for dashboards and alerts
         self.queued = Gauge(
             "jobwatch_polls_queued", "Polls that are due but wait for a free worker.", registry=r

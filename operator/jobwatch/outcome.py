@@ -32,6 +32,7 @@ class Response:
     headers: Mapping[str, str]  # names lower-case
     text: str  # the body decoded as UTF-8 (undecodable bytes replaced)
     latency_ms: int
+    redirects: int = 0  # followed before this answer: it came from another hop
     _json: Any = field(default=_UNPARSED, repr=False, compare=False)
     _problem: str | None = field(default=None, repr=False, compare=False)
 
@@ -68,6 +69,12 @@ class RequestFailure:
     kind: FailureKind
     message: str  # safe to publish: no header values, no URL credentials
     latency_ms: int = 0
+    # The URL's own host did not answer (refused, unreachable, DNS, TLS handshake, a
+    # broken connection, a timeout before any redirect). False when the fault is the
+    # request's own (a CA bundle or header that cannot be used, a certificate the
+    # watch's CA bundle does not trust) or a redirect target's: a host's circuit
+    # breaker counts only the former.
+    host_failed: bool = False
 
 
 Outcome = Response | RequestFailure

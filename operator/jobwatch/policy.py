@@ -143,11 +143,10 @@ class _Attempt:
                 LastError(ErrorClass.PERMANENT, message),
             )
         if not ok:
-            header = response.headers.get("retry-after") if code in RETRY_AFTER_CODES else None
             return self.transient(
                 "HTTPError",
                 LastError(ErrorClass.TRANSIENT, f"HTTP {code} from the endpoint"),
-                retry_after=None if header is None else parse_retry_after(header, self.now),
+                retry_after=retry_after(response, self.now),
             )
         return Decision(
             phase=Phase.POLLING,
@@ -226,6 +225,14 @@ def error_delay(spec: WatchSpec, errors: int, rand: Rand) -> float:
     if backoff.jitter is Jitter.EQUAL:
         return floor + span / 2 + rand() * span / 2
     return floor + span
+
+
+def retry_after(response: Response, now: float) -> float | None:
+    """Seconds a 429 or 503 asks the client to wait (its valid Retry-After), else None."""
+    if response.code not in RETRY_AFTER_CODES:
+        return None
+    header = response.headers.get("retry-after")
+    return None if header is None else parse_retry_after(header, now)
 
 
 def parse_retry_after(value: str, now: float) -> float | None:
@@ -319,3 +326,30 @@ def waiting(
 
 def _until_deadline(delay: float, now: float, deadline: float) -> float:
     return max(0.0, min(delay, deadline - now))
+
+
+def host_held(
+    phase: Phase,
+    consecutive_errors: int,
+    last_error: LastError | None,
+    reason: str,
+    message: str,
+    *,
+    delay: float,
+    now: float,
+    deadline: float,
+) -> Decision:
+    """The poll was not sent because its host is not taking requests now (its circuit
+    breaker is open, it is at its rate limit, or it asked for a pause with Retry-After):
+    try again after `delay`, the deadline still ending the watch.
+
+    Not an attempt and not an error of this watch: the phase, the error streak and the
+    last error stay as they are (the poll that follows continues the streak)."""
+    return Decision(
+        phase=phase,
+        reason=reason,
+        message=message,
+        consecutive_errors=consecutive_errors,
+        error=last_error,
+        delay=_until_deadline(delay, now, deadline),
+    )

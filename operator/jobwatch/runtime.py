@@ -16,10 +16,11 @@ from typing import Any
 from . import policy
 from .config import Config
 from .expressions import CompiledWatch, ExpressionError, final_result
+from .hosts import Held, HeldReason, Hosts, Verdict, host_key, verdict
 from .httpclient import HttpClient, Request, TLSSettings
 from .kube import KubeApi, ObjectRef
 from .logs import about
-from .metrics import FleetFigures, Metrics
+from .metrics import FleetFigures, HostFigures, Metrics
 from .outcome import Response
 from .policy import Decision, ErrorClass, LastError, Phase
 from .scheduler import Scheduler
@@ -79,6 +80,11 @@ class Runtime:
         )
         metrics.internals.scheduler_entries = lambda: self.scheduler.entries
         metrics.fleet.source = self._fleet_figures
+        # Breaker, rate limit, in-flight cap and Retry-After hold per job service host.
+        self._hosts = Hosts(config.hosts, rand)
+        # Watches waiting on a rate-limit slot their host reserved for them.
+        self._reserved: set[tuple[str, str]] = set()
+        metrics.hosts.source = self._host_figures
         self._writer_task: asyncio.Task[None] | None = None
         # Reads of the Secrets that headers and CA bundles refer to: shared by every
         # watch that uses the same Secret, inside a fleet-wide budget of API reads.
@@ -104,6 +110,10 @@ class Runtime:
             if not watch.finished and now > watch.deadline:
                 overrun = max(overrun, now - watch.deadline)
         return FleetFigures(by_phase, overrun)
+
+    def _host_figures(self) -> HostFigures:
+        hosts = self._hosts
+        return HostFigures(hosts.states(), {str(r): n for r, n in hosts.held.items()}, len(hosts))
 
     @property
     def writer_stopped(self) -> bool:
@@ -230,6 +240,7 @@ class Runtime:
             self._forget(key)
 
     def _forget(self, key: tuple[str, str]) -> None:
+        self._reserved.discard(key)
         watch = self.watches.pop(key, None)
         if watch is not None:
             self.scheduler.cancel(key)
@@ -385,26 +396,48 @@ class Runtime:
             if self.watches.get(key) is not watch:
                 return
 
+            stage = "asking the host's limits"
+            reserved = False
+            if self._reserved and key in self._reserved:
+                self._reserved.discard(key)
+                reserved = True
+            ticket = self._hosts.admit(host_key(key[0], spec.url), now, reserved)
+            if isinstance(ticket, Held):
+                self._hold(key, watch, ticket, now)
+                return
+
             stage = "sending the request"
-            request = Request(
-                method=spec.method,
-                url=spec.url,
-                headers=headers,
-                sensitive_headers=sensitive,
-                body=spec.body.encode() if spec.body is not None else None,
-                timeout=policy.request_timeout(spec, now, watch.deadline),
-                tls=tls,
-            )
-            watch.attempts += 1
-            watch.last_poll_time = now
-            started = self._clock()
+            # What the exchange said about the host; nothing unless it took place.
+            heard, pause = Verdict.NOTHING, None
             try:
-                outcome = await self._http.send(request)
+                request = Request(
+                    method=spec.method,
+                    url=spec.url,
+                    headers=headers,
+                    sensitive_headers=sensitive,
+                    body=spec.body.encode() if spec.body is not None else None,
+                    timeout=policy.request_timeout(spec, now, watch.deadline),
+                    tls=tls,
+                )
+                watch.attempts += 1
+                watch.last_poll_time = now
+                started = self._clock()
+                try:
+                    outcome = await self._http.send(request)
+                finally:
+                    watch.last_end = self._wall()
+                    successor = self.watches.get(key)
+                    if successor is not None and successor is not watch:
+                        successor.last_end = watch.last_end  # an edit replaced it meanwhile
+                heard = verdict(outcome)
+                if isinstance(outcome, Response):
+                    pause = policy.retry_after(outcome, watch.last_end)
+                    if pause is not None:
+                        # The host's other watches wait no longer than this one does.
+                        pause = min(pause, spec.backoff.max_interval)
             finally:
-                watch.last_end = self._wall()
-                successor = self.watches.get(key)
-                if successor is not None and successor is not watch:
-                    successor.last_end = watch.last_end  # an edit replaced it meanwhile
+                # On every path, cancellation included: the in-flight slot is given back.
+                self._hosts.done(ticket, heard, self._wall(), pause)
             self._metrics.request_seconds.observe(self._clock() - started)
             if self.watches.get(key) is not watch or watch.finished:
                 return  # deleted, replaced or ended while the request was out
@@ -434,6 +467,29 @@ class Runtime:
             self._apply(key, watch, decision, now, response)
         except Exception as exc:
             self._fault(key, watch, stage, exc)
+
+    def _hold(self, key: tuple[str, str], watch: Watch, held: Held, now: float) -> None:
+        """The host is not taking this poll now: plan it for when the host allows. Not an
+        attempt; the deadline still ends the watch (`_plan` never plans past it)."""
+        assert watch.spec is not None
+        if held.slot:
+            self._reserved.add(key)
+        if held.reason is HeldReason.RATE_LIMITED and held.until - now < watch.spec.interval:
+            # Spreading within less than the watch's own interval is not news for its
+            # status (the held-polls metric counts it): the poll only moves.
+            self._plan(key, watch, held.until)
+            return
+        decision = policy.host_held(
+            watch.phase,
+            watch.consecutive_errors,
+            watch.last_error,
+            held.reason,
+            held.message,
+            delay=held.until - now,
+            now=now,
+            deadline=watch.deadline,
+        )
+        self._apply(key, watch, decision, now)
 
     def _fault(self, key: tuple[str, str], watch: Watch, stage: str, exc: Exception) -> None:
         """An unexpected exception while polling `watch`: its `Internal` error."""

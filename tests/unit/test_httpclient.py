@@ -1096,3 +1096,63 @@ async def test_tls_to_a_plain_port(start_server: StartServer, make_client: MakeC
         await make_client().send(get(f"https://127.0.0.1:{server.port}/")), FailureKind.TRANSPORT
     )
     assert failure.message.startswith(f"TLS handshake with 127.0.0.1:{server.port} failed")
+
+
+# --- what a failure says about the URL's own host ---------------------------------------
+# A host's circuit breaker (jobwatch.hosts) counts only failures of the first hop itself:
+# a watch's own unusable setting or a redirect target's fault must not open it.
+
+
+async def test_a_refused_connection_and_a_timeout_are_the_hosts(
+    start_server: StartServer, make_client: MakeClient
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(5)
+        return web.Response(text="late")
+
+    client = make_client()
+    refused = await client.send(get(f"http://127.0.0.1:{free_port()}/"))
+    assert expect_failure(refused, FailureKind.TRANSPORT).host_failed
+    server = await start_server(slow)
+    timed_out = await client.send(get(server.url(), timeout=0.2))
+    assert expect_failure(timed_out, FailureKind.TRANSPORT).host_failed
+
+
+async def test_the_watchs_own_settings_say_nothing_of_the_host(
+    tls_server: Server, make_client: MakeClient
+) -> None:
+    client = make_client()
+    outcomes = [
+        await client.send(get(https(tls_server))),  # not trusted by the watch's CA bundle
+        await client.send(get(https(tls_server), tls=TLSSettings(ca_pem="not a certificate"))),
+        await client.send(get(https(tls_server), headers=(("X-Key", "a\nb"),))),
+    ]
+    for outcome in outcomes:
+        assert not expect_failure(outcome, FailureKind.TRANSPORT).host_failed, outcome
+
+
+async def test_what_happens_after_a_redirect_is_not_the_first_hosts(
+    start_server: StartServer, make_client: MakeClient
+) -> None:
+    async def failing(request: web.Request) -> web.StreamResponse:
+        if request.path == "/slow":
+            await asyncio.sleep(5)
+        return web.Response(status=503)
+
+    target = await start_server(failing)
+    dead = f"http://127.0.0.1:{free_port()}/"
+
+    async def moving(request: web.Request) -> web.StreamResponse:
+        where = {"/dead": dead, "/slow": target.url("/slow")}.get(request.path, target.url())
+        return await redirect_to(where)(request)
+
+    moved = await start_server(moving)
+    client = make_client()
+    refused = await client.send(get(moved.url("/dead")))
+    assert not expect_failure(refused, FailureKind.TRANSPORT).host_failed
+    timed_out = await client.send(get(moved.url("/slow"), timeout=0.3))
+    assert not expect_failure(timed_out, FailureKind.TRANSPORT).host_failed
+    answered = expect_response(await client.send(get(moved.url())))
+    assert (answered.code, answered.redirects) == (503, 1)
+    direct = expect_response(await client.send(get(target.url())))
+    assert (direct.code, direct.redirects) == (503, 0)

@@ -1,0 +1,346 @@
+"""Politeness per job service host, shared by every watch of that host.
+
+Hundreds of JobWatches often poll the same one or two job services. Here they share, per
+host: a circuit breaker (a host that keeps failing is left alone for a cool-down, then
+tried with a single probe), a rate limit and a cap on requests in flight (so a thousand
+watches cannot exceed what the host's gateway allows, and the first round after a start
+or a breaker closing is spread), and a hold set by any `Retry-After` on a 429 or 503.
+
+The host is the first hop's origin, (scheme, host, port) of `spec.url` with the scheme's
+default port filled in: redirects are not followed for the key, so a watch redirected
+elsewhere still counts for, and waits for, the host its URL names. Only what the first hop
+itself does counts against it: a 5xx or a failure after a redirect, a certificate the
+watch's own CA bundle does not trust, or a header or CA bundle that cannot be used say
+nothing about the host.
+
+The state is kept per namespace and host. The namespace is Kubernetes' tenancy boundary,
+and a shared gateway often routes one origin to many tenants' backends: one tenant's
+backend answering 503 (or `Retry-After: 300`), or its slow requests filling the in-flight
+cap, must not hold another namespace's watches. Within a namespace, where one team's
+hundreds of watches poll the same service, everything is shared. A gateway that serves K
+namespaces thus sees at most K times the per-host rate.
+
+Pure: no I/O and no clock of its own. Every call takes `now` (the runtime's wall clock,
+epoch seconds, the same clock watches are planned on) and a `rand()` in [0, 1) is given
+at construction, so every transition is reproducible with a fake clock.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum, StrEnum
+from urllib.parse import urlsplit
+
+from .outcome import FailureKind, Outcome, Response
+
+Origin = tuple[str, str, int]  # scheme, host (lower case, no brackets), port
+HostKey = tuple[str, Origin]  # namespace, origin
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# The rate limit lets this many seconds' worth of requests through at once: a few
+# requests, never the whole first round of a fleet.
+BURST_SECONDS = 0.1
+# A watch held because the host's requests in flight are at the cap, or because its
+# breaker's probe is still out, looks again after about this long (spread up to twice
+# that): neither has a known end.
+RECHECK_SECONDS = 0.5
+# Label values of the breaker gauge: at most this many hosts by name, the rest "other".
+MAX_LABELLED_HOSTS = 50
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class HeldReason(StrEnum):
+    """Why a poll was not sent: the watch's status `reason` while it waits."""
+
+    CIRCUIT_OPEN = "HostCircuitOpen"
+    RATE_LIMITED = "HostRateLimited"
+    RETRY_AFTER = "HostRetryAfter"
+
+
+class Verdict(Enum):
+    """What an exchange says about the host (not about the job)."""
+
+    ANSWERED = "answered"  # any HTTP answer below 500, a body over the cap, bad JSON...
+    FAILED = "failed"  # no answer (connect, DNS, TLS, timeout) or a 5xx
+    NOTHING = "nothing"  # nothing was sent (egress denied, cancelled, an internal fault)
+
+
+@dataclass(frozen=True, slots=True)
+class HostLimits:
+    qps: float  # requests per second, sustained
+    max_in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostSettings:
+    limits: HostLimits = HostLimits(qps=50.0, max_in_flight=20)
+    # "host:port" (host lower case, IPv6 without brackets) -> its own limits, any scheme
+    overrides: Mapping[str, HostLimits] = field(default_factory=dict)
+    breaker_failures: int = 10  # transient failures in a row that open it; 0: no breaker
+    cooldown: float = 5.0  # the first open period; doubles at each re-open
+    max_cooldown: float = 300.0  # and the longest; also the longest Retry-After hold
+    max_hosts: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A poll not sent: try again at `until` (epoch seconds)."""
+
+    reason: HeldReason
+    until: float
+    message: str
+    slot: bool = False  # a rate-limit slot at `until` is kept for this watch
+
+
+def host_key(namespace: str, url: str) -> HostKey:
+    """The host a watch counts for: its namespace and its URL's first hop's origin."""
+    return namespace, _origin(url)
+
+
+@functools.lru_cache(maxsize=16384)
+def _origin(url: str) -> Origin:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname or "", parts.port or _DEFAULT_PORTS.get(scheme, 0)
+
+
+def origin(key: HostKey) -> str:
+    scheme, host, port = key[1]
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def verdict(outcome: Outcome) -> Verdict:
+    if isinstance(outcome, Response):
+        if outcome.redirects:
+            return Verdict.ANSWERED  # the first hop answered; the rest is elsewhere
+        return Verdict.FAILED if outcome.code >= 500 else Verdict.ANSWERED
+    if outcome.kind is FailureKind.TRANSPORT:
+        return Verdict.FAILED if outcome.host_failed else Verdict.NOTHING
+    if outcome.kind is FailureKind.EGRESS_DENIED:
+        return Verdict.NOTHING
+    return Verdict.ANSWERED  # an invalid response is still an answer
+
+
+@dataclass(slots=True, eq=False)
+class Host:
+    """One host's shared state. A `Host` handed out by `Hosts.admit` is handed back to
+    `Hosts.done`, even if the table evicted it meanwhile."""
+
+    key: HostKey
+    limits: HostLimits
+    state: BreakerState = BreakerState.CLOSED
+    failures: int = 0  # transient failures in a row, across the host's watches
+    reopens: int = 0  # opens since the breaker was last closed: the cool-down's exponent
+    open_until: float = 0.0
+    probe_out: bool = False
+    hold_until: float = 0.0  # Retry-After
+    # The rate limit as GCRA: the theoretical time of the next request; reserved slots
+    # of held watches push it on, so a crowd of held watches is spread, not re-herded.
+    next_slot: float = 0.0
+    in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """The single request of a half-open breaker."""
+
+    host: Host
+
+
+Ticket = Host | Probe
+
+
+class Hosts:
+    """A bounded table of hosts, least recently used first: an evicted host starts
+    fresh (closed, no hold) when it is next polled."""
+
+    def __init__(self, settings: HostSettings, rand: Callable[[], float]) -> None:
+        self._settings, self._rand = settings, rand
+        self._hosts: OrderedDict[HostKey, Host] = OrderedDict()
+        self.held: dict[HeldReason, int] = dict.fromkeys(HeldReason, 0)
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    def get(self, key: HostKey) -> Host | None:
+        return self._hosts.get(key)
+
+    def admit(self, key: HostKey, now: float, reserved: bool = False) -> Ticket | Held:
+        """May a watch of `key` send now? A ticket (hand it to `done` whatever happens),
+        or when to try again. `reserved`: the watch was given a rate-limit slot by the
+        `Held` it waits on, and it is that slot's time now."""
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._add(key)
+        else:
+            self._hosts.move_to_end(key)
+        ticket: Ticket = host
+        if host.state is not BreakerState.CLOSED:
+            if host.state is BreakerState.OPEN and now >= host.open_until:
+                host.state = BreakerState.HALF_OPEN
+            if host.state is BreakerState.OPEN or host.probe_out:
+                until = (
+                    host.open_until
+                    if host.state is BreakerState.OPEN
+                    else now + self._recheck(host)
+                )
+                return self._held(host, HeldReason.CIRCUIT_OPEN, until)
+            host.probe_out = True
+            ticket = Probe(host)
+        if now < host.hold_until:
+            self._undo_probe(ticket)
+            return self._held(host, HeldReason.RETRY_AFTER, host.hold_until)
+        if host.in_flight >= host.limits.max_in_flight:
+            self._undo_probe(ticket)
+            return self._held(host, HeldReason.RATE_LIMITED, now + self._recheck(host))
+        step = 1.0 / host.limits.qps
+        if not reserved:
+            earliest = host.next_slot - BURST_SECONDS
+            if now < earliest:
+                self._undo_probe(ticket)
+                host.next_slot += step  # this watch's slot, kept for it
+                return self._held(host, HeldReason.RATE_LIMITED, earliest, slot=True)
+            host.next_slot = max(host.next_slot, now) + step
+        host.in_flight += 1
+        return ticket
+
+    def done(self, ticket: Ticket, verdict: Verdict, now: float, retry_after: float | None) -> None:
+        """The exchange of an admitted poll ended (or never happened: `Verdict.NOTHING`).
+        `retry_after`: seconds a 429/503 asked for, if it did."""
+        host = ticket.host if isinstance(ticket, Probe) else ticket
+        probe = host is not ticket
+        host.in_flight = max(0, host.in_flight - 1)
+        if retry_after is not None:
+            hold = now + min(retry_after, self._settings.max_cooldown)
+            host.hold_until = max(host.hold_until, hold)
+        if probe:
+            host.probe_out = False
+        if verdict is Verdict.NOTHING:
+            return
+        if verdict is Verdict.ANSWERED:
+            host.failures = 0
+            if probe:  # a late answer to a request sent before the opening says less
+                host.state, host.reopens = BreakerState.CLOSED, 0
+                host.next_slot = now  # the round after a close is spread from here
+            return
+        # A failure of a request sent before the breaker opened says nothing new.
+        if host.state is BreakerState.CLOSED:
+            host.failures += 1
+            limit = self._settings.breaker_failures
+            if limit and host.failures >= limit:
+                self._open(host, now)
+        elif probe:
+            self._open(host, now)
+
+    def _open(self, host: Host, now: float) -> None:
+        settings = self._settings
+        cooldown = min(settings.cooldown * 2.0 ** min(host.reopens, 64), settings.max_cooldown)
+        host.state, host.open_until = BreakerState.OPEN, now + cooldown
+        host.reopens += 1
+        host.failures = 0
+
+    def states(self) -> dict[str, dict[str, int]]:
+        """Hosts whose breaker is not closed, for the gauge: per origin, how many
+        namespaces' breakers of it are in each state; at most MAX_LABELLED_HOSTS origins
+        by name (the most recently polled), the rest counted under "other"."""
+        by_host: dict[str, dict[str, int]] = {}
+        for key in reversed(self._hosts):
+            host = self._hosts[key]
+            if host.state is BreakerState.CLOSED:
+                continue
+            label = origin(key)
+            if label not in by_host and len(by_host) >= MAX_LABELLED_HOSTS:
+                label = "other"
+            counts = by_host.setdefault(label, {})
+            counts[host.state] = counts.get(host.state, 0) + 1
+        return by_host
+
+    def _add(self, key: HostKey) -> Host:
+        settings = self._settings
+        limits = settings.overrides.get(_override_key(key), settings.limits)
+        host = self._hosts[key] = Host(key, limits)
+        if len(self._hosts) > settings.max_hosts:
+            self._hosts.popitem(last=False)
+        return host
+
+    def _recheck(self, host: Host) -> float:
+        return max(RECHECK_SECONDS, 1.0 / host.limits.qps) * (1.0 + self._rand())
+
+    def _held(self, host: Host, reason: HeldReason, until: float, slot: bool = False) -> Held:
+        self.held[reason] += 1
+        return Held(reason, until, _message(host, reason, until), slot)
+
+    @staticmethod
+    def _undo_probe(ticket: Ticket) -> None:
+        if isinstance(ticket, Probe):
+            ticket.host.probe_out = False
+
+
+def _override_key(key: HostKey) -> str:
+    _, host, port = key[1]
+    return f"{host}:{port}"
+
+
+def _message(host: Host, reason: HeldReason, until: float) -> str:
+    where = origin(host.key)
+    # An absolute time: the message of a watch held again for the same reason is the same,
+    # and costs no status write.
+    stamp = datetime.fromtimestamp(until, UTC)
+    wait = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if reason is HeldReason.CIRCUIT_OPEN:
+        if host.state is BreakerState.HALF_OPEN:
+            return (
+                f"not sent: the circuit breaker of {where} is half-open and its one trial "
+                f"request is out; looking again at {wait}"
+            )
+        return (
+            f"not sent: the circuit breaker of {where} is open after transient errors in a "
+            f"row across this namespace's JobWatches; next try at {wait}"
+        )
+    if reason is HeldReason.RETRY_AFTER:
+        return (
+            f"not sent: {where} asked this namespace's JobWatches of it to wait (Retry-After); "
+            f"next try at {wait}"
+        )
+    return (
+        f"not sent: {where} is at its limit of {host.limits.qps:g} requests/s and "
+        f"{host.limits.max_in_flight} in flight; next try at {wait}"
+    )
+
+
+def parse_limits(text: str) -> dict[str, HostLimits]:
+    """`host:port=qps/inflight,...` (IPv6 in brackets) as `HostSettings.overrides`.
+    Raises ValueError saying which entry is wrong."""
+    limits: dict[str, HostLimits] = {}
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        where, sep, values = entry.partition("=")
+        host, colon, port = where.strip().rpartition(":")
+        qps, slash, in_flight = values.partition("/")
+        host = host.strip().lower()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            if not (sep and colon and slash and host and port.isascii() and port.isdigit()):
+                raise ValueError
+            rate, cap = float(qps), int(in_flight)
+            if not (0 < rate < float("inf")) or cap < 1 or not 0 < int(port) <= 65535:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is not of the form host:port=qps/inflight "
+                "(qps above 0, inflight at least 1)"
+            ) from None
+        limits[f"{host}:{int(port)}"] = HostLimits(rate, cap)
+    return limits

@@ -1,0 +1,502 @@
+"""Per-host politeness: the breaker's states, the rate limit, the in-flight cap and the
+Retry-After hold with a fake clock; their knobs; and what a watch sees of them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from test_isolation import FakeApi, assert_invariant, jobwatch, until
+
+from jobwatch import policy
+from jobwatch.config import Config, ConfigError
+from jobwatch.hosts import (
+    MAX_LABELLED_HOSTS,
+    BreakerState,
+    Held,
+    HeldReason,
+    Host,
+    HostLimits,
+    Hosts,
+    HostSettings,
+    Probe,
+    Ticket,
+    Verdict,
+    host_key,
+    parse_limits,
+    verdict,
+)
+from jobwatch.httpclient import Request
+from jobwatch.metrics import Metrics
+from jobwatch.outcome import FailureKind, Outcome, RequestFailure, Response
+from jobwatch.runtime import Runtime
+
+A = ("ns", ("http", "jobs.test", 80))
+B = ("ns", ("https", "other.test", 443))
+SETTINGS = HostSettings(
+    limits=HostLimits(qps=10.0, max_in_flight=3),
+    breaker_failures=3,
+    cooldown=5.0,
+    max_cooldown=30.0,
+)
+
+
+def table(settings: HostSettings = SETTINGS) -> Hosts:
+    return Hosts(settings, rand=lambda: 0.0)
+
+
+def ticket(hosts: Hosts, key: Any, now: float) -> Ticket:
+    admitted = hosts.admit(key, now)
+    assert not isinstance(admitted, Held), admitted
+    return admitted
+
+
+def held(hosts: Hosts, key: Any, now: float) -> Held:
+    admitted = hosts.admit(key, now)
+    assert isinstance(admitted, Held), "expected the poll to be held"
+    return admitted
+
+
+def fail(hosts: Hosts, key: Any, now: float, times: int) -> None:
+    """`times` failures in a row, each a different watch's request."""
+    for n in range(times):
+        hosts.done(ticket(hosts, key, now + n * 0.2), Verdict.FAILED, now + n * 0.2, None)
+
+
+def state(hosts: Hosts, key: Any) -> BreakerState:
+    host = hosts.get(key)
+    assert host is not None
+    return host.state
+
+
+# --- the key ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "key"),
+    [
+        ("http://Jobs.Test/a?b=1", ("http", "jobs.test", 80)),
+        ("http://jobs.test:80/other", ("http", "jobs.test", 80)),
+        ("https://jobs.test/a", ("https", "jobs.test", 443)),
+        ("http://jobs.test:8080/a", ("http", "jobs.test", 8080)),
+        ("http://user:pw@[::1]:9000/x", ("http", "::1", 9000)),
+    ],
+)
+def test_the_key_is_the_namespace_and_the_urls_origin(url: str, key: tuple[str, str, int]) -> None:
+    assert host_key("team-a", url) == ("team-a", key)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        (Response(200, {}, "", 1), Verdict.ANSWERED),
+        (Response(404, {}, "", 1), Verdict.ANSWERED),
+        (Response(429, {}, "", 1), Verdict.ANSWERED),
+        (Response(500, {}, "", 1), Verdict.FAILED),
+        (Response(503, {}, "", 1), Verdict.FAILED),
+        (Response(503, {}, "", 1, redirects=1), Verdict.ANSWERED),
+        (RequestFailure(FailureKind.TRANSPORT, "refused", host_failed=True), Verdict.FAILED),
+        (RequestFailure(FailureKind.TRANSPORT, "the CA bundle is empty"), Verdict.NOTHING),
+        (RequestFailure(FailureKind.INVALID_RESPONSE, "body too big"), Verdict.ANSWERED),
+        (RequestFailure(FailureKind.EGRESS_DENIED, "denied"), Verdict.NOTHING),
+    ],
+)
+def test_what_an_outcome_says_about_the_host(outcome: Outcome, expected: Verdict) -> None:
+    assert verdict(outcome) is expected
+
+
+# --- the breaker --------------------------------------------------------------------------
+
+
+def test_a_run_of_failures_across_watches_opens_the_breaker() -> None:
+    hosts = table()
+    fail(hosts, A, 0.0, 2)
+    assert state(hosts, A) is BreakerState.CLOSED
+    fail(hosts, A, 1.0, 1)
+    assert state(hosts, A) is BreakerState.OPEN
+    stop = held(hosts, A, 1.5)
+    assert stop.reason is HeldReason.CIRCUIT_OPEN
+    assert stop.until == pytest.approx(6.0)  # the failure at 1.0 + the 5 s cool-down
+    assert "circuit breaker of http://jobs.test:80 is open" in stop.message
+    assert "1970-01-01T00:00:06.000Z" in stop.message
+    ticket(hosts, B, 1.5)  # another host is not concerned
+
+
+def test_an_answer_breaks_the_run() -> None:
+    hosts = table()
+    fail(hosts, A, 0.0, 2)
+    hosts.done(ticket(hosts, A, 1.0), Verdict.ANSWERED, 1.0, None)
+    fail(hosts, A, 2.0, 2)
+    assert state(hosts, A) is BreakerState.CLOSED
+
+
+def test_errors_of_the_watch_not_the_host_do_not_count() -> None:
+    hosts = table()
+    for n in range(10):  # 4xx, bad bodies: the host answered
+        hosts.done(ticket(hosts, A, n), verdict(Response(404, {}, "", 1)), n, None)
+        hosts.done(ticket(hosts, A, n + 0.5), Verdict.NOTHING, n + 0.5, None)
+    assert state(hosts, A) is BreakerState.CLOSED
+
+
+def test_after_the_cool_down_exactly_one_probe_goes_and_its_answer_closes() -> None:
+    hosts = table()
+    fail(hosts, A, 0.0, 3)  # opens at 0.4 until 5.4
+    assert held(hosts, A, 5.3).reason is HeldReason.CIRCUIT_OPEN
+    probe = ticket(hosts, A, 5.4)
+    assert isinstance(probe, Probe)
+    assert state(hosts, A) is BreakerState.HALF_OPEN
+    for now in (5.5, 6.0, 9.0):  # however many watches come meanwhile: no second probe
+        other = held(hosts, A, now)
+        assert other.reason is HeldReason.CIRCUIT_OPEN
+        assert "half-open" in other.message
+        assert other.until > now
+    hosts.done(probe, Verdict.ANSWERED, 9.5, None)
+    assert state(hosts, A) is BreakerState.CLOSED
+    assert not isinstance(hosts.admit(A, 9.6), Held | Probe)
+
+
+def test_a_failed_probe_reopens_for_longer_up_to_the_cap() -> None:
+    hosts = table()
+    fail(hosts, A, 0.0, 3)
+    now, cooldowns = 5.4, []
+    for _ in range(5):
+        probe = ticket(hosts, A, now)
+        assert isinstance(probe, Probe)
+        hosts.done(probe, Verdict.FAILED, now, None)
+        stop = held(hosts, A, now)
+        cooldowns.append(stop.until - now)
+        now = stop.until
+    assert cooldowns == pytest.approx([10.0, 20.0, 30.0, 30.0, 30.0])
+    probe = ticket(hosts, A, now)
+    hosts.done(probe, Verdict.ANSWERED, now, None)
+    fail(hosts, A, now + 1, 3)  # a fresh opening starts from the first cool-down again
+    assert held(hosts, A, now + 2).until == pytest.approx(now + 1.4 + 5.0)
+
+
+def test_a_probe_that_was_not_sent_lets_the_next_watch_probe() -> None:
+    hosts = table()
+    fail(hosts, A, 0.0, 3)
+    probe = ticket(hosts, A, 6.0)
+    hosts.done(probe, Verdict.NOTHING, 6.0, None)
+    assert state(hosts, A) is BreakerState.HALF_OPEN
+    assert isinstance(ticket(hosts, A, 6.1), Probe)
+
+
+def test_late_outcomes_of_requests_sent_before_the_opening_change_nothing() -> None:
+    hosts = table()
+    early = [ticket(hosts, A, 0.0), ticket(hosts, A, 0.0)]
+    fail(hosts, A, 0.1, 3)
+    open_until = held(hosts, A, 1.0).until
+    hosts.done(early[0], Verdict.FAILED, 2.0, None)  # does not extend the opening
+    hosts.done(early[1], Verdict.ANSWERED, 2.0, None)  # nor close it
+    assert state(hosts, A) is BreakerState.OPEN
+    assert held(hosts, A, 3.0).until == open_until
+
+
+def test_no_breaker_when_its_failures_are_zero() -> None:
+    hosts = table(HostSettings(breaker_failures=0))
+    fail(hosts, A, 0.0, 50)
+    assert state(hosts, A) is BreakerState.CLOSED
+
+
+# --- rate limit, in-flight cap, Retry-After ----------------------------------------------
+
+
+def test_a_crowd_is_spread_by_the_rate_limit_with_a_slot_kept_for_each() -> None:
+    hosts = table()  # 10/s, and a burst of 0.1 s: one request more
+    for _ in range(2):
+        hosts.done(ticket(hosts, A, 0.0), Verdict.ANSWERED, 0.0, None)
+    waits = [held(hosts, A, 0.0) for _ in range(20)]
+    assert all(w.reason is HeldReason.RATE_LIMITED and w.slot for w in waits)
+    assert [w.until for w in waits] == pytest.approx([0.1 * n for n in range(1, 21)])
+    # Each comes back at its slot and is let through, whatever the others did.
+    for wait in waits:
+        admitted = hosts.admit(A, wait.until, reserved=True)
+        assert not isinstance(admitted, Held)
+        hosts.done(admitted, Verdict.ANSWERED, wait.until, None)
+    # A newcomer queues behind the kept slots: never more than 10/s overall.
+    assert held(hosts, A, 0.5).until == pytest.approx(2.1)
+
+
+def test_the_in_flight_cap_holds_until_a_request_ends() -> None:
+    hosts = table(HostSettings(limits=HostLimits(qps=1000.0, max_in_flight=3)))
+    out = [ticket(hosts, A, n * 0.01) for n in range(3)]
+    wait = held(hosts, A, 0.05)
+    assert wait.reason is HeldReason.RATE_LIMITED and not wait.slot
+    assert "3 in flight" in wait.message
+    assert 0.05 < wait.until <= 1.05
+    hosts.done(out[0], Verdict.ANSWERED, 0.06, None)
+    ticket(hosts, A, 0.07)
+
+
+def test_retry_after_holds_every_watch_of_the_host() -> None:
+    hosts = table()
+    hosts.done(ticket(hosts, A, 0.0), Verdict.FAILED, 0.0, 3.0)
+    for now in (0.5, 2.9):
+        wait = held(hosts, A, now)
+        assert wait.reason is HeldReason.RETRY_AFTER
+        assert wait.until == pytest.approx(3.0)
+        assert "Retry-After" in wait.message
+    ticket(hosts, B, 1.0)
+    ticket(hosts, A, 3.0)
+    assert hosts.held[HeldReason.RETRY_AFTER] == 2
+
+
+def test_a_retry_after_hold_is_capped() -> None:
+    hosts = table()
+    hosts.done(ticket(hosts, A, 0.0), Verdict.ANSWERED, 0.0, 10**9)
+    assert held(hosts, A, 1.0).until == pytest.approx(30.0)  # max_cooldown
+
+
+def test_the_table_is_bounded_and_an_evicted_host_starts_fresh() -> None:
+    hosts = table(HostSettings(breaker_failures=1, max_hosts=2))
+    out = ticket(hosts, A, 0.0)
+    fail(hosts, A, 0.0, 1)
+    ticket(hosts, B, 1.0)
+    ticket(hosts, ("ns", ("http", "c.test", 80)), 1.0)
+    assert len(hosts) == 2 and hosts.get(A) is None
+    hosts.done(out, Verdict.FAILED, 1.5, None)  # a ticket of an evicted host is harmless
+    ticket(hosts, A, 2.0)
+    assert state(hosts, A) is BreakerState.CLOSED
+
+
+def test_the_breaker_gauge_names_at_most_a_few_hosts() -> None:
+    hosts = table(HostSettings(breaker_failures=1))
+    for n in range(MAX_LABELLED_HOSTS + 7):
+        fail(hosts, ("ns", ("http", f"h{n}.test", 80)), 0.0, 1)
+    ticket(hosts, ("ns", ("http", "fine.test", 80)), 0.0)
+    # The same origin open in two namespaces is one series, counting both.
+    fail(hosts, ("other-ns", ("http", f"h{MAX_LABELLED_HOSTS + 6}.test", 80)), 0.0, 1)
+    states = hosts.states()
+    assert len(states) == MAX_LABELLED_HOSTS + 1
+    assert states["other"] == {"open": 7}
+    assert states[f"http://h{MAX_LABELLED_HOSTS + 6}.test:80"] == {"open": 2}
+    assert "http://fine.test:80" not in states
+
+
+def test_one_namespace_cannot_hold_anothers_watches_of_a_shared_host() -> None:
+    # A shared gateway: one tenant's backend fails and asks for a long pause.
+    hosts = table()
+    theirs, ours = ("tenant-a", A[1]), ("tenant-b", A[1])
+    fail(hosts, theirs, 0.0, SETTINGS.breaker_failures)
+    assert state(hosts, theirs) is BreakerState.OPEN
+    hosts.done(ticket(hosts, ours, 1.0), Verdict.ANSWERED, 1.0, 300.0)
+    for n in range(SETTINGS.limits.max_in_flight):  # a third one's slow requests fill its cap
+        ticket(hosts, ("tenant-c", A[1]), 2.0 + n * 0.1)
+    assert held(hosts, ("tenant-c", A[1]), 3.0).reason is HeldReason.RATE_LIMITED
+    assert held(hosts, theirs, 3.0).reason is HeldReason.CIRCUIT_OPEN
+    assert held(hosts, ours, 3.0).reason is HeldReason.RETRY_AFTER  # its own answer's pause
+    assert isinstance(hosts.admit(("tenant-d", A[1]), 3.0), Host)
+
+
+def test_per_host_overrides_apply() -> None:
+    overrides = parse_limits("jobs.test:80=2/1, [::1]:9000=0.5/4")
+    assert overrides == {"jobs.test:80": HostLimits(2.0, 1), "::1:9000": HostLimits(0.5, 4)}
+    hosts = table(HostSettings(overrides=overrides))
+    ticket(hosts, A, 0.0)
+    assert "1 in flight" in held(hosts, A, 0.0).message
+    host = hosts.get(A)
+    assert host is not None and host.limits == HostLimits(2.0, 1)
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def test_host_defaults() -> None:
+    settings = Config.from_env({}).hosts
+    assert settings.limits == HostLimits(qps=50.0, max_in_flight=20)
+    assert settings.breaker_failures == 10
+    assert (settings.cooldown, settings.max_cooldown) == (5.0, 300.0)
+    assert settings.overrides == {}
+
+
+def test_host_values_are_read() -> None:
+    settings = Config.from_env(
+        {
+            "JOBWATCH_HOST_QPS": "5",
+            "JOBWATCH_HOST_MAX_IN_FLIGHT": "2",
+            "JOBWATCH_HOST_BREAKER_FAILURES": "0",
+            "JOBWATCH_HOST_BREAKER_COOLDOWN": "1s",
+            "JOBWATCH_HOST_BREAKER_MAX_COOLDOWN": "1m",
+            "JOBWATCH_HOST_LIMITS": "Jobs.Test:8080=100/50",
+        }
+    ).hosts
+    assert settings.limits == HostLimits(5.0, 2)
+    assert (settings.breaker_failures, settings.cooldown, settings.max_cooldown) == (0, 1, 60)
+    assert settings.overrides == {"jobs.test:8080": HostLimits(100.0, 50)}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("JOBWATCH_HOST_QPS", "0"),
+        ("JOBWATCH_HOST_QPS", "inf"),
+        ("JOBWATCH_HOST_QPS", "nan"),
+        ("JOBWATCH_HOST_MAX_IN_FLIGHT", "0"),
+        ("JOBWATCH_HOST_BREAKER_FAILURES", "-1"),
+        ("JOBWATCH_HOST_BREAKER_COOLDOWN", "0s"),
+        ("JOBWATCH_HOST_BREAKER_COOLDOWN", "10m"),
+        ("JOBWATCH_HOST_BREAKER_MAX_COOLDOWN", "5"),
+        ("JOBWATCH_HOST_LIMITS", "jobs.test=5/1"),
+        ("JOBWATCH_HOST_LIMITS", "jobs.test:80=5"),
+        ("JOBWATCH_HOST_LIMITS", "jobs.test:80=0/1"),
+        ("JOBWATCH_HOST_LIMITS", "jobs.test:80=5/0"),
+        ("JOBWATCH_HOST_LIMITS", "jobs.test:99999=5/1"),
+    ],
+)
+def test_bad_host_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({variable: value})
+    assert variable in str(caught.value)
+
+
+# --- what a watch sees --------------------------------------------------------------------
+
+
+def test_a_held_poll_keeps_the_error_streak() -> None:
+    error = policy.LastError(policy.ErrorClass.TRANSIENT, "connection refused")
+    decision = policy.host_held(
+        policy.Phase.POLLING, 4, error, "HostCircuitOpen", "m", delay=9.0, now=0.0, deadline=5.0
+    )
+    assert (decision.consecutive_errors, decision.error, decision.delay) == (4, error, 5.0)
+    assert not decision.finished
+
+
+class DownHttp:
+    """Two job services: `down.test` refuses every connection, `up.test` answers (with
+    the replies queued in `scripted` first, by URL)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+        self.log: list[tuple[float, str]] = []
+        self.scripted: dict[str, list[Response]] = {}
+
+    async def send(self, request: Request) -> Outcome:
+        self.sent[request.url] = self.sent.get(request.url, 0) + 1
+        self.log.append((time.time(), request.url))
+        await asyncio.sleep(0)
+        if "down.test" in request.url:
+            return RequestFailure(
+                FailureKind.TRANSPORT, "connection refused by down.test:80", host_failed=True
+            )
+        queued = self.scripted.get(request.url)
+        if queued:
+            return queued.pop(0)
+        return Response(200, {}, '{"status": "RUNNING"}', 1)
+
+
+Env = tuple[Runtime, FakeApi, DownHttp]
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    api, http = FakeApi(), DownHttp()
+    config = Config.from_env(
+        {
+            "JOBWATCH_STATUS_QPS": "1000",
+            "JOBWATCH_STATUS_BURST": "1000",
+            "JOBWATCH_HOST_BREAKER_FAILURES": "4",
+            "JOBWATCH_HOST_BREAKER_COOLDOWN": "10s",
+        }
+    )
+    metrics = Metrics()
+    runtime = Runtime(config, api, http, metrics)  # type: ignore[arg-type]
+    runtime.start()
+    runtime.start_polling()
+    yield runtime, api, http
+    await runtime.shutdown(1.0)
+
+
+async def test_an_open_breaker_holds_the_hosts_watches_and_not_the_others(env: Env) -> None:
+    runtime, api, http = env
+    fast = {"timeout": "1m", "backoff": {"maxInterval": "100ms"}}
+    for n in range(3):
+        runtime.observe("ADDED", jobwatch(f"d{n}", url=f"http://down.test/{n}", **fast))
+    runtime.observe("ADDED", jobwatch("up", url="http://up.test/", **fast))
+    await until(
+        lambda: all(api.last(f"d{n}").get("reason") == "HostCircuitOpen" for n in range(3)), env
+    )
+    sent = sum(n for url, n in http.sent.items() if "down.test" in url)
+    attempts = [runtime.watches[("ns", f"d{n}")].attempts for n in range(3)]
+    status = api.last("d0")
+    assert status["phase"] == "Polling"
+    assert "circuit breaker of http://down.test:80 is open" in status["message"]
+    assert status["lastError"]["class"] == "Transient"  # the last real error stays
+    up = http.sent.get("http://up.test/", 0)
+    await until(lambda: http.sent.get("http://up.test/", 0) > up + 5, env)
+    # Meanwhile nothing went to the host and no attempt was counted.
+    assert sum(n for url, n in http.sent.items() if "down.test" in url) == sent
+    assert [runtime.watches[("ns", f"d{n}")].attempts for n in range(3)] == attempts
+    assert api.last("up")["reason"] == "Polling"
+    scraped = runtime._metrics.registry.get_sample_value(
+        "jobwatch_host_breaker_state", {"host": "http://down.test:80", "state": "open"}
+    )
+    assert scraped == 1
+    held_polls = runtime._metrics.registry.get_sample_value(
+        "jobwatch_host_polls_held_total", {"reason": "HostCircuitOpen"}
+    )
+    assert held_polls is not None and held_polls >= 3
+    assert_invariant(runtime)
+
+
+async def test_the_in_flight_slot_is_given_back_when_the_request_crashes(env: Env) -> None:
+    runtime, api, http = env
+
+    async def crash(request: Request) -> Outcome:
+        raise RuntimeError("boom")
+
+    http.send = crash  # type: ignore[method-assign]
+    runtime.observe("ADDED", jobwatch("w", url="http://up.test/w"))
+    await until(lambda: runtime.watches[("ns", "w")].attempts >= 3, env)
+    host = runtime._hosts.get(host_key("ns", "http://up.test/w"))
+    assert host is not None
+    await until(lambda: host.in_flight == 0, env)
+    assert "Internal" in api.error_classes("w")
+
+
+async def test_retry_after_to_one_watch_holds_all_of_its_host(env: Env) -> None:
+    runtime, api, http = env
+    spec = {"interval": "200ms", "timeout": "1m", "backoff": {"maxInterval": "5s"}}
+    http.scripted["http://up.test/a0"] = [Response(429, {"retry-after": "2"}, "", 1)]
+    for n in range(3):
+        runtime.observe("ADDED", jobwatch(f"a{n}", url=f"http://up.test/a{n}", **spec))
+    runtime.observe("ADDED", jobwatch("b", url="http://other.test/b", **spec))
+    await until(lambda: not http.scripted["http://up.test/a0"], env)
+    limited = next(at for at, url in http.log if url == "http://up.test/a0")
+    held = ("a1", "a2")
+    await until(lambda: any(api.last(n).get("reason") == "HostRetryAfter" for n in held), env)
+    status = next(api.last(n) for n in held if api.last(n).get("reason") == "HostRetryAfter")
+    assert "asked this namespace's JobWatches of it to wait (Retry-After)" in status["message"]
+    await until(lambda: http.log[-1][0] > limited + 2.2, env, timeout=5)
+    # Past the few requests that went out before the 429 was read:
+    to_a = [at for at, url in http.log if "up.test" in url and at > limited + 0.05]
+    to_b = [at for at, url in http.log if "other.test" in url and limited < at < limited + 2]
+    assert to_a and min(to_a) >= limited + 2 - 0.01  # the whole host waited its 2 s
+    assert len(to_b) >= 5  # another host did not
+
+
+async def test_retry_after_holds_the_host_no_longer_than_the_watch_that_got_it(
+    env: Env,
+) -> None:
+    # The watch's own backoff.maxInterval clamps the wait (docs/api.md, step 4); its
+    # neighbours must not wait longer than it does.
+    runtime, _, http = env
+    spec = {"interval": "200ms", "timeout": "1m", "backoff": {"maxInterval": "1s"}}
+    http.scripted["http://up.test/a0"] = [Response(429, {"retry-after": "3600"}, "", 1)]
+    for n in range(2):
+        runtime.observe("ADDED", jobwatch(f"a{n}", url=f"http://up.test/a{n}", **spec))
+    await until(lambda: not http.scripted["http://up.test/a0"], env)
+    limited = next(at for at, url in http.log if url == "http://up.test/a0")
+    await until(
+        lambda: (
+            {url for at, url in http.log if at > limited + 0.5}
+            >= {"http://up.test/a0", "http://up.test/a1"}
+        ),
+        env,
+        timeout=5,
+    )
+    resumed = min(at for at, url in http.log if at > limited + 0.05)
+    assert limited + 1 - 0.01 <= resumed < limited + 2
