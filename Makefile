@@ -54,8 +54,8 @@ test-unit: venv ## unit tests only (no cluster)
 test-e2e: venv ## e2e tests only
 	hack/test.sh -m e2e
 
-bench: venv ## the scale benchmark: 1k, 5k and 10k JobWatches (~11 min; docs/benchmarks.md)
-	$(PY) bench/scale.py
+bench: venv ## the scale benchmark: 100, 200, 1k, 5k and 10k JobWatches (~18 min; docs/benchmarks.md)
+	$(PY) bench/scale.py --sizes 100,200,1000,5000,10000
 
 bench-overload: venv ## 10k JobWatches at twice the sustainable poll rate (~5 min)
 	$(PY) bench/scale.py --overload --sizes 10000

@@ -5,9 +5,10 @@ Pure functions, no I/O, so the figures can be re-derived from a results file.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -130,17 +131,92 @@ def linear_fit(points: Iterable[tuple[float, float]]) -> tuple[float, float] | N
     return slope, mean_y - slope * mean_x
 
 
+def gaps(requests: Mapping[str, Sequence[float]], start: float, end: float) -> list[float]:
+    """Seconds between successive requests for the same job, as the job service saw them.
+
+    A gap belongs to the span [start, end) its later request falls in; `requests` holds
+    each job's request times in order (wall clock).
+    """
+    found: list[float] = []
+    for times in requests.values():
+        for earlier, later in itertools.pairwise(times):
+            if start <= later < end:
+                found.append(later - earlier)
+    return found
+
+
+def answer_gaps(
+    requests: Mapping[str, Sequence[float]],
+    delays: Mapping[str, Sequence[float]],
+    start: float,
+    end: float,
+) -> tuple[list[float], int]:
+    """Seconds from each answer to the job's next request, and how many gaps followed a
+    request that was never answered (a negative delay), which have no answer to time from.
+
+    `delays[job][k]` is how long the k-th request's answer was held (none: answered at
+    once). With answers that take time, a request planned from the previous answer comes
+    a whole answer time after the previous request: this tells the plan from the wait.
+    """
+    found: list[float] = []
+    unanswered = 0
+    for job, times in requests.items():
+        held = delays.get(job, ())
+        for k in range(1, len(times)):
+            if not start <= times[k] < end:
+                continue
+            delay = held[k - 1] if k - 1 < len(held) else 0.0
+            if delay < 0:
+                unanswered += 1
+            else:
+                found.append(times[k] - times[k - 1] - delay)
+    return found, unanswered
+
+
+def gap_summary(values: Sequence[float], late_after: float) -> dict[str, float | int | None]:
+    """p1 / p50 / p99 / max of the gaps, and the share longer than `late_after` seconds."""
+    late = sum(1 for v in values if v > late_after)
+    return {
+        "count": len(values),
+        "p1_s": rounded(percentile(values, 0.01)),
+        "p50_s": rounded(percentile(values, 0.5)),
+        "p99_s": rounded(percentile(values, 0.99)),
+        "max_s": rounded(max(values, default=None)),
+        "late_after_s": round(late_after, 3),
+        "late": late,
+        "late_share": round(late / len(values), 6) if values else None,
+    }
+
+
+def rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 _APISERVER_REQUEST = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION")
 
 
 def apiserver_counters(text: str) -> dict[str, float]:
-    """From kube-apiserver /metrics: 429s, and the operator's status patches and Events.
+    """From kube-apiserver /metrics: 429s, APF rejections, and the writes it served.
+
+    The operator's own writes, as the server counted them: `status_patches` and
+    `status_patch_failures` (PATCH jobwatches/status, 2xx and any other code),
+    `events_created` and `event_failures` (POST events). Every write by verb, resource
+    and code is also kept as "write VERB resource[/subresource] CODE", to show what
+    else wrote (kopf annotations, other components) in the same span.
 
     A line scan rather than a full parse: the API server's /metrics is several MB and
     the harness shares two cores with what it measures.
     """
-    counters = {"429": 0.0, "status_patches": 0.0, "events_created": 0.0, "rejected_apf": 0.0}
+    counters = {
+        "429": 0.0,
+        "rejected_apf": 0.0,
+        "status_patches": 0.0,
+        "status_patch_failures": 0.0,
+        "events_created": 0.0,
+        "event_failures": 0.0,
+    }
     for line in text.splitlines():
         if line.startswith("apiserver_flowcontrol_rejected_requests_total{"):
             counters["rejected_apf"] += float(line.rsplit(" ", 1)[1])
@@ -150,16 +226,17 @@ def apiserver_counters(text: str) -> dict[str, float]:
             continue
         labels = dict(_LABEL.findall(match["labels"]))
         number = float(match["value"])
-        if labels.get("code") == "429":
+        code, verb = labels.get("code", ""), labels.get("verb", "")
+        resource, subresource = labels.get("resource", ""), labels.get("subresource", "")
+        if code == "429":
             counters["429"] += number
-        ok = labels.get("code", "").startswith("2")
-        if (
-            ok
-            and labels.get("verb") == "PATCH"
-            and labels.get("resource") == "jobwatches"
-            and labels.get("subresource") == "status"
-        ):
-            counters["status_patches"] += number
-        if ok and labels.get("verb") == "POST" and labels.get("resource") == "events":
-            counters["events_created"] += number
+        if verb not in _WRITE_VERBS:
+            continue
+        ok = code.startswith("2")
+        if verb == "PATCH" and resource == "jobwatches" and subresource == "status":
+            counters["status_patches" if ok else "status_patch_failures"] += number
+        if verb == "POST" and resource == "events":
+            counters["events_created" if ok else "event_failures"] += number
+        key = f"write {verb} {resource}{'/' + subresource if subresource else ''} {code}"
+        counters[key] = counters.get(key, 0.0) + number
     return counters

@@ -1,8 +1,10 @@
 """The scale benchmark's harness still works: `bench/scale.py --smoke` on the test cluster.
 
-Not a performance assertion: only that the harness runs end to end (job API,
-JobWatches, operator, measurements, HTTP client comparison) and writes results
-in which the operator polled.
+Not a performance assertion: only that the harness runs end to end (job API on
+several ports with delayed and hung answers, JobWatches, operator, measurements,
+HTTP client comparison) and writes results in which every figure was measured:
+for the start-up, the window and the whole run, gaps at the job service, detection
+from the jobs' real ends, writes as the API server counted them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ def test_bench_smoke_runs_and_writes_results(installed: Cluster, tmp_path: Path)
                 sys.executable,
                 str(REPO / "bench" / "scale.py"),
                 "--smoke",
+                "--latency",
+                "lognormal:median=5ms,p99=100ms,hang=1%",
+                "--request-timeout",
+                "2",
                 "--kubeconfig",
                 str(installed.kubeconfig),
                 "--results-dir",
@@ -50,6 +56,19 @@ def test_bench_smoke_runs_and_writes_results(installed: Cluster, tmp_path: Path)
     assert run["n"] == 200
     assert run["window"]["polls"] > 0, run["window"]
     assert run["startup"]["polled"] == 200, run["startup"]
-    assert run["cpu"]["operator_ms_per_poll"] > 0
-    assert run["lag"]["count"] > 0
+    assert run["load"]["hosts"] == 4
+    assert run["load"]["operator_env"]["JOBWATCH_HOST_QPS"], run["load"]
+    # The job API delayed its answers and left some unanswered, as asked.
+    assert run["window"]["answers_delayed"] > 0, run["window"]
+    spans = run["spans"]
+    window, whole = spans["window"], spans["whole_run"]
+    assert window["operator_ms_per_poll"] > 0
+    assert 0 < window["lag"]["count"] < whole["lag"]["count"]
+    assert 0 < window["gaps"]["count"] < whole["gaps"]["count"], window["gaps"]
+    # Every watch's first status went out, as the API server counted it.
+    assert whole["writes"]["status_patches"] >= 200, whole["writes"]
+    assert run["startup"]["with_status_at_window_end"] == 200, run["startup"]
+    # Jobs ended during the run (--smoke: 10 intervals on average) and were seen.
+    assert whole["detection"]["detected"] > 0, whole["detection"]
+    assert [t["target"] for t in run["targets"]] == [t["target"] for t in run["targets_whole_run"]]
     assert (tmp_path / "scale.png").is_file()
