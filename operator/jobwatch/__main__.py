@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # Installed, imported if present, and used by nothing here: kopf imports the
+    # `kubernetes` package for type checks of objects we never give it (about 16 MiB of
+    # memory with what it imports), httpx its command-line client (rich, pygments: 4
+    # MiB). Both read the ImportError as "not installed". kube.login still imports the
+    # `kubernetes` package for a kubeconfig only it can read.
+    for _unused in ("kubernetes", "httpx._main"):
+        if _unused not in sys.modules:
+            sys.modules[_unused] = None  # type: ignore[assignment]  # None: "not installed"
+
 import logging
 import socket
-import sys
 from typing import NoReturn
 
 import kopf

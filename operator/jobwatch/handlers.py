@@ -22,6 +22,7 @@ from typing import Any
 import kopf
 from aiohttp import web
 
+from . import kube
 from .config import Config
 from .httpclient import HttpClient
 from .informer import Informer
@@ -67,12 +68,11 @@ class Service:
 service = Service()
 
 
-def _credentials(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
-    # The same login kopf does; called again on a 401 to pick up a rotated token.
-    info = kopf.login_via_client(logger=log, settings=settings)
-    if info is None:
-        raise kopf.LoginError("no Kubernetes credentials found (in-cluster or KUBECONFIG)")
-    return info
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's login is ours (kube.login), so that kopf's own, through the `kubernetes`
+    package when it is installed, does not import it."""
+    return kube.login(settings)
 
 
 @kopf.on.startup()
@@ -84,7 +84,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # both, and kopf watches no resource for us anyway.
     settings.scanning.disabled = True
     metrics = Metrics()
-    service.api = KubeApi(lambda: _credentials(settings))
+    # Called again on a 401, to pick up a rotated token.
+    service.api = KubeApi(lambda: kube.login(settings))
     service.http = HttpClient(
         config.egress, max_body_bytes=config.max_body_bytes, max_connections=config.max_in_flight
     )

@@ -28,9 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-from .kube import Expired, KubeApi
+from .kube import Expired, KubeApi, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +85,7 @@ class Informer:
                 log.info("watch of %s expired; listing again", _where(scope))
                 reach.ok(loop.time())
                 version = None
-            except httpx.TransportError as exc:
+            except Unreachable as exc:
                 reach.unanswered(loop.time(), exc)
                 await asyncio.sleep(_jittered(UNREACHABLE_RETRY))
             except Exception as exc:

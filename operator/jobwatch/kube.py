@@ -1,8 +1,10 @@
 """The async Kubernetes API client for what kopf does not do for us.
 
-Status patches, Secret reads and Events go through one pooled httpx client,
-authenticated with the same credentials kopf logged in with. Nothing blocks the
-event loop. On a 401 (for example a rotated ServiceAccount token) the
+Status patches, Secret reads, Events and the JobWatch informer's list and watch go
+through one pooled aiohttp session, authenticated with the same credentials kopf logged
+in with. Not httpx: its request and response machinery (httpcore, anyio, h11) cost about
+1 ms of CPU per status write, more than everything else a write does together. Nothing
+blocks the event loop. On a 401 (for example a rotated ServiceAccount token) the
 credentials are loaded again once and the request is retried.
 """
 
@@ -11,27 +13,51 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime
 import json
+import logging
+import os
 import socket
 import ssl
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import kopf
 
 GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
 API_VERSION = f"{GROUP}/{VERSION}"
-JSON_PATCH = {"content-type": "application/json-patch+json"}
+JSON = "application/json"
+JSON_PATCH = "application/json-patch+json"
 LIST_PAGE = 500
+# Per request: connecting (a pooled connection included) and each read.
+TIMEOUT = 10.0
+MAX_CONNECTIONS = 16
 _INSTANCE = socket.gethostname()
+# Where a ServiceAccount's credentials are mounted in a pod.
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+# A status field's JSON text, as it goes into a patch: compact, ASCII (a lone surrogate a
+# job's endpoint sent cannot make the body unencodable), no NaN or Infinity (not JSON).
+encode_json = json.JSONEncoder(allow_nan=False, sort_keys=True, separators=(",", ":")).encode
+
+log = logging.getLogger(__name__)
 
 
 class Expired(Exception):
     """The resourceVersion to watch from is too old (410 Gone): list again."""
+
+
+class Unreachable(httpx.TransportError):
+    """No answer from the API server: not connected, the connection broke, or it timed out.
+
+    An httpx.TransportError so that callers written against the httpx client (secrets.py)
+    read it as they did.
+    """
 
 
 class ApiError(Exception):
@@ -65,6 +91,96 @@ class Secret:
     data: Mapping[str, bytes]
 
 
+class EncodedStatus(dict[str, Any]):
+    """A whole `status` (a None value: the field is absent) as the status writer has
+    already encoded it: `texts` holds the JSON text of each present field, and `changed`
+    the fields that differ from what the object's status holds (None: not known, the
+    status is written whole). A dict, so that whoever reads it as a plain status can."""
+
+    __slots__ = ("changed", "texts")
+
+    def __init__(
+        self, status: Mapping[str, Any], texts: Mapping[str, str], changed: tuple[str, ...] | None
+    ) -> None:
+        super().__init__(status)
+        self.texts, self.changed = texts, changed
+
+
+def _pointer(key: str) -> str:
+    return "/status/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def status_patch(uid: str, status: Mapping[str, Any]) -> bytes:
+    """The JSON patch that writes `status`, only on the object with this uid.
+
+    A JSON patch rather than a merge patch: a merge patch reads null as "delete", and
+    `status.result` may hold nulls that must stay. The `test` of the uid keeps a write
+    from landing on a re-created namesake. Written whole (`add /status`) unless the
+    status says which fields changed: then only those (`add /status/<field>`), so that
+    a progress write sends a few hundred bytes, not the whole status again.
+    """
+    if isinstance(status, EncodedStatus):
+        texts, changed = status.texts, status.changed
+    else:
+        texts = {k: encode_json(v) for k, v in status.items() if v is not None}
+        changed = None
+    ops = [f'{{"op":"test","path":"/metadata/uid","value":{encode_json(uid)}}}']
+    if changed is None:
+        fields = ",".join(f"{encode_json(k)}:{text}" for k, text in texts.items())
+        ops.append(f'{{"op":"add","path":"/status","value":{{{fields}}}}}')
+    else:
+        ops += [
+            f'{{"op":"add","path":{encode_json(_pointer(k))},"value":{texts[k]}}}' for k in changed
+        ]
+    return f"[{','.join(ops)}]".encode()
+
+
+def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    """The operator's credentials, as client-go finds them: in a pod, its
+    ServiceAccount's; elsewhere, the current context of the kubeconfig.
+
+    Read by kopf's own small loaders, not through the `kubernetes` package: importing
+    that costs about 16 MiB of memory (__main__ keeps kopf from importing it). A
+    kubeconfig those loaders cannot use (an exec plugin, an auth provider, a token file,
+    paths relative to the kubeconfig) is handed to the `kubernetes` package after all.
+    """
+    info = _in_cluster(settings)
+    if info is None:
+        info = kopf.login_with_kubeconfig(settings=settings)
+        if info is None or not _complete(info):
+            info = _via_kubernetes_package(settings)
+    if info is None:
+        raise kopf.LoginError("no Kubernetes credentials found (in-cluster or KUBECONFIG)")
+    return info
+
+
+def _in_cluster(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    host = os.environ.get("KUBERNETES_SERVICE_HOST")
+    port = os.environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port or not os.path.exists(f"{SERVICE_ACCOUNT}/token"):
+        return None
+    info = kopf.login_with_service_account(settings=settings)
+    if info is None:
+        return None
+    # The service's address, as client-go uses it: no DNS lookup of kubernetes.default.svc.
+    host = f"[{host}]" if ":" in host else host
+    return dataclasses.replace(info, server=f"https://{host}:{port}")
+
+
+def _complete(info: kopf.ConnectionInfo) -> bool:
+    """Whether kopf's kubeconfig loader found everything needed to connect."""
+    paths = (info.ca_path, info.certificate_path, info.private_key_path)
+    if any(path and not os.path.isabs(os.fsdecode(path)) for path in paths):
+        return False  # relative to the kubeconfig's folder, which kopf's loader ignores
+    return bool(info.token or info.certificate_path or info.certificate_data or info.username)
+
+
+def _via_kubernetes_package(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    if "kubernetes" in sys.modules and sys.modules["kubernetes"] is None:
+        del sys.modules["kubernetes"]  # kept out by __main__ until now
+    return kopf.login_via_client(logger=log, settings=settings)
+
+
 def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.insecure:
         return False
@@ -89,21 +205,32 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     return context
 
 
-def _make_client(info: kopf.ConnectionInfo) -> httpx.AsyncClient:
-    headers = {"user-agent": "jobwatch-operator"}
-    auth: tuple[str, str] | None = None
-    if info.token:
-        headers["authorization"] = f"Bearer {info.token}"
-    elif info.username and info.password:
-        auth = (info.username, info.password)
-    return httpx.AsyncClient(
-        base_url=info.server,
-        headers=headers,
-        auth=auth,
-        verify=_ssl_context(info),
-        timeout=httpx.Timeout(10.0),
-        limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-    )
+@dataclass(frozen=True, slots=True)
+class _Session:
+    """One login: the pooled session, and where the API server is."""
+
+    http: aiohttp.ClientSession
+    server: str  # without a trailing slash: paths are appended to it
+    proxy: str | None
+
+    @classmethod
+    def open(cls, info: kopf.ConnectionInfo) -> _Session:
+        headers = {"user-agent": "jobwatch-operator"}
+        auth: aiohttp.BasicAuth | None = None
+        if info.token:
+            headers["authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+        elif info.username and info.password:
+            auth = aiohttp.BasicAuth(info.username, info.password)
+        connector = aiohttp.TCPConnector(ssl=_ssl_context(info), limit=MAX_CONNECTIONS)
+        http = aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            auth=auth,
+            timeout=aiohttp.ClientTimeout(total=None, connect=TIMEOUT, sock_read=TIMEOUT),
+            trust_env=info.trust_env,  # as kopf's own session
+            cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets none we would send
+        )
+        return cls(http, info.server.rstrip("/"), info.proxy_url)
 
 
 def _failure(error: ApiError) -> Exception:
@@ -115,68 +242,77 @@ def _selector(labels: tuple[tuple[str, str], ...]) -> str:
     return ",".join(f"{key}={value}" for key, value in labels)
 
 
+def _error(status: int, body: bytes) -> ApiError:
+    try:
+        message = str(json.loads(body).get("message", ""))
+    except (ValueError, AttributeError):
+        message = body[:200].decode(errors="replace")
+    return ApiError(status, message)
+
+
+# What not getting an answer looks like in aiohttp: no connection, a broken one, a
+# timeout while connecting or reading.
+_UNANSWERED = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+
 class KubeApi:
     def __init__(self, credentials: Callable[[], kopf.ConnectionInfo]) -> None:
         self._credentials = credentials
-        self._client = _make_client(credentials())
+        self._session = _Session.open(credentials())
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._session.http.close()
 
     async def _request(
         self,
         method: str,
         path: str,
         *,
-        json: Any = None,
-        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str = JSON,
         params: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
+    ) -> tuple[int, bytes]:
+        """(status, body) of one request; the body is read whole, and parsed by nobody
+        who does not need it (a status write's answer, the whole object, is dropped)."""
         for retry in (True, False):
-            response = await self._client.request(
-                method, path, json=json, headers=headers, params=params
-            )
-            if response.status_code == 401 and retry:
-                await self._relogin()
+            session = self._session
+            headers = {"content-type": content_type} if body is not None else None
+            try:
+                async with session.http.request(
+                    method,
+                    session.server + path,
+                    data=body,
+                    headers=headers,
+                    params=params,
+                    proxy=session.proxy,
+                ) as response:
+                    status, payload = response.status, await response.read()
+            except _UNANSWERED as exc:
+                raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
+            if status == 401 and retry:
+                await self._relogin(session)
                 continue
-            return response
+            return status, payload
         raise AssertionError("unreachable")
 
-    async def _relogin(self) -> None:
-        # A rotated ServiceAccount token, for one: load the credentials again.
-        old, self._client = self._client, _make_client(self._credentials())
-        await old.aclose()
-
-    @staticmethod
-    def _error(response: httpx.Response) -> ApiError:
-        try:
-            message = str(response.json().get("message", ""))
-        except ValueError:
-            message = response.text[:200]
-        return ApiError(response.status_code, message)
+    async def _relogin(self, used: _Session) -> None:
+        # A rotated ServiceAccount token, for one: load the credentials again, once for
+        # all the requests that were refused with the old ones.
+        if self._session is not used:
+            return
+        self._session = _Session.open(self._credentials())
+        await used.http.close()
 
     async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
-        """Replaces `status` as a whole, only on the object with this uid.
-
-        A JSON patch rather than a merge patch: a merge patch reads null as
-        "delete", and `status.result` may hold nulls that must stay. The `test`
-        of the uid keeps a write from landing on a re-created namesake.
-        """
-        response = await self._request(
+        """Writes `status` (see `status_patch`), only on the object with this uid."""
+        code, body = await self._request(
             "PATCH",
             f"/apis/{GROUP}/{VERSION}/namespaces/{ref.namespace}/{PLURAL}/{ref.name}/status",
-            json=[
-                {"op": "test", "path": "/metadata/uid", "value": ref.uid},
-                {
-                    "op": "add",
-                    "path": "/status",
-                    "value": {k: v for k, v in status.items() if v is not None},
-                },
-            ],
-            headers=JSON_PATCH,
+            body=status_patch(ref.uid, status),
+            content_type=JSON_PATCH,
         )
-        if response.is_error:
-            raise self._error(response)
+        if code >= 400:
+            raise _error(code, body)
 
     @staticmethod
     def _collection(namespace: str | None) -> str:
@@ -201,10 +337,10 @@ class KubeApi:
         pending = asyncio.ensure_future(self._request("GET", path, params=dict(params)))
         try:
             while True:
-                response = await pending
-                if response.is_error:
-                    raise _failure(self._error(response))
-                page = response.json()
+                code, body = await pending
+                if code >= 400:
+                    raise _failure(_error(code, body))
+                page = json.loads(body)
                 meta = page.get("metadata") or {}
                 token = meta.get("continue")
                 if token:
@@ -245,15 +381,10 @@ class KubeApi:
         # Quiet namespaces send nothing for minutes (bookmarks come about once a
         # minute); a read that waits past the server's own timeout means a dead stream.
         read_seconds = server_timeout + 30.0
-        async with self._stream(self._collection(namespace), params, read_seconds) as response:
-            if response.is_error:
-                await response.aread()
-                raise _failure(self._error(response))
+        async with self._stream(self._collection(namespace), params, read_seconds) as lines:
             if opened is not None:
                 opened()
-            async for line in response.aiter_lines():
-                if not line:
-                    continue
+            async for line in lines:
                 event = json.loads(line)
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
@@ -265,24 +396,35 @@ class KubeApi:
     @contextlib.asynccontextmanager
     async def _stream(
         self, path: str, params: Mapping[str, str], read_seconds: float
-    ) -> AsyncIterator[httpx.Response]:
-        timeout = httpx.Timeout(10.0, read=read_seconds)
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The non-empty lines of a streamed answer, once it has been accepted."""
+        timeout = aiohttp.ClientTimeout(total=None, connect=TIMEOUT, sock_read=read_seconds)
         for retry in (True, False):
-            async with self._client.stream("GET", path, params=params, timeout=timeout) as response:
-                if response.status_code == 401 and retry:
-                    await self._relogin()
-                    continue
-                yield response
-                return
+            session = self._session
+            try:
+                async with session.http.get(
+                    session.server + path, params=params, timeout=timeout, proxy=session.proxy
+                ) as response:
+                    if response.status == 401 and retry:
+                        pass  # logged in again below, outside this response
+                    elif response.status >= 400:
+                        raise _failure(_error(response.status, await response.read()))
+                    else:
+                        yield _lines(response.content)
+                        return
+            except _UNANSWERED as exc:
+                raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
+            await self._relogin(session)
+        raise AssertionError("unreachable")
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
         """The Secret, or None when it does not exist (or we may not read it)."""
-        response = await self._request("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
-        if response.status_code in (403, 404):
+        code, payload = await self._request("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        if code in (403, 404):
             return None
-        if response.is_error:
-            raise self._error(response)
-        body = response.json()
+        if code >= 400:
+            raise _error(code, payload)
+        body = json.loads(payload)
         return Secret(
             labels=body.get("metadata", {}).get("labels") or {},
             data={k: base64.b64decode(v) for k, v in (body.get("data") or {}).items()},
@@ -311,8 +453,29 @@ class KubeApi:
             "lastTimestamp": now,
             "count": 1,
         }
-        response = await self._request(
-            "POST", f"/api/v1/namespaces/{ref.namespace}/events", json=event
+        code, body = await self._request(
+            "POST", f"/api/v1/namespaces/{ref.namespace}/events", body=encode_json(event).encode()
         )
-        if response.is_error:
-            raise self._error(response)
+        if code >= 400:
+            raise _error(code, body)
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The non-empty lines of a stream, however long (aiohttp's own readline stops at
+    128 KiB, and a JobWatch may be far larger: the API server bounds it)."""
+    buffer = bytearray()
+    async for chunk in content.iter_any():
+        start = len(buffer)
+        buffer += chunk
+        end = buffer.find(b"\n", start)
+        if end < 0:
+            continue
+        begin = 0
+        while end >= 0:
+            if end > begin:
+                yield bytes(buffer[begin:end])
+            begin = end + 1
+            end = buffer.find(b"\n", begin)
+        del buffer[:begin]
+    if buffer.strip():
+        yield bytes(buffer)

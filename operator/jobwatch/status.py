@@ -5,7 +5,8 @@ The writer is polite to the API server at any fleet size:
 - a still-pending watch's progress is written at most once per progress
   interval (one object, one write, however often it polls);
 - latest wins: a watch queued twice is written once, with its state at write time;
-- a status identical to the one last written is never sent;
+- a status identical to the one last written is never sent, and a write sends only the
+  fields that changed since (a progress write: attempts, poll times, last response);
 - all writes, Events included, share one token bucket (`JOBWATCH_STATUS_QPS`);
 - a write always sends the newest state of its object, a retry included: the queues
   hold the latest `Watch` submitted for each object, never an older one;
@@ -20,12 +21,13 @@ import asyncio
 import heapq
 import json
 import logging
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .kube import ApiError, KubeApi, ObjectRef
+from .kube import ApiError, EncodedStatus, KubeApi, ObjectRef, encode_json
 from .logs import about
 from .metrics import Metrics
 from .policy import Phase
@@ -46,6 +48,29 @@ MAX_MESSAGE = 4096
 # The parts of a status that come from the endpoint: what is dropped when the API server
 # cannot take the status as it is.
 _FROM_ENDPOINT = ("result", "lastResponse")
+# Every field `render` writes, in its order: what the writer remembers of a status it
+# wrote is one hash per field, in this order (0: the field is absent).
+FIELDS = (
+    "phase",
+    "reason",
+    "message",
+    "attempts",
+    "consecutiveErrors",
+    "startTime",
+    "deadline",
+    "lastPollTime",
+    "nextPollTime",
+    "completionTime",
+    "lastResponse",
+    "lastError",
+    "result",
+    "observedGeneration",
+    "specHash",
+    "conditions",
+)
+# How a status that was not encodable is encoded once the endpoint's parts are out:
+# anything else unexpected becomes a string rather than failing the write again.
+_encode_leniently = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 
 
 def _condition(
@@ -140,6 +165,38 @@ def _without_endpoint_parts(status: dict[str, Any], why: str) -> dict[str, Any]:
     return left
 
 
+def _encode(status: dict[str, Any], encode: Callable[[Any], str]) -> dict[str, str]:
+    """The JSON text of each field that is present."""
+    return {key: encode(value) for key, value in status.items() if value is not None}
+
+
+def _digest(texts: dict[str, str]) -> array[int]:
+    """One hash per field of FIELDS (0: absent): all the writer keeps of a written status,
+    about 200 bytes a watch, to skip a status already written and to send only the fields
+    that changed."""
+    return array("q", [hash(texts[key]) if key in texts else 0 for key in FIELDS])
+
+
+def _changed(written: array[int], now: array[int]) -> tuple[str, ...] | None:
+    """The fields that differ from the status written before, or None when one was
+    removed: a JSON patch can only remove what is certainly there, so such a status
+    (an end clears `nextPollTime`) is written whole."""
+    if any(new == 0 and old != 0 for old, new in zip(written, now, strict=True)):
+        return None
+    return tuple(key for key, old, new in zip(FIELDS, written, now, strict=True) if old != new)
+
+
+@dataclass(slots=True)
+class _Written:
+    """What the writer knows of the status an object holds: the hashes of what it last
+    wrote there, when, and whether that is what the object holds (False: a reduced
+    status went out instead, see `_without_endpoint_parts`; the next write is whole)."""
+
+    digest: array[int]
+    at: float
+    exact: bool
+
+
 @dataclass(frozen=True, slots=True)
 class _Event:
     ref: ObjectRef
@@ -199,7 +256,7 @@ class StatusWriter:
         self._progress_due: list[tuple[float, int, ObjectRef]] = []
         self._seq = 0
         self._events: asyncio.Queue[_Event] = asyncio.Queue(MAX_EVENTS_QUEUED)
-        self._written: dict[ObjectRef, tuple[int, float]] = {}  # ref -> (hash, when)
+        self._written: dict[ObjectRef, _Written] = {}
         # The newest Watch submitted for each object: what any write of it sends. A spec
         # edit makes a new Watch for the same object; a retry must not bring back the old.
         self._latest: dict[ObjectRef, Watch] = {}
@@ -229,7 +286,7 @@ class StatusWriter:
             self._wake.set()
         elif ref not in self._urgent and ref not in self._final and ref not in self._progress:
             written = self._written.get(ref)
-            due = written[1] + self._progress_interval if written else self._clock()
+            due = written.at + self._progress_interval if written else self._clock()
             self._seq += 1
             self._progress[ref] = (watch, self._seq)
             heapq.heappush(self._progress_due, (due, self._seq, ref))
@@ -390,64 +447,42 @@ class StatusWriter:
             self.submit(latest, urgent=True)
 
     async def _write_once(self, watch: Watch) -> None:
+        ref = watch.ref
         try:
             status = render(watch, self._wall())
         except Exception as exc:  # a bug must not leave the object without any status
             self._metrics.internal_errors.labels("rendering status").inc()
             log.error(
                 "status of %s/%s: render failed",
-                watch.ref.namespace,
-                watch.ref.name,
+                ref.namespace,
+                ref.name,
                 exc_info=exc,
-                extra=about(watch.ref),
+                extra=about(ref),
             )
             status = _minimal(watch, exc)
         try:
-            text = json.dumps(status, sort_keys=True, allow_nan=False)
+            texts = _encode(status, encode_json)
         except (TypeError, ValueError) as exc:  # NaN, a non-string key: never retry as is
             status = _without_endpoint_parts(status, f"not encodable as JSON ({exc})")
-            text = json.dumps(status, sort_keys=True, default=str)
+            texts = _encode(status, _encode_leniently)
             log.error(
-                "status of %s/%s was not encodable",
-                watch.ref.namespace,
-                watch.ref.name,
-                extra=about(watch.ref),
+                "status of %s/%s was not encodable", ref.namespace, ref.name, extra=about(ref)
             )
-        digest = hash(text)
-        previous = self._written.get(watch.ref)
-        if previous is not None and previous[0] == digest:
+        digest = _digest(texts)
+        previous = self._written.get(ref)
+        if previous is not None and previous.digest == digest:
             self._metrics.status_writes.labels("unchanged").inc()
             return
+        changed = _changed(previous.digest, digest) if previous and previous.exact else None
         try:
-            try:
-                await self._api.patch_status(watch.ref, status)
-            except ApiError as exc:
-                from_endpoint = any(status.get(key) is not None for key in _FROM_ENDPOINT)
-                if exc.status not in (400, 422) or not from_endpoint:
-                    raise
-                # Refused as invalid (too large, a value the schema does not take): what
-                # came from the endpoint goes, the rest of the status still gets out.
-                self._metrics.status_writes.labels("invalid").inc()
-                log.warning(
-                    "status of %s/%s refused (%s); writing it without result and last response",
-                    watch.ref.namespace,
-                    watch.ref.name,
-                    exc,
-                    extra=about(watch.ref),
-                )
-                reason = f"refused by the API server (HTTP {exc.status})"
-                await self._api.patch_status(watch.ref, _without_endpoint_parts(status, reason))
+            exact = await self._send(watch, status, texts, changed)
         except ApiError as exc:
             if exc.gone:
                 self._metrics.status_writes.labels("gone").inc()
                 return
             self._metrics.status_writes.labels("error").inc()
             log.warning(
-                "status write for %s/%s failed: %s",
-                watch.ref.namespace,
-                watch.ref.name,
-                exc,
-                extra=about(watch.ref),
+                "status write for %s/%s failed: %s", ref.namespace, ref.name, exc, extra=about(ref)
             )
             if exc.retriable:
                 await self._retry(watch)
@@ -456,10 +491,10 @@ class StatusWriter:
             self._metrics.status_writes.labels("error").inc()
             log.warning(
                 "status write for %s/%s failed: %s",
-                watch.ref.namespace,
-                watch.ref.name,
+                ref.namespace,
+                ref.name,
                 type(exc).__name__,
-                extra=about(watch.ref),
+                extra=about(ref),
             )
             if self._deadline is None:
                 await self._retry(watch)
@@ -467,7 +502,44 @@ class StatusWriter:
                 self._unanswered()
             return
         self._metrics.status_writes.labels("written").inc()
-        self._written[watch.ref] = (digest, self._clock())
+        self._written[ref] = _Written(digest, self._clock(), exact)
+
+    async def _send(
+        self,
+        watch: Watch,
+        status: dict[str, Any],
+        texts: dict[str, str],
+        changed: tuple[str, ...] | None,
+    ) -> bool:
+        """Writes `status`: only the `changed` fields if known, else whole. True when the
+        object now holds it, False when it was refused as invalid and written without
+        what came from the endpoint instead."""
+        ref = watch.ref
+        try:
+            await self._api.patch_status(ref, EncodedStatus(status, texts, changed))
+            return True
+        except ApiError as exc:
+            if exc.status not in (400, 422):
+                raise
+            if changed is not None:
+                # The fields could not be patched in (the object's status was replaced
+                # meanwhile, say, or the new values are refused): the status goes whole.
+                return await self._send(watch, status, texts, None)
+            if not any(status.get(key) is not None for key in _FROM_ENDPOINT):
+                raise
+            # Refused as invalid (too large, a value the schema does not take): what
+            # came from the endpoint goes, the rest of the status still gets out.
+            self._metrics.status_writes.labels("invalid").inc()
+            log.warning(
+                "status of %s/%s refused (%s); writing it without result and last response",
+                ref.namespace,
+                ref.name,
+                exc,
+                extra=about(ref),
+            )
+            reason = f"refused by the API server (HTTP {exc.status})"
+            await self._api.patch_status(ref, _without_endpoint_parts(status, reason))
+            return False
 
     async def _retry(self, watch: Watch) -> None:
         if self._deadline is not None and self._clock() + RETRY_DELAY >= self._deadline:

@@ -1,4 +1,4 @@
-"""The informer's list-then-watch protocol, with respx in place of the API server.
+"""The informer's list-then-watch protocol, against a loopback stand-in for the API server.
 
 That it really follows a live API server (creation, edits, deletion, restarts) is
 tested end to end in tests/e2e.
@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
-import kopf
 import pytest
-import respx
+from aiohttp import web
+from loopback_api import Drop, LoopbackApi, Seen, listing, reply, stream
 
 from jobwatch import informer as informer_module
 from jobwatch.config import Config
@@ -26,7 +24,6 @@ from jobwatch.kube import KubeApi
 from jobwatch.metrics import Metrics
 from jobwatch.runtime import Runtime
 
-SERVER = "https://api.test:6443"
 COLLECTION = "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches"
 
 
@@ -40,17 +37,6 @@ def jw(name: str, version: str, generation: int = 1) -> dict[str, Any]:
             "resourceVersion": version,
         }
     }
-
-
-def listing(version: str, *items: dict[str, Any]) -> httpx.Response:
-    return httpx.Response(
-        200, json={"items": list(items), "metadata": {"resourceVersion": version}}
-    )
-
-
-def stream(*events: tuple[str, dict[str, Any]]) -> httpx.Response:
-    lines = "".join(json.dumps({"type": kind, "object": obj}) + "\n" for kind, obj in events)
-    return httpx.Response(200, content=lines.encode())
 
 
 class Recorder:
@@ -80,14 +66,14 @@ def short_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def router() -> Iterator[respx.MockRouter]:
-    with respx.mock(base_url=SERVER, assert_all_called=False) as mock:
-        yield mock
+async def server() -> AsyncIterator[LoopbackApi]:
+    async with LoopbackApi() as server:
+        yield server
 
 
 @pytest.fixture
-async def api() -> AsyncIterator[KubeApi]:
-    client = KubeApi(lambda: kopf.ConnectionInfo(server=SERVER, token="t", insecure=True))
+async def api(server: LoopbackApi) -> AsyncIterator[KubeApi]:
+    client = KubeApi(server.credentials)
     yield client
     await client.aclose()
 
@@ -101,13 +87,12 @@ async def run_until(informer: Informer, recorder: Recorder, count: int) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_lists_then_watches_from_the_lists_version(
-    router: respx.MockRouter, api: KubeApi
-) -> None:
+async def test_lists_then_watches_from_the_lists_version(server: LoopbackApi, api: KubeApi) -> None:
     watched_from: list[str] = []
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        params = request.url.params
+    def answer(seen: Seen) -> web.Response:
+        params = seen.query
+        assert seen.path == COLLECTION
         if params.get("watch") != "true":
             return listing("10", jw("a", "9"), jw("b", "10"))
         watched_from.append(params["resourceVersion"])
@@ -118,7 +103,7 @@ async def test_lists_then_watches_from_the_lists_version(
             return stream(("MODIFIED", jw("a", "11", 2)), ("BOOKMARK", jw("", "15")))
         return stream(("DELETED", jw("b", "16")))
 
-    router.get(COLLECTION).mock(side_effect=answer)
+    server.answer = answer
     recorder = Recorder()
     informer = Informer(
         api, ("ns",), (("shard", "1"),), observe=recorder.observe, keep_only=recorder.keep_only
@@ -137,24 +122,24 @@ async def test_lists_then_watches_from_the_lists_version(
 
 @pytest.mark.parametrize("expiry", ["http", "event"])
 async def test_an_expired_watch_lists_again_and_forgets_what_is_gone(
-    router: respx.MockRouter, api: KubeApi, expiry: str
+    server: LoopbackApi, api: KubeApi, expiry: str
 ) -> None:
     lists = 0
 
-    def answer(request: httpx.Request) -> httpx.Response:
+    def answer(seen: Seen) -> web.Response:
         nonlocal lists
-        if request.url.params.get("watch") != "true":
+        if seen.query.get("watch") != "true":
             lists += 1
             if lists == 1:
                 return listing("10", jw("a", "9"), jw("b", "10"))
             return listing("30", jw("a", "9"))
         if lists == 1:
             if expiry == "http":
-                return httpx.Response(410, json={"message": "too old resource version"})
+                return reply(410, {"message": "too old resource version"})
             return stream(("ERROR", {"kind": "Status", "code": 410, "message": "too old"}))
         return stream(("MODIFIED", jw("a", "31", 2)))
 
-    router.get(COLLECTION).mock(side_effect=answer)
+    server.answer = answer
     recorder = Recorder()
     informer = Informer(api, ("ns",), (), observe=recorder.observe, keep_only=recorder.keep_only)
     await run_until(informer, recorder, 4)
@@ -168,7 +153,7 @@ async def test_an_expired_watch_lists_again_and_forgets_what_is_gone(
 
 
 async def test_errors_back_off_and_recover(
-    router: respx.MockRouter, api: KubeApi, monkeypatch: pytest.MonkeyPatch
+    server: LoopbackApi, api: KubeApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     delays: list[float] = []
     real_sleep = asyncio.sleep
@@ -180,14 +165,12 @@ async def test_errors_back_off_and_recover(
     monkeypatch.setattr(informer_module.asyncio, "sleep", sleep)
     answers = iter(
         [
-            httpx.Response(500, json={"message": "etcd is sad"}),
-            httpx.Response(503, json={"message": "still sad"}),
+            reply(500, {"message": "etcd is sad"}),
+            reply(503, {"message": "still sad"}),
             listing("10", jw("a", "9")),
         ]
     )
-    router.get(COLLECTION).mock(
-        side_effect=lambda request: next(answers, None) or stream(("MODIFIED", jw("a", "12", 2)))
-    )
+    server.answer = lambda seen: next(answers, None) or stream(("MODIFIED", jw("a", "12", 2)))
     recorder = Recorder()
     informer = Informer(api, ("ns",), (), observe=recorder.observe, keep_only=recorder.keep_only)
     await run_until(informer, recorder, 2)
@@ -197,7 +180,7 @@ async def test_errors_back_off_and_recover(
 
 
 async def test_an_outage_and_the_start_up_after_it_are_retried_every_second(
-    router: respx.MockRouter, api: KubeApi, monkeypatch: pytest.MonkeyPatch
+    server: LoopbackApi, api: KubeApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     delays: list[float] = []
     real_sleep = asyncio.sleep
@@ -207,51 +190,59 @@ async def test_an_outage_and_the_start_up_after_it_are_retried_every_second(
         await real_sleep(0)
 
     monkeypatch.setattr(informer_module.asyncio, "sleep", sleep)
-    refused = [httpx.ConnectError("connection refused")] * 8
+    # aiohttp sends a GET again, once, when the connection it reused closes unanswered:
+    # 16 dropped connections are 8 to 16 attempts that get no answer.
+    refused = [Drop()] * 16
     # What a restarted kube-apiserver answers in its first seconds.
     starting = [
-        httpx.Response(503, json={"message": "before all known HTTP paths have been installed"}),
-        httpx.Response(429, json={"message": "storage is (re)initializing"}),
-        httpx.Response(403, json={"message": "jobwatches.jobwatch.dev is forbidden"}),
+        reply(503, {"message": "before all known HTTP paths have been installed"}),
+        reply(429, {"message": "storage is (re)initializing"}),
+        reply(403, {"message": "jobwatches.jobwatch.dev is forbidden"}),
     ]
-    answers = iter([*refused, *starting, listing("10"), httpx.Response(500), httpx.Response(500)])
+    listed = listing("10")
+    answers = iter([*refused, *starting, listed, reply(500), reply(500)])
+    listed_after: list[int] = []  # how many pauses came before the listing was answered
 
-    def answer(request: httpx.Request) -> httpx.Response:
+    def answer(seen: Seen) -> web.Response:
         got = next(answers, None)
         if isinstance(got, Exception):
             raise got
+        if got is listed:
+            listed_after.append(len(delays))
         return got or stream(("ADDED", jw("a", "11")))
 
-    router.get(COLLECTION).mock(side_effect=answer)
+    server.answer = answer
     recorder = Recorder()
     informer = Informer(api, ("ns",), (), observe=recorder.observe, keep_only=recorder.keep_only)
     await run_until(informer, recorder, 2)
+    [k] = listed_after
+    assert k >= 8 + 3
     # A minute away, or its start-up, would otherwise have grown the backoff to 30 s.
-    assert all(0.5 <= d <= informer_module.UNREACHABLE_RETRY for d in delays[:11]), delays
+    assert all(0.5 <= d <= informer_module.UNREACHABLE_RETRY for d in delays[:k]), delays
     # Once it has answered properly, errors back off again from the start.
-    assert 0.5 <= delays[11] <= 1.0 and 1.0 <= delays[12] <= 2.0, delays
+    assert 0.5 <= delays[k] <= 1.0 and 1.0 <= delays[k + 1] <= 2.0, delays
 
 
-async def test_a_relist_after_410_polls_nobody_anew(router: respx.MockRouter, api: KubeApi) -> None:
+async def test_a_relist_after_410_polls_nobody_anew(server: LoopbackApi, api: KubeApi) -> None:
     """A re-list hands every JobWatch in again: a watch it already has keeps its plan (and
     its state), or the whole fleet would be polled at once after every 410."""
     spec = {"url": "http://127.0.0.1:1/status", "interval": "5s"}
     names = [f"w{n}" for n in range(5)]
     lists = 0
 
-    def answer(request: httpx.Request) -> httpx.Response:
+    def answer(seen: Seen) -> web.Response:
         nonlocal lists
-        if request.url.params.get("watch") != "true":
+        if seen.query.get("watch") != "true":
             lists += 1
             # The second list carries our own status writes: new resourceVersions.
             return listing(
                 f"{lists}0", *({**jw(n, f"{lists}{i}"), "spec": spec} for i, n in enumerate(names))
             )
         if lists == 1:
-            return httpx.Response(410, json={"message": "too old resource version"})
+            return reply(410, {"message": "too old resource version"})
         return stream(("BOOKMARK", jw("", "99")))
 
-    router.get(COLLECTION).mock(side_effect=answer)
+    server.answer = answer
     ticks = itertools.count(1_800_000_000)  # every reading of the wall clock moves it
     http = HttpClient(EgressPolicy())
     runtime = Runtime(Config.from_env({}), api, http, Metrics(), wall=lambda: float(next(ticks)))

@@ -1,4 +1,5 @@
-"""The Kubernetes API client's HTTP handling, with respx in place of the API server.
+"""The Kubernetes API client's HTTP handling, against a loopback stand-in for the API
+server (loopback_api.py).
 
 What the API server itself does with these requests (admission, RBAC, the uid test)
 is covered end to end in tests/e2e.
@@ -9,93 +10,133 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
-import httpx
 import kopf
 import pytest
-import respx
+from aiohttp import web
+from loopback_api import Drop, LoopbackApi, Seen, listing, reply, stream
 
-from jobwatch.kube import ApiError, KubeApi, ObjectRef
+from jobwatch import kube
+from jobwatch.kube import ApiError, EncodedStatus, KubeApi, ObjectRef, Unreachable
 
-SERVER = "https://api.test:6443"
 REF = ObjectRef("ns", "build-1", "uid-1")
 STATUS_PATH = "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches/build-1/status"
+COLLECTION = "/apis/jobwatch.dev/v1alpha1/jobwatches"
 
 
 @pytest.fixture
-def router() -> Iterator[respx.MockRouter]:
-    with respx.mock(base_url=SERVER, assert_all_called=False) as mock:
-        yield mock
+async def server() -> AsyncIterator[LoopbackApi]:
+    async with LoopbackApi() as server:
+        yield server
+
+
+@pytest.fixture
+async def api(server: LoopbackApi) -> AsyncIterator[KubeApi]:
+    client = KubeApi(server.credentials)
+    yield client
+    await client.aclose()
+
+
+def only_for(token: str) -> Callable[[Seen], web.Response]:
+    """An API server that takes this token only."""
+    return lambda seen: reply(200 if seen.headers["authorization"] == f"Bearer {token}" else 401)
 
 
 class Tokens:
     """Credentials as kopf would load them; each load hands out the next token."""
 
-    def __init__(self, *tokens: str) -> None:
-        self.tokens = list(tokens)
+    def __init__(self, server: LoopbackApi, *tokens: str) -> None:
+        self.server, self.tokens = server, list(tokens)
         self.loads = 0
 
     def __call__(self) -> kopf.ConnectionInfo:
         token = self.tokens[min(self.loads, len(self.tokens) - 1)]
         self.loads += 1
-        return kopf.ConnectionInfo(server=SERVER, token=token, insecure=True)
+        return self.server.credentials(token)
 
 
-@pytest.fixture
-async def api() -> AsyncIterator[KubeApi]:
-    client = KubeApi(Tokens("t1"))
-    yield client
-    await client.aclose()
-
-
-async def test_status_is_a_json_patch_guarded_by_the_uid(
-    router: respx.MockRouter, api: KubeApi
-) -> None:
-    route = router.patch(STATUS_PATH).respond(200, json={})
+async def test_status_is_a_json_patch_guarded_by_the_uid(server: LoopbackApi, api: KubeApi) -> None:
     await api.patch_status(REF, {"phase": "Polling", "result": {"a": None}, "lastError": None})
-    request = route.calls.last.request
+    [request] = server.path(STATUS_PATH)
+    assert request.method == "PATCH"
     assert request.headers["content-type"] == "application/json-patch+json"
-    assert request.headers["authorization"] == "Bearer t1"
-    assert json.loads(request.content) == [
+    assert request.headers["authorization"] == "Bearer t"
+    assert request.json() == [
         {"op": "test", "path": "/metadata/uid", "value": "uid-1"},
         # Unset fields are left out; nulls inside the result stay.
         {"op": "add", "path": "/status", "value": {"phase": "Polling", "result": {"a": None}}},
     ]
 
 
-async def test_a_401_loads_the_credentials_again_and_retries_once(
-    router: respx.MockRouter,
+async def test_a_status_that_says_what_changed_patches_only_those_fields(
+    server: LoopbackApi, api: KubeApi
 ) -> None:
-    tokens = Tokens("old", "new")
-    api = KubeApi(tokens)
-    route = router.patch(STATUS_PATH).mock(
-        side_effect=lambda request: httpx.Response(
-            200 if request.headers["authorization"] == "Bearer new" else 401, json={}
-        )
+    status = {"phase": "Polling", "attempts": 4, "result": {"a": None}}
+    texts = {key: kube.encode_json(value) for key, value in status.items()}
+    await api.patch_status(REF, EncodedStatus(status, texts, ("attempts", "result")))
+    assert server.path(STATUS_PATH)[0].json() == [
+        {"op": "test", "path": "/metadata/uid", "value": "uid-1"},
+        {"op": "add", "path": "/status/attempts", "value": 4},
+        {"op": "add", "path": "/status/result", "value": {"a": None}},
+    ]
+
+
+def test_a_patch_is_plain_ascii_json_whatever_the_strings_hold() -> None:
+    # A lone surrogate (from an endpoint's "\ud800" escape) could not be sent as UTF-8.
+    body = kube.status_patch("u", {"message": "caf\u00e9 \ud800", "a/b~c": 1})
+    assert body.isascii()
+    assert json.loads(body)[1]["value"] == {"message": "caf\u00e9 \ud800", "a/b~c": 1}
+    texts = {"a/b~c": "1"}
+    ops = json.loads(kube.status_patch("u", EncodedStatus({"a/b~c": 1}, texts, ("a/b~c",))))
+    assert ops[1]["path"] == "/status/a~1b~0c"  # RFC 6901 escaping
+
+
+def test_a_status_with_nan_is_not_encoded() -> None:
+    with pytest.raises(ValueError, match="JSON compliant"):
+        kube.status_patch("u", {"result": float("nan")})
+
+
+async def test_a_401_loads_the_credentials_again_and_retries_once(server: LoopbackApi) -> None:
+    tokens = Tokens(server, "old", "new")
+    server.answer = lambda seen: reply(
+        200 if seen.headers["authorization"] == "Bearer new" else 401
     )
+    api = KubeApi(tokens)
     try:
         await api.patch_status(REF, {"phase": "Polling"})
     finally:
         await api.aclose()
-    assert [call.request.headers["authorization"] for call in route.calls] == [
-        "Bearer old",
-        "Bearer new",
-    ]
+    assert [seen.headers["authorization"] for seen in server.seen] == ["Bearer old", "Bearer new"]
     assert tokens.loads == 2
 
 
-async def test_a_second_401_is_an_error_not_a_loop(router: respx.MockRouter) -> None:
-    tokens = Tokens("bad")
+async def test_a_second_401_is_an_error_not_a_loop(server: LoopbackApi) -> None:
+    tokens = Tokens(server, "bad")
+    server.answer = lambda seen: reply(401, {"message": "Unauthorized"})
     api = KubeApi(tokens)
-    route = router.patch(STATUS_PATH).respond(401, json={"message": "Unauthorized"})
     try:
         with pytest.raises(ApiError) as raised:
             await api.patch_status(REF, {"phase": "Polling"})
     finally:
         await api.aclose()
     assert raised.value.status == 401
-    assert route.call_count == 2
+    assert len(server.seen) == 2
+    assert tokens.loads == 2
+
+
+async def test_requests_refused_together_log_in_again_once(server: LoopbackApi) -> None:
+    tokens = Tokens(server, "old", "new", "newer")
+    server.answer = lambda seen: reply(
+        200 if seen.headers["authorization"] == "Bearer new" else 401
+    )
+    api = KubeApi(tokens)
+    try:
+        await asyncio.gather(*(api.patch_status(REF, {"phase": "Polling"}) for _ in range(5)))
+    finally:
+        await api.aclose()
     assert tokens.loads == 2
 
 
@@ -105,9 +146,9 @@ async def test_a_second_401_is_an_error_not_a_loop(router: respx.MockRouter) -> 
      (429, False, True), (500, False, True), (503, False, True)],
 )  # fmt: skip
 async def test_errors_say_whether_the_object_is_gone_or_worth_a_retry(
-    router: respx.MockRouter, api: KubeApi, code: int, gone: bool, retriable: bool
+    server: LoopbackApi, api: KubeApi, code: int, gone: bool, retriable: bool
 ) -> None:
-    router.patch(STATUS_PATH).respond(code, json={"message": "the test failed"})
+    server.answer = lambda seen: reply(code, {"message": "the test failed"})
     with pytest.raises(ApiError) as raised:
         await api.patch_status(REF, {"phase": "Polling"})
     assert (raised.value.gone, raised.value.retriable) == (gone, retriable)
@@ -115,39 +156,60 @@ async def test_errors_say_whether_the_object_is_gone_or_worth_a_retry(
 
 
 async def test_an_error_page_that_is_not_json_is_quoted_short(
-    router: respx.MockRouter, api: KubeApi
+    server: LoopbackApi, api: KubeApi
 ) -> None:
-    router.patch(STATUS_PATH).respond(502, text="<html>" + "x" * 500)
+    server.answer = lambda seen: web.Response(status=502, text="<html>" + "x" * 500)
     with pytest.raises(ApiError) as raised:
         await api.patch_status(REF, {"phase": "Polling"})
     assert str(raised.value) == "HTTP 502: <html>" + "x" * 194
 
 
-async def test_secret_data_is_decoded(router: respx.MockRouter, api: KubeApi) -> None:
+async def test_no_answer_is_unreachable(server: LoopbackApi, api: KubeApi) -> None:
+    def drop(seen: Seen) -> web.Response:
+        raise Drop
+
+    server.answer = drop
+    with pytest.raises(Unreachable):
+        await api.patch_status(REF, {"phase": "Polling"})
+
+
+async def test_a_server_that_is_not_there_is_unreachable(unused_tcp_port: int) -> None:
+    api = KubeApi(
+        lambda: kopf.ConnectionInfo(server=f"http://127.0.0.1:{unused_tcp_port}", insecure=True)
+    )
+    try:
+        with pytest.raises(Unreachable):
+            await api.get_secret("ns", "creds")
+    finally:
+        await api.aclose()
+
+
+async def test_secret_data_is_decoded(server: LoopbackApi, api: KubeApi) -> None:
     token = base64.b64encode(b"s3cr3t").decode()
-    router.get("/api/v1/namespaces/ns/secrets/creds").respond(
-        200, json={"metadata": {"labels": {"a": "b"}}, "data": {"token": token}}
+    server.answer = lambda seen: reply(
+        200, {"metadata": {"labels": {"a": "b"}}, "data": {"token": token}}
     )
     secret = await api.get_secret("ns", "creds")
+    assert server.seen[0].path == "/api/v1/namespaces/ns/secrets/creds"
     assert secret is not None
     assert secret.labels == {"a": "b"}
     assert secret.data == {"token": b"s3cr3t"}
 
 
 @pytest.mark.parametrize("code", [403, 404])
-async def test_a_secret_we_cannot_see_is_none(
-    router: respx.MockRouter, api: KubeApi, code: int
-) -> None:
-    router.get("/api/v1/namespaces/ns/secrets/creds").respond(code, json={})
+async def test_a_secret_we_cannot_see_is_none(server: LoopbackApi, api: KubeApi, code: int) -> None:
+    server.answer = lambda seen: reply(code)
     assert await api.get_secret("ns", "creds") is None
 
 
 async def test_event_names_the_jobwatch_and_caps_the_message(
-    router: respx.MockRouter, api: KubeApi
+    server: LoopbackApi, api: KubeApi
 ) -> None:
-    route = router.post("/api/v1/namespaces/ns/events").respond(201, json={})
+    server.answer = lambda seen: reply(201)
     await api.create_event(REF, warning=True, reason="TimedOut", message="m" * 2000)
-    event = json.loads(route.calls.last.request.content)
+    [request] = server.path("/api/v1/namespaces/ns/events")
+    assert request.method == "POST"
+    event = request.json()
     assert event["type"] == "Warning"
     assert event["reason"] == "TimedOut"
     assert len(event["message"]) == 1024
@@ -161,60 +223,188 @@ async def test_event_names_the_jobwatch_and_caps_the_message(
 
 
 async def test_listing_follows_continue_tokens_with_the_label_selector(
-    router: respx.MockRouter, api: KubeApi
+    server: LoopbackApi, api: KubeApi
 ) -> None:
-    def page(request: httpx.Request) -> httpx.Response:
-        params = request.url.params
-        assert params["limit"] == "500"
-        assert params["labelSelector"] == "shard=a,tier=x"
-        if params.get("continue") is None:
-            return httpx.Response(
-                200,
-                json={
-                    "items": [{"n": 1}, {"n": 2}],
-                    "metadata": {"continue": "c1", "resourceVersion": "7"},
-                },
-            )
-        assert params["continue"] == "c1"
-        return httpx.Response(200, json={"items": [{"n": 3}], "metadata": {"resourceVersion": "7"}})
+    def page(seen: Seen) -> web.Response:
+        assert seen.query["limit"] == "500"
+        assert seen.query["labelSelector"] == "shard=a,tier=x"
+        if seen.query.get("continue") is None:
+            return listing("7", {"n": 1}, {"n": 2}, token="c1")
+        assert seen.query["continue"] == "c1"
+        return listing("7", {"n": 3})
 
-    router.get("/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches").mock(side_effect=page)
+    server.answer = page
     pages = [p async for p in api.list_jobwatches("ns", (("shard", "a"), ("tier", "x")))]
     assert pages == [([{"n": 1}, {"n": 2}], "7"), ([{"n": 3}], "7")]
+    assert {seen.path for seen in server.seen} == {
+        "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches"
+    }
 
 
-async def test_listing_cluster_wide_and_refused(router: respx.MockRouter, api: KubeApi) -> None:
-    router.get("/apis/jobwatch.dev/v1alpha1/jobwatches").respond(
-        403, json={"message": "jobwatches.jobwatch.dev is forbidden"}
-    )
+async def test_listing_cluster_wide_and_refused(server: LoopbackApi, api: KubeApi) -> None:
+    server.answer = lambda seen: reply(403, {"message": "jobwatches.jobwatch.dev is forbidden"})
     with pytest.raises(ApiError, match=r"HTTP 403: jobwatches\.jobwatch\.dev is forbidden"):
         async for _ in api.list_jobwatches(None):
             pass
+    assert server.seen[0].path == COLLECTION
 
 
 async def test_the_next_page_is_requested_while_this_one_is_handled(
-    router: respx.MockRouter, api: KubeApi
+    server: LoopbackApi, api: KubeApi
 ) -> None:
-    def page(request: httpx.Request) -> httpx.Response:
-        n = int(request.url.params.get("continue") or 0)
-        meta = {"resourceVersion": "7", **({"continue": str(n + 1)} if n < 2 else {})}
-        return httpx.Response(200, json={"items": [{"n": n}], "metadata": meta})
+    def page(seen: Seen) -> web.Response:
+        n = int(seen.query.get("continue") or 0)
+        return listing("7", {"n": n}, token=str(n + 1) if n < 2 else None)
 
-    route = router.get("/apis/jobwatch.dev/v1alpha1/jobwatches").mock(side_effect=page)
+    server.answer = page
     pages = api.list_jobwatches(None)
     assert await anext(pages) == ([{"n": 0}], "7")
-    await asyncio.sleep(0)
-    assert route.call_count == 2  # page 1 is on its way before page 0 is taken in
+    async with asyncio.timeout(5):
+        while len(server.seen) < 2:  # page 1 is on its way before page 0 is taken in
+            await asyncio.sleep(0.01)
     assert [items async for items, _ in pages] == [[{"n": 1}], [{"n": 2}]]
-    assert route.call_count == 3
+    assert len(server.seen) == 3
 
 
 async def test_abandoning_a_listing_cancels_the_page_in_flight(
-    router: respx.MockRouter, api: KubeApi
+    server: LoopbackApi, api: KubeApi
 ) -> None:
-    router.get("/apis/jobwatch.dev/v1alpha1/jobwatches").respond(
-        200, json={"items": [], "metadata": {"resourceVersion": "7", "continue": "c"}}
-    )
+    server.answer = lambda seen: listing("7", token="c")
     pages = api.list_jobwatches(None)
     await anext(pages)
     await pages.aclose()  # no warning about a never-retrieved page
+
+
+async def test_a_watch_reads_events_of_any_size(server: LoopbackApi, api: KubeApi) -> None:
+    big = {"metadata": {"name": "big"}, "spec": {"pad": "x" * 3_000_000}}
+    server.answer = lambda seen: stream(("ADDED", {"metadata": {"name": "a"}}), ("MODIFIED", big))
+    opened: list[bool] = []
+    events = [
+        e
+        async for e in api.watch_jobwatches(
+            None, "5", (("a", "b"),), 60, opened=lambda: opened.append(True)
+        )
+    ]
+    assert events == [("ADDED", {"metadata": {"name": "a"}}), ("MODIFIED", big)]
+    assert opened == [True]
+    query = server.seen[0].query
+    assert query == {
+        "watch": "true",
+        "resourceVersion": "5",
+        "allowWatchBookmarks": "true",
+        "timeoutSeconds": "60",
+        "labelSelector": "a=b",
+    }
+
+
+@pytest.mark.parametrize(
+    ("answer", "raised"),
+    [
+        (lambda seen: reply(410, {"message": "too old"}), kube.Expired),
+        (lambda seen: stream(("ERROR", {"code": 410, "message": "too old"})), kube.Expired),
+        (lambda seen: reply(500, {"message": "etcd"}), ApiError),
+    ],
+)
+async def test_a_watch_that_fails_says_whether_to_list_again(
+    server: LoopbackApi, api: KubeApi, answer: object, raised: type[Exception]
+) -> None:
+    server.answer = answer  # type: ignore[assignment]
+    with pytest.raises(raised):
+        async for _ in api.watch_jobwatches(None, "5"):
+            pass
+
+
+async def test_a_watch_refused_with_401_logs_in_again(server: LoopbackApi) -> None:
+    tokens = Tokens(server, "old", "new")
+    server.answer = lambda seen: (
+        stream(("ADDED", {"n": 1})) if seen.headers["authorization"] == "Bearer new" else reply(401)
+    )
+    api = KubeApi(tokens)
+    try:
+        events = [e async for e in api.watch_jobwatches(None, "5")]
+    finally:
+        await api.aclose()
+    assert events == [("ADDED", {"n": 1})]
+    assert tokens.loads == 2
+
+
+SETTINGS = kopf.OperatorSettings()
+
+
+def kubeconfig(tmp_path: Path, user: dict[str, Any], ca: str = "") -> Path:
+    cluster: dict[str, Any] = {"server": "https://127.0.0.1:6443"}
+    if ca:
+        cluster["certificate-authority"] = ca
+    path = tmp_path / "config"
+    path.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": cluster}],
+                "users": [{"name": "u", "user": user}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def outside_a_pod(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Not in a pod; records when the `kubernetes` package's login is asked instead."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    asked: list[str] = []
+
+    def via_client(**_: Any) -> kopf.ConnectionInfo:
+        asked.append("kubernetes")
+        return kopf.ConnectionInfo(server="https://from-the-kubernetes-package")
+
+    monkeypatch.setattr(kopf, "login_via_client", via_client)
+    return asked
+
+
+def test_a_kubeconfig_with_a_token_needs_no_kubernetes_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outside_a_pod: list[str]
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, {"token": "t0k"})))
+    info = kube.login(SETTINGS)
+    assert (info.server, info.token) == ("https://127.0.0.1:6443", "t0k")
+    assert outside_a_pod == []
+
+
+@pytest.mark.parametrize(
+    ("user", "ca"),
+    [
+        ({"exec": {"command": "aws", "apiVersion": "client.authentication.k8s.io/v1"}}, ""),
+        ({"tokenFile": "/var/run/token"}, ""),
+        ({"token": "t0k"}, "ca.crt"),  # relative to the kubeconfig's folder
+    ],
+)
+def test_a_kubeconfig_kopfs_loader_cannot_use_goes_to_the_kubernetes_package(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    outside_a_pod: list[str],
+    user: dict[str, Any],
+    ca: str,
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, user, ca)))
+    assert kube.login(SETTINGS).server == "https://from-the-kubernetes-package"
+    assert outside_a_pod == ["kubernetes"]
+
+
+def test_in_a_pod_the_service_address_and_account_are_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "token").write_text("sa-token")
+    monkeypatch.setattr(kube, "SERVICE_ACCOUNT", str(tmp_path))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setattr(
+        kopf,
+        "login_with_service_account",
+        lambda **_: kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="sa-token"),
+    )
+    info = kube.login(SETTINGS)
+    assert (info.server, info.token) == ("https://[fd00::1]:443", "sa-token")

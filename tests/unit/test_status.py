@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -10,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from jobwatch import status
+from jobwatch import kube, status
 from jobwatch.kube import ApiError, ObjectRef
 from jobwatch.metrics import Metrics
-from jobwatch.policy import Phase
+from jobwatch.policy import ErrorClass, LastError, Phase
 from jobwatch.status import StatusWriter, TokenBucket, render
 from jobwatch.watch import Watch
 
@@ -423,3 +424,116 @@ async def test_a_status_refused_as_invalid_is_written_again_without_the_endpoint
     assert written["phase"] == "Succeeded"
     assert "result" not in written
     assert "refused by the API server (HTTP 422)" in written["message"]
+
+
+def test_render_writes_exactly_the_fields_the_writer_keeps_hashes_of() -> None:
+    # A field missing from status.FIELDS would be invisible to the writer's comparison.
+    watch = make_watch(
+        phase=Phase.FAILED,
+        last_poll_time=time.time(),
+        completion_time=time.time(),
+        last_response={"code": 500},
+        last_error=LastError(ErrorClass.PERMANENT, "boom"),
+        result={"a": 1},
+    )
+    assert tuple(render(watch, time.time())) == status.FIELDS
+
+
+class WireApi(FakeApi):
+    """Records the JSON patch each write sends; fails the writes `refuse` says to."""
+
+    def __init__(self, refuse: Callable[[list[dict[str, Any]]], ApiError | None]) -> None:
+        super().__init__()
+        self.sent: list[list[dict[str, Any]]] = []
+        self.refuse = refuse
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+        ops = json.loads(kube.status_patch(ref.uid, status))
+        self.sent.append(ops)
+        assert ops[0] == {"op": "test", "path": "/metadata/uid", "value": ref.uid}
+        error = self.refuse(ops)
+        if error is not None:
+            raise error
+        self.patches.append((ref, status))
+
+
+def paths(ops: list[dict[str, Any]]) -> list[str]:
+    return [op["path"] for op in ops[1:]]
+
+
+async def write(writer: StatusWriter, watch: Watch) -> None:
+    writer.submit(watch, urgent=True)
+    await writer.flush(1.0)
+
+
+async def test_a_write_sends_only_the_fields_that_changed_and_whole_when_one_goes() -> None:
+    api = WireApi(lambda ops: None)
+    writer = make_writer(api)
+    watch = make_watch(phase=Phase.POLLING, next_poll_time=time.time() + 5)
+    await write(writer, watch)
+    watch.attempts, watch.last_response = 1, {"code": 200, "latencyMs": 3, "body": "{}"}
+    watch.last_poll_time = time.time()
+    await write(writer, watch)
+    watch.phase, watch.reason, watch.completion_time = Phase.SUCCEEDED, "Done", time.time()
+    await write(writer, watch)  # nextPollTime goes: only a whole status can say so
+    assert [paths(ops) for ops in api.sent] == [
+        ["/status"],
+        ["/status/attempts", "/status/lastPollTime", "/status/lastResponse"],
+        ["/status"],
+    ]
+    assert api.sent[1][3]["value"] == {"code": 200, "latencyMs": 3, "body": "{}"}
+    assert "nextPollTime" not in api.sent[2][1]["value"]
+
+
+async def test_nulls_in_a_changed_result_stay() -> None:
+    api = WireApi(lambda ops: None)
+    writer = make_writer(api)
+    watch = make_watch(result={"a": 1})
+    await write(writer, watch)
+    watch.result = {"a": None, "b": [None]}
+    await write(writer, watch)
+    assert api.sent[1][1:] == [{"op": "add", "path": "/status/result", "value": watch.result}]
+
+
+async def test_fields_the_object_cannot_take_are_written_whole_instead() -> None:
+    # Its status was replaced by someone else meanwhile, say: the fields' parent is gone.
+    api = WireApi(lambda ops: ApiError(422, "doc is missing path") if len(ops) > 2 else None)
+    writer = make_writer(api)
+    watch = make_watch()
+    await write(writer, watch)
+    watch.attempts, watch.consecutive_errors = 3, 1
+    await write(writer, watch)
+    assert [paths(ops) for ops in api.sent] == [
+        ["/status"],
+        ["/status/attempts", "/status/consecutiveErrors"],
+        ["/status"],
+    ]
+    assert api.sent[2][1]["value"]["attempts"] == 3
+    assert len(api.patches) == 2
+
+
+async def test_after_a_status_written_without_the_endpoints_parts_the_next_goes_whole() -> None:
+    def refuse(ops: list[dict[str, Any]]) -> ApiError | None:
+        value = ops[1]["value"]
+        too_big = isinstance(value, dict) and value.get("result") == "x" * 100
+        return ApiError(422, "result: Too long") if too_big else None
+
+    api = WireApi(refuse)
+    writer = make_writer(api)
+    watch = make_watch(result="x" * 100)
+    await write(writer, watch)
+    watch.attempts = 1
+    await write(writer, watch)
+    assert [paths(ops) for ops in api.sent] == [["/status"]] * 4
+    assert [("result" in ops[1]["value"]) for ops in api.sent] == [True, False, True, False]
+
+
+async def test_a_forgotten_object_is_written_whole_again() -> None:
+    api = WireApi(lambda ops: None)
+    writer = make_writer(api)
+    watch = make_watch()
+    await write(writer, watch)
+    writer.forget(watch.ref)
+    watch.attempts = 1
+    await write(writer, watch)
+    assert [paths(ops) for ops in api.sent] == [["/status"], ["/status"]]
