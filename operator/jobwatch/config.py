@@ -10,12 +10,20 @@ import enum
 import logging
 import math
 import os
-from collections.abc import Mapping
+import re
+import socket
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .durations import parse_duration
 from .egress import EgressPolicy, parse_networks
 from .hosts import HostLimits, HostSettings, parse_limits
+from .leases import LeaseSettings
+
+# Each bucket is a Lease renewed every retry period by its holder: API writes grow with it.
+MAX_BUCKETS = 256
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 class ConfigError(ValueError):
@@ -73,6 +81,8 @@ class Config:
     secret_qps: float  # fleet-wide Secret reads per second, sustained
     secret_burst: int
     hosts: HostSettings = field(default_factory=HostSettings)  # limits and breaker per host
+    # Replicas sharing the fleet through Leases; None: one replica polls everything.
+    leases: LeaseSettings | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -165,6 +175,7 @@ class Config:
 
         return cls(
             hosts=hosts,
+            leases=_leases(text, duration, number),
             labels=tuple(labels),
             namespaces=tuple(
                 part.strip() for part in text("JOBWATCH_NAMESPACES", "").split(",") if part.strip()
@@ -182,3 +193,41 @@ class Config:
             secret_qps=number("JOBWATCH_SECRET_QPS", "20", 0.1),
             secret_burst=int(number("JOBWATCH_SECRET_BURST", "40", 1)),
         )
+
+
+def _leases(
+    text: Callable[[str, str], str],
+    duration: Callable[[str, str], float],
+    number: Callable[[str, str, float], float],
+) -> LeaseSettings | None:
+    """Bucketed ownership, on when JOBWATCH_LEASE_NAMESPACE names where the Leases live
+    (in a pod: its own namespace, from the downward API)."""
+    namespace = text("JOBWATCH_LEASE_NAMESPACE", "")
+    if not namespace:
+        return None
+    settings = LeaseSettings(
+        namespace=namespace,
+        identity=text("JOBWATCH_IDENTITY", "") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
+        group=text("JOBWATCH_LEASE_GROUP", "jobwatch"),
+        buckets=int(number("JOBWATCH_BUCKETS", "32", 1)),
+        lease_duration=duration("JOBWATCH_LEASE_DURATION", "15s"),
+        renew_deadline=duration("JOBWATCH_LEASE_RENEW_DEADLINE", "10s"),
+        retry_period=duration("JOBWATCH_LEASE_RETRY_PERIOD", "2s"),
+    )
+    # client-go's rule: a holder must give up (renew deadline) before others may take
+    # over (lease duration), and try more than once (retry period, jittered ±10 %)
+    # before its renew deadline.
+    if not settings.lease_duration > settings.renew_deadline > 1.2 * settings.retry_period > 0:
+        raise ConfigError(
+            "JOBWATCH_LEASE_DURATION > JOBWATCH_LEASE_RENEW_DEADLINE > 1.2 x "
+            "JOBWATCH_LEASE_RETRY_PERIOD > 0 must hold (they are "
+            f"{settings.lease_duration:g}s, {settings.renew_deadline:g}s, "
+            f"{settings.retry_period:g}s)"
+        )
+    if settings.buckets > MAX_BUCKETS:
+        raise ConfigError(f"JOBWATCH_BUCKETS={settings.buckets} is above {MAX_BUCKETS}")
+    if not _DNS_LABEL.fullmatch(settings.group) or len(settings.group) > 40:
+        raise ConfigError(
+            f"JOBWATCH_LEASE_GROUP={settings.group!r} must be a DNS label of at most 40 characters"
+        )
+    return settings

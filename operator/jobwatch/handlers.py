@@ -16,6 +16,7 @@ import gc
 import logging
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from .config import Config
 from .httpclient import HttpClient
 from .informer import Informer
 from .kube import KubeApi
+from .leases import Elector, Handed, Ownership
 from .metrics import Metrics
 from .runtime import Runtime
 
@@ -50,6 +52,8 @@ class Service:
     metrics_listener: socket.socket | None = None  # bound by __main__ before kopf starts
     metrics_runner: web.AppRunner | None = None
     informer: asyncio.Task[None] | None = None
+    elector: Elector | None = None  # with replicas (JOBWATCH_LEASE_NAMESPACE)
+    electing: asyncio.Task[None] | None = None
     starter: asyncio.Task[None] | None = None
     # Handed to kopf.run: set on SIGTERM/SIGINT, after polling has been stopped.
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -60,12 +64,17 @@ class Service:
         """Why the process is not healthy, or None: a long-lived task has ended."""
         if self.informer is not None and self.informer.done():
             return "the JobWatch informer has stopped"
+        if self.electing is not None and self.electing.done():
+            return "the lease elector has stopped"
         if self.runtime is not None and self.runtime.writer_stopped:
             return "the status writer has stopped"
         return None
 
 
 service = Service()
+# At most this long from SIGTERM to the Leases released (the rest of the shutdown budget
+# flushes what else is queued): other replicas take the buckets within seconds.
+HANDOVER_BUDGET = 3.0
 
 
 @kopf.on.login()
@@ -89,7 +98,12 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     service.http = HttpClient(
         config.egress, max_body_bytes=config.max_body_bytes, max_connections=config.max_in_flight
     )
-    runtime = service.runtime = Runtime(config, service.api, service.http, metrics)
+    ownership = None
+    if config.leases is not None:
+        ownership = Ownership(config.leases, scopes=config.namespaces or (None,))
+    runtime = service.runtime = Runtime(
+        config, service.api, service.http, metrics, ownership=ownership
+    )
     runtime.start()
     informer = Informer(
         service.api,
@@ -97,8 +111,20 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         config.labels,
         observe=runtime.observe,
         keep_only=runtime.keep_only,
+        listing=ownership.listing if ownership is not None else None,
     )
     service.informer = asyncio.create_task(informer.run(), name="jobwatch-informer")
+    if config.leases is not None and ownership is not None:
+        elector = service.elector = Elector(
+            config.leases,
+            service.api,
+            ownership,
+            _Handover(runtime, informer),
+            clock=time.monotonic,
+            wall=time.time,
+        )
+        metrics.leases.source = elector.figures
+        service.electing = asyncio.create_task(elector.run(), name="jobwatch-leases")
     service.starter = asyncio.create_task(_poll_when_synced(informer, runtime))
     if service.metrics_listener is not None:
         service.metrics_runner = await metrics.serve(service.metrics_listener)
@@ -107,6 +133,24 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         "namespaces " + ", ".join(config.namespaces) if config.namespaces else "cluster-wide",
         config.max_in_flight,
     )
+
+
+class _Handover:
+    """The runtime and the informer, as the lease elector needs them."""
+
+    def __init__(self, runtime: Runtime, informer: Informer) -> None:
+        self._runtime, self._informer = runtime, informer
+
+    def adopt(self) -> None:
+        self._informer.relist()
+
+    def drop(self, buckets: frozenset[int]) -> None:
+        self._runtime.drop(buckets)
+
+    async def hand_over(
+        self, buckets: frozenset[int], budget: float
+    ) -> dict[tuple[str, str], Handed]:
+        return await self._runtime.hand_over(buckets, budget)
 
 
 async def _poll_when_synced(informer: Informer, runtime: Runtime) -> None:
@@ -162,7 +206,7 @@ async def cleanup(**_: Any) -> None:
     # Stopped by kopf's own signal handler (before polling started): its waiter of
     # `stop` would otherwise count as a hung task, which kopf waits 5 s for.
     service.stop.set()
-    for task in (service.starter, service.informer):
+    for task in (service.starter, service.informer, service.electing):
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -170,6 +214,16 @@ async def cleanup(**_: Any) -> None:
         budget = service.config.shutdown_budget - EXIT_RESERVE
         if service.signalled_at is not None:
             budget -= asyncio.get_running_loop().time() - service.signalled_at
+        if service.elector is not None:
+            if service.stopping is not None:
+                await service.stopping  # no poll in flight any more
+            # Hand every bucket over first (phase changes written, the timing in the
+            # Leases) and leave the group: the other replicas take them at their next
+            # round, seconds from now, not after an expiry. The flush below then has
+            # nothing left of them to write.
+            started = asyncio.get_running_loop().time()
+            await service.elector.release(min(HANDOVER_BUDGET, budget / 2))
+            budget -= asyncio.get_running_loop().time() - started
         await service.runtime.shutdown(max(1.0, budget))
     if service.http is not None:
         await service.http.aclose()

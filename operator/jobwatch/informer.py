@@ -52,11 +52,14 @@ class Informer:
         *,
         observe: Callable[[str, Mapping[str, Any]], None],
         keep_only: Callable[[str | None, set[Key]], None],
+        listing: Callable[[str | None], None] | None = None,
         server_timeout: int = 300,
     ) -> None:
         self._api, self._labels = api, labels
         self._scopes: tuple[str | None, ...] = namespaces or (None,)
-        self._observe, self._keep_only = observe, keep_only
+        self._observe, self._keep_only, self._listing = observe, keep_only, listing
+        # Set by `relist`: the scope's stream is closed and it is listed again.
+        self._relist = {scope: asyncio.Event() for scope in self._scopes}
         self._server_timeout = server_timeout
         self.synced = asyncio.Event()  # every scope listed once
         self._listed: set[str | None] = set()
@@ -77,8 +80,14 @@ class Informer:
                     version = await self._list(scope)
                     reach.ok(loop.time())
                 opened = loop.time()
-                version = await self._watch(scope, version, lambda: reach.ok(loop.time()))
+                resume = await self._watch_unless_relisted(
+                    scope, version, lambda: reach.ok(loop.time())
+                )
                 failures = 0
+                if resume is None:
+                    version = None  # asked to list again: at once
+                    continue
+                version = resume
                 if loop.time() - opened < MIN_STREAM_SECONDS:
                     await asyncio.sleep(MIN_STREAM_SECONDS)
             except Expired:
@@ -102,7 +111,38 @@ class Informer:
                 )
                 await asyncio.sleep(delay)
 
+    def relist(self) -> None:
+        """Closes every scope's stream and lists it again (buckets were taken: their
+        watches are adopted from that list, see leases.Ownership)."""
+        for event in self._relist.values():
+            event.set()
+
+    async def _watch_unless_relisted(
+        self, scope: str | None, version: str, opened: Callable[[], None]
+    ) -> str | None:
+        """The stream until it ends (where to resume), or None once `relist` asks."""
+        asked = self._relist[scope]
+        if asked.is_set():
+            return None
+        watching = asyncio.ensure_future(self._watch(scope, version, opened))
+        waiting = asyncio.ensure_future(asked.wait())
+        try:
+            await asyncio.wait((watching, waiting), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            if not watching.done():
+                watching.cancel()
+                await asyncio.wait((watching,))
+        if watching.cancelled():
+            return None
+        return watching.result()
+
     async def _list(self, scope: str | None) -> str:
+        # From here on the stream of this scope is closed: what the list shows is newer
+        # than any event it carried.
+        self._relist[scope].clear()
+        if self._listing is not None:
+            self._listing(scope)
         started = asyncio.get_running_loop().time()
         seen: set[Key] = set()
         version: str | None = None
@@ -113,6 +153,7 @@ class Informer:
                 seen.add((str(meta.get("namespace")), str(meta.get("name"))))
                 self._observe("ADDED", body)
         self._keep_only(scope, seen)
+        log.debug("listed %d JobWatches in %s", len(seen), _where(scope))
         if scope not in self._listed:
             elapsed = asyncio.get_running_loop().time() - started
             log.info("listed %d JobWatches in %s in %.1f s", len(seen), _where(scope), elapsed)

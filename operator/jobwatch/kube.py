@@ -459,6 +459,45 @@ class KubeApi:
         if code >= 400:
             raise _error(code, body)
 
+    # --- Leases (leases.py): the buckets replicas share, and one per replica ---------
+
+    @staticmethod
+    def _leases(namespace: str) -> str:
+        return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+    async def _lease_request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        payload = None if body is None else encode_json(body).encode()
+        code, answer = await self._request(method, path, body=payload, params=params)
+        if code >= 400:
+            raise _error(code, answer)
+        return dict(json.loads(answer))
+
+    async def list_leases(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        listed = await self._lease_request(
+            "GET", self._leases(namespace), params={"labelSelector": selector}
+        )
+        return list(listed.get("items") or [])
+
+    async def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._lease_request("POST", self._leases(namespace), body)
+
+    async def replace_lease(
+        self, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """An update that fails with 409 if the Lease changed since `body` was read."""
+        return await self._lease_request("PUT", f"{self._leases(namespace)}/{name}", body)
+
+    async def delete_lease(self, namespace: str, name: str) -> None:
+        code, answer = await self._request("DELETE", f"{self._leases(namespace)}/{name}")
+        if code >= 400 and code != 404:
+            raise _error(code, answer)
+
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """The non-empty lines of a stream, however long (aiohttp's own readline stops at

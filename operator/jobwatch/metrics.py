@@ -153,6 +153,43 @@ class _Hosts:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseFigures:
+    held: frozenset[int]  # buckets this replica holds
+    live: int  # replicas it sees alive, itself included
+    share: int  # buckets it aims to hold
+
+
+class _Leases:
+    """`jobwatch_bucket_held{bucket}` (one series per bucket held: at most
+    JOBWATCH_BUCKETS), `jobwatch_replicas` and `jobwatch_bucket_share`, read at scrape
+    time. Nothing with a single replica (no Leases)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], LeaseFigures] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.source is None:
+            return
+        figures = self.source()
+        held = GaugeMetricFamily(
+            "jobwatch_bucket_held",
+            "1 for each bucket whose Lease this replica holds (it polls those JobWatches).",
+            labels=["bucket"],
+        )
+        for bucket in sorted(figures.held):
+            held.add_metric([str(bucket)], 1)
+        yield held
+        yield GaugeMetricFamily(
+            "jobwatch_replicas", "Replicas this one sees alive (member Leases).", value=figures.live
+        )
+        yield GaugeMetricFamily(
+            "jobwatch_bucket_share",
+            "Buckets this replica aims to hold: ceil(buckets / live replicas).",
+            value=figures.share,
+        )
+
+
 def _tasks() -> int:
     try:
         return len(asyncio.all_tasks())
@@ -211,6 +248,9 @@ class Metrics:
         # The runtime plugs the host table in (Runtime.__init__).
         self.hosts = _Hosts()
         r.register(self.hosts)
+        # The lease elector plugs itself in (handlers.startup), with replicas only.
+        self.leases = _Leases()
+        r.register(self.leases)
         ProcessCollector(registry=r)  # CPU, memory, start time: for dashboards and alerts
         self.queued = Gauge(
             "jobwatch_polls_queued", "Polls that are due but wait for a free worker.", registry=r

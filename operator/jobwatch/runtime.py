@@ -7,6 +7,7 @@ scheduler and the status writer. The decisions themselves are in policy.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -19,6 +20,7 @@ from .expressions import CompiledWatch, ExpressionError, final_result
 from .hosts import Held, HeldReason, Hosts, Verdict, host_key, verdict
 from .httpclient import HttpClient, Request, TLSSettings
 from .kube import KubeApi, ObjectRef
+from .leases import Handed, Ownership
 from .logs import about
 from .metrics import FleetFigures, HostFigures, Metrics
 from .outcome import Response
@@ -62,8 +64,12 @@ class Runtime:
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        ownership: Ownership | None = None,
     ) -> None:
         self._api, self._http, self._metrics = api, http, metrics
+        # With replicas sharing the fleet: the watches of the buckets this one holds.
+        # None: a single replica, which takes in and polls every JobWatch it sees.
+        self._ownership = ownership
         self._wall, self._clock, self._rand = wall, clock, rand
         self.watches: dict[tuple[str, str], Watch] = {}
         self.writer = StatusWriter(
@@ -74,6 +80,7 @@ class Runtime:
             progress_interval=config.progress_interval,
             wall=wall,
             clock=clock,
+            may_write=self._writable,
         )
         self.scheduler: Scheduler[tuple[str, str]] = Scheduler(
             self.poll, workers=config.max_in_flight, metrics=metrics, clock=clock
@@ -172,6 +179,8 @@ class Runtime:
     def _observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
+        if self._ownership is not None and not self._ownership.owns(*key):
+            return  # another replica's (a bucket taken later is listed afresh)
         current = self.watches.get(key)
         if event_type == "DELETED" or meta.get("deletionTimestamp"):
             self._forget(key)
@@ -239,6 +248,55 @@ class Runtime:
         for key in gone:
             self._forget(key)
 
+    def _writable(self, ref: ObjectRef) -> bool:
+        return self._ownership is None or self._ownership.writable(ref.namespace, ref.name)
+
+    def _ours(self, key: tuple[str, str]) -> bool:
+        """Still this replica's to poll? Checked before anything is sent or written: a
+        replica that could not renew its bucket's Lease in time (the API server away, the
+        process stopped for a while) drops the watch before another may take it."""
+        ownership = self._ownership
+        if ownership is None or ownership.valid(key[0], key[1], self._clock()):
+            return True
+        if not ownership.writable(*key):
+            self._forget(key)
+        return False  # being handed over: `hand_over` writes its status, then forgets it
+
+    def drop(self, buckets: frozenset[int]) -> None:
+        """Lost buckets: forget their watches at once; nothing more is written for them
+        (their new holder adopts them from what was)."""
+        ownership = self._ownership
+        assert ownership is not None
+        for key in [k for k in self.watches if ownership.bucket(*k) in buckets]:
+            self._forget(key)
+
+    async def hand_over(
+        self, buckets: frozenset[int], budget: float
+    ) -> dict[tuple[str, str], Handed]:
+        """Buckets given up: no new poll starts (the ownership says so already), the polls
+        in flight end, and phase and reason changes are written, within `budget` seconds;
+        then the watches are forgotten. Returns when each last polled and was to poll
+        next, for the next holder (progress written only every progress interval would
+        be older)."""
+        ownership = self._ownership
+        assert ownership is not None
+        keys = [k for k in self.watches if ownership.bucket(*k) in buckets]
+        for key in keys:
+            self.scheduler.cancel(key)
+        deadline = self._clock() + budget
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget):
+                await self.scheduler.wait_idle(keys)
+        refs = [self.watches[key].ref for key in keys if key in self.watches]
+        await self.writer.settle(refs, max(0.0, deadline - self._clock()))
+        handed: dict[tuple[str, str], Handed] = {}
+        for key in keys:
+            watch = self.watches.get(key)
+            if watch is not None and not watch.finished:
+                handed[key] = Handed(watch.last_end, watch.next_poll_time, watch.attempts)
+            self._forget(key)
+        return handed
+
     def _forget(self, key: tuple[str, str]) -> None:
         self._reserved.discard(key)
         watch = self.watches.pop(key, None)
@@ -293,6 +351,7 @@ class Runtime:
             watch = current
         elif resumed:
             watch.resume_from(stored)
+            self._take_handed(key, watch)
         elif current is not None:
             # A new watch of the same object (a spec edit): the same job service may be
             # polled, so the timing floor counts from the old watch's last request.
@@ -323,6 +382,20 @@ class Runtime:
             due = now
         self._plan(key, watch, due)
 
+    def _take_handed(self, key: tuple[str, str], watch: Watch) -> None:
+        """A watch taken over from another replica: its timing as that replica left it
+        (newer than the status progress), so that the rhythm and the timing floor hold
+        across the handover."""
+        handed = self._ownership.handed(*key) if self._ownership is not None else None
+        if handed is None:
+            return
+        if handed.last_end is not None:
+            watch.last_end = max(watch.last_end or 0.0, handed.last_end)
+            watch.last_poll_time = max(watch.last_poll_time or 0.0, handed.last_end)
+        if handed.next_poll is not None:
+            watch.next_poll_time = max(watch.next_poll_time or 0.0, handed.next_poll)
+        watch.attempts = max(watch.attempts, handed.attempts)
+
     def _plan(self, key: tuple[str, str], watch: Watch, due_wall: float) -> None:
         """Plans the next poll. The one place that keeps the timing floor: whatever asked
         for it (a decision, a resume, an edit, a restart), no request starts sooner than
@@ -346,6 +419,8 @@ class Runtime:
         """
         watch = self.watches.get(key)
         if watch is None or watch.finished or watch.spec is None or watch.compiled is None:
+            return
+        if not self._ours(key):
             return
         stage = "planning the poll"
         try:
@@ -396,6 +471,8 @@ class Runtime:
             if self.watches.get(key) is not watch:
                 return
 
+            if not self._ours(key):
+                return
             stage = "asking the host's limits"
             reserved = False
             if self._reserved and key in self._reserved:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Collection, Hashable
 from typing import Generic, TypeVar
 
 from .metrics import Metrics
@@ -52,6 +52,7 @@ class Scheduler(Generic[K]):
         # before a worker took it (an edit made it due at once) must still run once.
         self._released: dict[K, int] = {}
         self._running: set[K] = set()
+        self._run_ended = asyncio.Event()  # a run ended (for `wait_idle`)
         self._held: dict[K, tuple[float, int]] = {}  # came due while running
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -72,6 +73,13 @@ class Scheduler(Generic[K]):
         self._released.pop(key, None)
         self._held.pop(key, None)
         self._compact()
+
+    async def wait_idle(self, keys: Collection[K]) -> None:
+        """Returns once none of `keys` is running (cancel them first: this does not
+        stop new runs)."""
+        while any(key in self._running for key in keys):
+            self._run_ended.clear()
+            await self._run_ended.wait()
 
     def planned(self, key: K) -> bool:
         """Whether `key` has a run ahead: planned, due and waiting for a worker, or running."""
@@ -156,6 +164,7 @@ class Scheduler(Generic[K]):
                 log.exception("poll of %s failed unexpectedly", key)
             finally:
                 self._running.discard(key)
+                self._run_ended.set()
                 held = self._held.pop(key, None)
                 if held is not None and key not in self._live:
                     self._released[key] = held[1]

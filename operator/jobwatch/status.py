@@ -18,12 +18,13 @@ The writer is polite to the API server at any fleet size:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import logging
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,8 +242,12 @@ class StatusWriter:
         progress_interval: float,
         wall: Callable[[], float],
         clock: Callable[[], float],
+        may_write: Callable[[ObjectRef], bool] = lambda ref: True,
     ) -> None:
         self._api, self._metrics = api, metrics
+        # With replicas: is the object's bucket still this one's? A replica that lost it
+        # (renew deadline passed, taken over) must not overwrite the new holder's status.
+        self._may_write = may_write
         self._progress_interval = progress_interval
         self._wall, self._clock = wall, clock
         self._bucket = TokenBucket(qps, burst, clock)
@@ -268,6 +273,7 @@ class StatusWriter:
         self._wake = asyncio.Event()  # the queues changed, or a write ended
         self._dropping = False
         self._inflight: set[ObjectRef] = set()
+        self._write_ended = asyncio.Event()  # for settle()
         # Set by flush(): retries must fit in its budget, and nothing is attempted after it.
         self._deadline: float | None = None
         self._given_up = 0
@@ -346,6 +352,23 @@ class StatusWriter:
             pass
         if left := self.pending + self._given_up:
             log.warning("shutdown: %d status writes and Events were not written", left)
+
+    async def settle(self, refs: Collection[ObjectRef], budget: float) -> None:
+        """Returns once none of these objects has a phase or reason change queued or a
+        write in flight (or after `budget` seconds): a handover, whose next holder adopts
+        the watches from their status. Progress is left out: the handover carries it."""
+        wanted = set(refs)
+
+        def waiting() -> bool:
+            return any(
+                ref in self._final or ref in self._urgent or ref in self._inflight for ref in wanted
+            )
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget):
+                while waiting():
+                    self._write_ended.clear()
+                    await self._write_ended.wait()
 
     async def _writer(self, *, draining: bool) -> None:
         while True:
@@ -433,6 +456,8 @@ class StatusWriter:
         """Writes (the newest state of) a watch `_pop` marked in flight."""
         watch = self._latest.get(watch.ref, watch)
         try:
+            if not self._may_write(watch.ref):
+                return  # no longer this replica's to write
             await self._write_once(watch)
         except asyncio.CancelledError:
             self._resubmit(watch.ref)  # shutdown: the flush writes it
@@ -440,6 +465,7 @@ class StatusWriter:
         finally:
             self._inflight.discard(watch.ref)
             self._wake.set()
+            self._write_ended.set()
 
     def _resubmit(self, ref: ObjectRef) -> None:
         latest = self._latest.get(ref)
@@ -559,6 +585,8 @@ class StatusWriter:
             self._deadline = min(self._deadline, self._clock())
 
     async def _emit(self, event: _Event) -> None:
+        # Not guarded by `may_write`: an Event records what this replica saw and
+        # overwrites nothing of the next holder's.
         try:
             await self._api.create_event(
                 event.ref, warning=event.warning, reason=event.reason, message=event.message

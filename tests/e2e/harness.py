@@ -356,6 +356,13 @@ class Seen:
     concurrent: int = 0  # requests to the same path still being answered when it came
 
 
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) drops the connections of a burst of first polls
+    # (several operators adopting hundreds of watches at once): they would hang in
+    # SYN retries, which no real job service behind a load balancer does.
+    request_queue_size = 1024
+
+
 class JobServer:
     """A job API on loopback whose answers each test scripts per path.
 
@@ -405,7 +412,7 @@ class JobServer:
 
             do_GET = do_POST = do_PUT = do_HEAD = _serve
 
-        self._httpd = ThreadingHTTPServer((host, 0), Handler)
+        self._httpd = _Server((host, 0), Handler)
         self._httpd.daemon_threads = True
         self.scheme = "http"
         if tls is not None:

@@ -123,6 +123,25 @@ def test_the_service_account_may_do_what_the_rbac_promises_and_nothing_more(
 
 
 @pytest.mark.parametrize(
+    ("verb", "expected"),
+    [(verb, True) for verb in ("get", "list", "create", "update", "delete")]
+    + [("watch", False), ("patch", False), ("deletecollection", False)],
+)
+def test_leases_only_in_the_operators_own_namespace(
+    ns: Namespace, verb: str, expected: bool
+) -> None:
+    def can_i(*scope: str) -> str:
+        answer = ns.cluster.kubectl(
+            "auth", "can-i", verb, "leases.coordination.k8s.io", f"--as={SA}", *scope
+        )
+        return answer.stdout.strip()
+
+    assert can_i("-n", OPERATOR_NAMESPACE) == ("yes" if expected else "no")
+    assert can_i("-n", ns.name) == "no"
+    assert can_i("--all-namespaces") == "no"
+
+
+@pytest.mark.parametrize(
     ("verb", "resource", "expected"),
     [
         ("get", "secrets", True),

@@ -133,3 +133,36 @@ def test_a_taken_port_stops_the_operator_at_once_with_one_line(
         f"jobwatch: {variable}={taken_port}: cannot listen on 0.0.0.0:{taken_port}:"
         " address already in use (set another port, or 0 for no endpoint)\n"
     )
+
+
+def test_one_replica_unless_a_lease_namespace_is_named() -> None:
+    assert Config.from_env({}).leases is None
+    leases = Config.from_env(
+        {"JOBWATCH_LEASE_NAMESPACE": "jobwatch-system", "JOBWATCH_IDENTITY": "pod-a"}
+    ).leases
+    assert leases is not None
+    assert (leases.namespace, leases.identity, leases.group, leases.buckets) == (
+        "jobwatch-system",
+        "pod-a",
+        "jobwatch",
+        32,
+    )
+    assert (leases.lease_duration, leases.renew_deadline, leases.retry_period) == (15, 10, 2)
+    # Without an identity each process gets its own.
+    a, b = (Config.from_env({"JOBWATCH_LEASE_NAMESPACE": "ns"}).leases for _ in "ab")
+    assert a is not None and b is not None and a.identity != b.identity
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"JOBWATCH_LEASE_DURATION": "10s"}, "JOBWATCH_LEASE_DURATION"),
+        ({"JOBWATCH_LEASE_RETRY_PERIOD": "9s"}, "JOBWATCH_LEASE_RETRY_PERIOD"),
+        ({"JOBWATCH_BUCKETS": "1000"}, "JOBWATCH_BUCKETS"),
+        ({"JOBWATCH_BUCKETS": "0"}, "JOBWATCH_BUCKETS"),
+        ({"JOBWATCH_LEASE_GROUP": "Not_A_Label"}, "JOBWATCH_LEASE_GROUP"),
+    ],
+)
+def test_lease_settings_that_cannot_work_are_refused(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Config.from_env({"JOBWATCH_LEASE_NAMESPACE": "ns", **env})

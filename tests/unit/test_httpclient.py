@@ -275,13 +275,14 @@ async def test_connection_refused(make_client: MakeClient) -> None:
     assert failure.message == f"connection refused by 127.0.0.1:{port}"
 
 
+async def slow(request: web.Request) -> web.StreamResponse:
+    await asyncio.sleep(5)
+    return web.Response(text="late")
+
+
 async def test_timeout_covers_the_whole_attempt(
     start_server: StartServer, make_client: MakeClient
 ) -> None:
-    async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(5)
-        return web.Response(text="late")
-
     server = await start_server(slow)
     failure = expect_failure(
         await make_client().send(get(server.url(), timeout=0.3)), FailureKind.TRANSPORT
@@ -326,10 +327,6 @@ async def test_timeout_while_reading_the_body(
 
 
 async def test_cancellation_propagates(start_server: StartServer, make_client: MakeClient) -> None:
-    async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(5)
-        return web.Response()
-
     server = await start_server(slow)
     task = asyncio.create_task(make_client().send(get(server.url())))
     await asyncio.sleep(0.2)
@@ -1106,10 +1103,6 @@ async def test_tls_to_a_plain_port(start_server: StartServer, make_client: MakeC
 async def test_a_refused_connection_and_a_timeout_are_the_hosts(
     start_server: StartServer, make_client: MakeClient
 ) -> None:
-    async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(5)
-        return web.Response(text="late")
-
     client = make_client()
     refused = await client.send(get(f"http://127.0.0.1:{free_port()}/"))
     assert expect_failure(refused, FailureKind.TRANSPORT).host_failed

@@ -42,6 +42,22 @@ def test_cluster_role_has_no_wildcards_and_only_gets_secrets() -> None:
     }
 
 
+def test_leases_are_granted_only_in_the_operators_namespace() -> None:
+    role, binding = yaml.safe_load_all((REPO / "manifests/rbac/lease_role.yaml").read_text())
+    assert (role["kind"], role["metadata"]["namespace"]) == ("Role", "jobwatch-system")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "list", "create", "update", "delete"],
+        }
+    ]
+    assert binding["kind"] == "RoleBinding"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "jobwatch-operator", "namespace": "jobwatch-system"}
+    ]
+
+
 def test_deployment_runs_locked_down() -> None:
     deployment = load("manifests/manager/deployment.yaml")
     pod = deployment["spec"]["template"]["spec"]
@@ -55,8 +71,13 @@ def test_deployment_runs_locked_down() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     # The operator exits within its 10 s shutdown budget; the pod must allow that.
     assert pod["terminationGracePeriodSeconds"] >= 10
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # Replicas share the fleet through Leases; a rollout surges before it stops one.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["JOBWATCH_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.namespace"
+    )
 
 
 def test_crd_names_and_printer_columns() -> None:

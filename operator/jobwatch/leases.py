@@ -1,0 +1,645 @@
+"""Replicas that share the fleet: B buckets, each owned through a `coordination.k8s.io`
+Lease, and a member Lease per replica so that each can tell its fair share.
+
+A JobWatch belongs to bucket `crc32(namespace/name) % B`. A replica polls only the
+watches of the buckets it holds. Every `retry_period` it lists the group's Leases (one
+request), renews its own (one update each) and then, knowing the live replicas:
+
+- takes free buckets while it holds fewer than its share, ceil(B / live replicas), and
+  any bucket that stayed free for a whole lease duration whatever its share (so none
+  stays unowned while replicas are missing);
+- gives one bucket back per round while it holds more than its share and another live
+  replica holds less than the floor of it (a replica that joins gets its share within a
+  few rounds, and a rebalance never moves more than it must).
+
+The timing is client-go's (`tools/leaderelection`): a Lease is free when released
+(no holder) or when its record has not changed for `leaseDurationSeconds` as seen on
+this replica's own clock; so no one needs synchronised clocks. A holder counts a bucket
+as its own only until `renew_deadline` after it sent the last renewal that succeeded:
+as others wait a whole `lease_duration` after they saw that renewal, a holder that
+cannot renew (an API server away, a process stopped with SIGSTOP) has stopped polling
+the bucket before anyone else may take it. Updates carry the resourceVersion they read,
+so two replicas taking one bucket at once cannot both succeed.
+
+Giving a bucket up (a rebalance, SIGTERM) stops its polls, waits for those in flight,
+writes their last status and only then releases the Lease (no holder, duration 1 s, as
+client-go's ReleaseOnCancel does), so the next holder adopts from a fresh status
+within seconds, not after an expiry. Taking one makes the informer list again (see
+`Ownership`), which adopts the bucket's watches from their status as a restart does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import math
+import random
+import re
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .kube import ApiError
+from .metrics import LeaseFigures
+
+log = logging.getLogger(__name__)
+
+GROUP_LABEL = "jobwatch.dev/lease-group"
+ROLE_LABEL = "jobwatch.dev/lease-role"
+BUCKET, MEMBER = "bucket", "member"
+# Buckets given back per round while holding more than the share: one keeps a
+# rebalance gentle (each handover costs a status flush and a list on the taker).
+RELEASES_PER_ROUND = 1
+# Member Leases of replicas gone this many lease durations are deleted by anyone.
+MEMBER_GARBAGE_DURATIONS = 20
+# On a released bucket Lease: when each of its watches last polled and was to poll next,
+# and its attempts, for the next holder (see `Handover.hand_over`).
+HANDOVER_ANNOTATION = "jobwatch.dev/handover"
+# Annotations of an object may take 256 KiB in all; beyond this the handover is left
+# out and the next holder resumes from status alone (more buckets keep it small: about
+# 40 bytes per watch, so 4,000 watches a bucket).
+MAX_HANDOVER_BYTES = 160_000
+
+
+def bucket_of(namespace: str, name: str, buckets: int) -> int:
+    """The bucket of a JobWatch: stable across processes and Python versions."""
+    return zlib.crc32(f"{namespace}/{name}".encode()) % buckets
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSettings:
+    namespace: str  # where the Leases live: the operator's own namespace
+    identity: str  # this replica, unique: pod name and a random suffix
+    group: str = "jobwatch"  # Lease name prefix; one per operator Deployment
+    buckets: int = 32
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+
+    def bucket_lease(self, bucket: int) -> str:
+        return f"{self.group}-bucket-{bucket:03d}"
+
+    @property
+    def member_lease(self) -> str:
+        return f"{self.group}-member-{_dns_label(self.identity)}"[:253]
+
+
+class LeaseStore(Protocol):
+    """The few Lease requests the elector makes (kube.KubeApi implements them). Errors
+    the API server answers are `ApiError`s; 409 means someone else wrote first."""
+
+    async def list_leases(self, namespace: str, selector: str) -> list[dict[str, Any]]: ...
+
+    async def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def replace_lease(
+        self, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]: ...
+
+    async def delete_lease(self, namespace: str, name: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """A watch's timing as its previous holder left it: epoch seconds of the end of its
+    last request and of its next planned poll, and its attempts. Newer than its status,
+    whose progress is written only every progress interval."""
+
+    last_end: float | None
+    next_poll: float | None
+    attempts: int
+
+
+class Ownership:
+    """Which watches this replica may take in and poll, asked per event and per poll.
+
+    A bucket taken becomes usable for a scope of the informer (a namespace, or all) only
+    once that scope has started a fresh list after the taking: events of the stream
+    before it could be older than the last status the previous holder wrote, and a
+    watch adopted from them would repeat attempts, or poll sooner than its timing floor.
+    """
+
+    def __init__(self, settings: LeaseSettings, scopes: Iterable[str | None]) -> None:
+        self._buckets = settings.buckets
+        self._per_namespace = None not in scopes
+        self._valid_until: dict[int, float] = {}  # held buckets: use by (monotonic)
+        self._releasing: set[int] = set()  # given up, their last status still to write
+        self._taken_at: dict[int, int] = {}  # bucket -> sequence number of its taking
+        self._listed_at: dict[str | None, int] = {}  # scope -> sequence at its last list
+        self._sequence = 0
+        self._handed: dict[tuple[str, str], Handed] = {}  # from the Leases taken
+
+    def bucket(self, namespace: str, name: str) -> int:
+        return bucket_of(namespace, name, self._buckets)
+
+    @property
+    def held(self) -> frozenset[int]:
+        return frozenset(self._valid_until)
+
+    def owns(self, namespace: str, name: str) -> bool:
+        """May an event of this object be taken in?"""
+        bucket = bucket_of(namespace, name, self._buckets)
+        taken = self._taken_at.get(bucket)
+        if taken is None:
+            return False
+        scope = namespace if self._per_namespace else None
+        return self._listed_at.get(scope, -1) >= taken
+
+    def valid(self, namespace: str, name: str, now: float) -> bool:
+        """May this watch be polled now (`now`: the loop's monotonic clock)?"""
+        bucket = bucket_of(namespace, name, self._buckets)
+        return self.valid_at(bucket, now) and self.owns(namespace, name)
+
+    def valid_at(self, bucket: int, now: float) -> bool:
+        return now < self._valid_until.get(bucket, -math.inf)
+
+    def writable(self, namespace: str, name: str) -> bool:
+        """May this watch's status still be written: held, or being handed over."""
+        bucket = bucket_of(namespace, name, self._buckets)
+        return bucket in self._valid_until or bucket in self._releasing
+
+    def listing(self, scope: str | None) -> None:
+        """The informer starts a list of `scope` (its stream is closed)."""
+        self._listed_at[scope] = self._sequence
+
+    def take(
+        self, bucket: int, valid_until: float, handed: Mapping[tuple[str, str], Handed]
+    ) -> None:
+        self._sequence += 1
+        self._taken_at[bucket] = self._sequence
+        self._valid_until[bucket] = valid_until
+        self._handed.update(handed)
+
+    def handed(self, namespace: str, name: str) -> Handed | None:
+        """What the previous holder left for this watch (once: adopting consumes it)."""
+        return self._handed.pop((namespace, name), None)
+
+    def renewed(self, bucket: int, valid_until: float) -> None:
+        if bucket in self._valid_until:
+            self._valid_until[bucket] = max(self._valid_until[bucket], valid_until)
+
+    def releasing(self, bucket: int) -> None:
+        """Handing it over: no event taken in, no poll sent, the last status written."""
+        if self._valid_until.pop(bucket, None) is not None:
+            self._releasing.add(bucket)
+        self._taken_at.pop(bucket, None)
+
+    def give_up(self, bucket: int) -> None:
+        self._valid_until.pop(bucket, None)
+        self._taken_at.pop(bucket, None)
+        self._releasing.discard(bucket)
+        for key in [k for k in self._handed if self.bucket(*k) == bucket]:
+            del self._handed[key]  # never adopted: its object is gone
+
+
+@dataclass(slots=True)
+class _Seen:
+    """A Lease as last listed, and since when (this replica's clock) it is unchanged."""
+
+    name: str
+    role: str
+    holder: str
+    duration: float
+    version: str
+    since: float
+    body: dict[str, Any] = field(repr=False)
+
+    def expired(self, now: float) -> bool:
+        return not self.holder or now - self.since >= self.duration
+
+    def free_since(self, now: float) -> float | None:
+        """Since when nobody holds it: released, or expired (None while held)."""
+        if not self.holder:
+            return self.since
+        if now - self.since >= self.duration:
+            return self.since + self.duration
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one round does about the buckets (besides renewing those held)."""
+
+    take: tuple[int, ...]
+    give: tuple[int, ...]
+    share: int
+    live: int
+
+
+def plan(
+    settings: LeaseSettings,
+    *,
+    seen: Mapping[str, _Seen],
+    absent: Mapping[int, float],
+    held: frozenset[int],
+    now: float,
+    rand: random.Random,
+) -> Plan:
+    """The buckets to try to take and to give back: pure, from one listing. `absent`:
+    buckets without a Lease yet, and since when this replica has seen them so."""
+    me = settings.identity
+    members = {
+        lease.holder
+        for lease in seen.values()
+        if lease.role == MEMBER and lease.holder and not lease.expired(now)
+    }
+    members.add(me)
+    live = len(members)
+    share = math.ceil(settings.buckets / live)
+    floor = settings.buckets // live
+    counts = dict.fromkeys(members, 0)
+    free: list[tuple[int, float]] = []
+    for bucket in range(settings.buckets):
+        lease = seen.get(settings.bucket_lease(bucket))
+        if lease is None:
+            free.append((bucket, absent.get(bucket, now)))
+            continue
+        since = lease.free_since(now)
+        if lease.holder == me and bucket not in held:
+            since = lease.since  # ours on record, not in use: dropped after an outage
+        if since is not None:
+            if bucket not in held:
+                free.append((bucket, since))
+        elif lease.holder in counts:
+            counts[lease.holder] += 1
+    counts[me] = len(held)
+    take: list[int] = []
+    if free:
+        rand.shuffle(free)  # replicas starting together then rarely want the same one
+        want = share - len(held)
+        for bucket, since in free:
+            # Beyond the share: only what nobody else took for a whole lease duration.
+            if want > 0 or now - since >= settings.lease_duration:
+                take.append(bucket)
+                want -= 1
+    give: list[int] = []
+    if len(held) > share and any(n < floor for m, n in counts.items() if m != me):
+        give = sorted(held, reverse=True)[:RELEASES_PER_ROUND]
+    return Plan(tuple(take), tuple(give), share, live)
+
+
+class Handover(Protocol):
+    """What the elector asks of the runtime."""
+
+    def adopt(self) -> None:
+        """Buckets were taken: list again, adopting their watches."""
+
+    def drop(self, buckets: frozenset[int]) -> None:
+        """Buckets were lost: forget their watches now, write nothing more for them."""
+
+    async def hand_over(
+        self, buckets: frozenset[int], budget: float
+    ) -> Mapping[tuple[str, str], Handed]:
+        """Buckets are given up: stop their polls, wait for those in flight, write their
+        phase and reason changes, within `budget` seconds; then the timing of each of
+        their watches, which goes to the next holder with the Lease."""
+
+
+class Elector:
+    """Runs the rounds; `run` until cancelled, then `release` on the way out."""
+
+    def __init__(
+        self,
+        settings: LeaseSettings,
+        store: LeaseStore,
+        ownership: Ownership,
+        handover: Handover,
+        *,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: random.Random | None = None,
+    ) -> None:
+        self._settings, self._store = settings, store
+        self._ownership, self._handover = ownership, handover
+        self._clock, self._wall, self._sleep = clock, wall, sleep
+        self._rand = rand or random.Random()
+        self._seen: dict[str, _Seen] = {}
+        self._absent: dict[int, float] = {}  # buckets without a Lease: since when
+        self._rounds = 0
+        # The last round failed: what the listing shows did not change because nobody
+        # could write it, not because its holder died (see `round`).
+        self._blind = False
+        self.last_plan: Plan | None = None
+
+    def figures(self) -> LeaseFigures:
+        last = self.last_plan
+        return LeaseFigures(
+            held=self._ownership.held,
+            live=last.live if last is not None else 1,
+            share=last.share if last is not None else self._settings.buckets,
+        )
+
+    @property
+    def selector(self) -> str:
+        return f"{GROUP_LABEL}={self._settings.group}"
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.round()
+            except Exception as exc:
+                # The API server away or refusing: what is held stays held until its
+                # renew deadline (checked below), and is then dropped.
+                self._blind = True
+                log.warning("lease round failed (%s)", exc or type(exc).__name__)
+            self._expire_unrenewed()
+            period = self._settings.retry_period
+            await self._sleep(period * (0.9 + 0.2 * self._rand.random()))
+
+    async def round(self) -> None:
+        settings = self._settings
+        self._rounds += 1
+        listed = await self._store.list_leases(settings.namespace, self.selector)
+        now = self._clock()
+        if self._blind:
+            # After an outage every Lease looks unchanged for as long as it lasted: its
+            # holder counts as alive until it has had a lease duration to renew. (A
+            # replica takes its own buckets back at once: see `plan`.)
+            self._seen = {}
+            self._blind = False
+        self._observe(listed, now)
+        await self._renew_member(now)
+        await self._renew_held()
+        # The first round only announces this replica: taking before the others are
+        # known would grab every bucket and then give most of them back.
+        if self._rounds == 1:
+            return
+        current = plan(
+            settings,
+            seen=self._seen,
+            absent=self._absent,
+            held=self._ownership.held,
+            now=self._clock(),
+            rand=self._rand,
+        )
+        self.last_plan = current
+        taken = [bucket for bucket in current.take if await self._take(bucket)]
+        if taken:
+            log.info(
+                "took buckets %s (share %d of %d replicas)", taken, current.share, current.live
+            )
+            self._handover.adopt()
+        if current.give:
+            await self._give(frozenset(current.give))
+        await self._collect_garbage()
+
+    async def release(self, budget: float) -> None:
+        """On the way out: hand every bucket over and leave the group."""
+        held = self._ownership.held
+        if held:
+            await self._give(held, budget)
+        try:
+            await self._store.delete_lease(self._settings.namespace, self._settings.member_lease)
+        except Exception as exc:
+            log.warning("could not delete member lease (%s)", exc)
+
+    def _observe(self, listed: list[dict[str, Any]], now: float) -> None:
+        seen: dict[str, _Seen] = {}
+        for body in listed:
+            meta = body.get("metadata") or {}
+            spec = body.get("spec") or {}
+            name = str(meta.get("name"))
+            version = str(meta.get("resourceVersion"))
+            before = self._seen.get(name)
+            seen[name] = _Seen(
+                name=name,
+                role=str((meta.get("labels") or {}).get(ROLE_LABEL, "")),
+                holder=str(spec.get("holderIdentity") or ""),
+                duration=float(spec.get("leaseDurationSeconds") or self._settings.lease_duration),
+                version=version,
+                since=before.since if before is not None and before.version == version else now,
+                body=body,
+            )
+        self._seen = seen
+        for bucket in range(self._settings.buckets):
+            if self._settings.bucket_lease(bucket) in seen:
+                self._absent.pop(bucket, None)
+            else:
+                self._absent.setdefault(bucket, now)
+
+    def _body(self, name: str, role: str, holder: str, duration: float) -> dict[str, Any]:
+        settings = self._settings
+        stamp = _micro_time(self._wall())
+        before = self._seen.get(name)
+        spec: dict[str, Any] = {
+            "holderIdentity": holder,
+            "leaseDurationSeconds": max(1, round(duration)),
+            "renewTime": stamp,
+        }
+        metadata: dict[str, Any] = {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": {GROUP_LABEL: settings.group, ROLE_LABEL: role},
+        }
+        if before is None:
+            spec.update(acquireTime=stamp, leaseTransitions=0)
+            return {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": metadata,
+                "spec": spec,
+            }
+        old = before.body.get("spec") or {}
+        transitions = int(old.get("leaseTransitions") or 0)
+        if before.holder != holder:
+            if holder:
+                transitions += 1
+                spec["acquireTime"] = stamp
+        else:
+            spec["acquireTime"] = old.get("acquireTime") or stamp
+        spec["leaseTransitions"] = transitions
+        metadata["resourceVersion"] = before.version
+        # A handover is for the one taking the Lease right after its release: gone with
+        # the first write after that.
+        annotations = dict(before.body["metadata"].get("annotations") or {})
+        annotations.pop(HANDOVER_ANNOTATION, None)
+        metadata["annotations"] = annotations
+        return {**before.body, "metadata": {**before.body["metadata"], **metadata}, "spec": spec}
+
+    async def _write(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        namespace = self._settings.namespace
+        if "resourceVersion" not in body["metadata"]:
+            written = await self._store.create_lease(namespace, body)
+        else:
+            written = await self._store.replace_lease(namespace, name, body)
+        # What we wrote is what others see changing: it does not start an expiry.
+        self._observe_one(written, self._clock())
+        return written
+
+    def _observe_one(self, body: dict[str, Any], now: float) -> None:
+        others = [lease.body for name, lease in self._seen.items() if name != _name(body)]
+        self._observe([*others, body], now)
+
+    async def _renew_member(self, now: float) -> None:
+        settings = self._settings
+        name = settings.member_lease
+        body = self._body(name, MEMBER, settings.identity, settings.lease_duration)
+        await self._write(name, body)
+
+    async def _renew_held(self) -> None:
+        settings = self._settings
+        held = sorted(self._ownership.held)
+        lost = {
+            bucket
+            for bucket in held
+            if (lease := self._seen.get(settings.bucket_lease(bucket))) is None
+            or lease.holder != settings.identity  # taken over (too late) or deleted
+        }
+        if lost:
+            self._lose(frozenset(lost), "taken by another replica")
+        # At once, not one after another: a round must end well within the renew
+        # deadline however many buckets this replica holds.
+        renewing = [bucket for bucket in held if bucket not in lost]
+        results = await asyncio.gather(*(self._hold(b) for b in renewing))
+        for bucket, valid_until in zip(renewing, results, strict=True):
+            # None: written meanwhile (409); the next listing says by whom.
+            if valid_until is not None:
+                self._ownership.renewed(bucket, valid_until)
+
+    async def _take(self, bucket: int) -> bool:
+        before = self._seen.get(self._settings.bucket_lease(bucket))
+        handed = _decode_handover(before.body if before is not None else {})
+        valid_until = await self._hold(bucket)
+        if valid_until is None:
+            return False  # another replica was first
+        self._ownership.take(bucket, valid_until, handed)
+        return True
+
+    async def _hold(self, bucket: int) -> float | None:
+        """Writes this replica into the bucket's Lease: until when it may use the bucket
+        (renew deadline from when the write was sent), or None when someone else wrote
+        the Lease since it was listed."""
+        settings = self._settings
+        name = settings.bucket_lease(bucket)
+        sent = self._clock()
+        try:
+            await self._write(
+                name, self._body(name, BUCKET, settings.identity, settings.lease_duration)
+            )
+        except ApiError as exc:
+            if exc.status == 409:
+                return None
+            raise
+        return sent + settings.renew_deadline
+
+    async def _give(self, buckets: frozenset[int], budget: float | None = None) -> None:
+        settings = self._settings
+        budget = settings.renew_deadline / 2 if budget is None else budget
+        for bucket in buckets:
+            self._ownership.releasing(bucket)
+        handed: Mapping[tuple[str, str], Handed] = {}
+        try:
+            handed = await self._handover.hand_over(buckets, budget)
+        finally:
+            for bucket in buckets:
+                self._ownership.give_up(bucket)
+        by_bucket: dict[int, dict[tuple[str, str], Handed]] = {b: {} for b in buckets}
+        for key, timing in handed.items():
+            by_bucket[self._ownership.bucket(*key)][key] = timing
+        await asyncio.gather(*(self._release(b, by_bucket[b]) for b in sorted(buckets)))
+        log.info("gave buckets %s back", sorted(buckets))
+
+    async def _release(self, bucket: int, handed: Mapping[tuple[str, str], Handed]) -> None:
+        name = self._settings.bucket_lease(bucket)
+        body = self._body(name, BUCKET, "", 1.0)
+        text = _encode_handover(handed)
+        if text is not None:
+            body["metadata"].setdefault("annotations", {})[HANDOVER_ANNOTATION] = text
+        try:
+            await self._write(name, body)
+        except Exception as exc:  # it expires on its own
+            log.warning("could not release %s (%s)", name, exc or type(exc).__name__)
+
+    def _expire_unrenewed(self) -> None:
+        now = self._clock()
+        gone = frozenset(
+            bucket for bucket in self._ownership.held if not self._ownership.valid_at(bucket, now)
+        )
+        if gone:
+            self._lose(gone, "not renewed within the renew deadline")
+
+    def _lose(self, buckets: frozenset[int], why: str) -> None:
+        log.warning("lost buckets %s: %s", sorted(buckets), why)
+        for bucket in buckets:
+            self._ownership.give_up(bucket)
+        self._handover.drop(buckets)
+
+    async def _collect_garbage(self) -> None:
+        """Member Leases of replicas long gone (kill -9, a lost node)."""
+        now = self._clock()
+        limit = MEMBER_GARBAGE_DURATIONS * self._settings.lease_duration
+        for lease in list(self._seen.values()):
+            if lease.role == MEMBER and now - lease.since > limit:
+                try:
+                    await self._store.delete_lease(self._settings.namespace, lease.name)
+                except ApiError as exc:
+                    if exc.status not in (404, 409):
+                        raise
+
+
+def _name(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("name"))
+
+
+def _micro_time(epoch: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _dns_label(text: str) -> str:
+    label = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return label or "replica"
+
+
+def _encode_handover(handed: Mapping[tuple[str, str], Handed]) -> str | None:
+    """`{"namespace/name": [last end, next poll, attempts]}`, times in ms since the epoch;
+    None when there is nothing, or too much, to hand over."""
+    if not handed:
+        return None
+
+    def ms(value: float | None) -> int | None:
+        return None if value is None else round(value * 1000)
+
+    text = json.dumps(
+        {
+            f"{ns}/{name}": [ms(h.last_end), ms(h.next_poll), h.attempts]
+            for (ns, name), h in handed.items()
+        },
+        separators=(",", ":"),
+    )
+    if len(text) > MAX_HANDOVER_BYTES:
+        log.warning("handover of %d watches left out: %d bytes", len(handed), len(text))
+        return None
+    return text
+
+
+def _decode_handover(body: Mapping[str, Any]) -> dict[tuple[str, str], Handed]:
+    """The handover a released Lease carries; anything unreadable is left out (whoever
+    may write Leases in our namespace could put anything there)."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    try:
+        raw = json.loads(annotations.get(HANDOVER_ANNOTATION) or "{}")
+    except ValueError:
+        return {}
+    handed: dict[tuple[str, str], Handed] = {}
+    if not isinstance(raw, dict):
+        return handed
+    for key, value in raw.items():
+        namespace, _, name = str(key).partition("/")
+        if not (isinstance(value, list) and len(value) == 3 and name):
+            continue
+        last_end, next_poll, attempts = value
+        if not all(v is None or isinstance(v, int) for v in (last_end, next_poll)):
+            continue
+        if not isinstance(attempts, int) or attempts < 0:
+            continue
+        handed[(namespace, name)] = Handed(
+            None if last_end is None else last_end / 1000,
+            None if next_poll is None else next_poll / 1000,
+            attempts,
+        )
+    return handed

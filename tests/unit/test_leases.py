@@ -1,0 +1,351 @@
+"""Buckets owned through Leases: the fair share, takeover only after expiry, handover
+before release, and never two replicas polling one bucket at once; with an in-memory
+Lease store that has the API server's optimistic concurrency, and a fake clock."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import zlib
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from jobwatch.kube import ApiError
+from jobwatch.leases import (
+    HANDOVER_ANNOTATION,
+    Elector,
+    Handed,
+    LeaseSettings,
+    Ownership,
+    bucket_of,
+)
+
+BUCKETS = 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Store:
+    """Leases with resourceVersions: a write carrying a stale one is a 409."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, dict[str, Any]] = {}
+        self.version = 0
+        self.down = False
+        self.writes = 0
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("the API server does not answer")
+
+    def _stored(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        self.writes += 1
+        stored = copy.deepcopy(dict(body))
+        stored["metadata"]["resourceVersion"] = str(self.version)
+        self.leases[stored["metadata"]["name"]] = stored
+        return copy.deepcopy(stored)
+
+    async def list_leases(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        self._check()
+        key, _, value = selector.partition("=")
+        return [
+            copy.deepcopy(b) for b in self.leases.values() if b["metadata"]["labels"][key] == value
+        ]
+
+    async def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        self._check()
+        if body["metadata"]["name"] in self.leases:
+            raise ApiError(409, "already exists")
+        return self._stored(body)
+
+    async def replace_lease(
+        self, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        self._check()
+        current = self.leases.get(name)
+        if current is None:
+            raise ApiError(404, "not found")
+        if current["metadata"]["resourceVersion"] != body["metadata"].get("resourceVersion"):
+            raise ApiError(409, "the object has been modified")
+        return self._stored(body)
+
+    async def delete_lease(self, namespace: str, name: str) -> None:
+        self._check()
+        self.leases.pop(name, None)
+
+    def holder(self, bucket: int) -> str:
+        lease = self.leases.get(f"jobwatch-bucket-{bucket:03d}")
+        return str(lease["spec"]["holderIdentity"]) if lease else ""
+
+
+class Handover:
+    """The runtime's side: `timing` is what it hands over for each watch."""
+
+    def __init__(self) -> None:
+        self.adopted = 0
+        self.dropped: list[frozenset[int]] = []
+        self.handed: list[frozenset[int]] = []
+        self.timing: dict[tuple[str, str], Handed] = {}
+
+    def adopt(self) -> None:
+        self.adopted += 1
+
+    def drop(self, buckets: frozenset[int]) -> None:
+        self.dropped.append(buckets)
+
+    async def hand_over(
+        self, buckets: frozenset[int], budget: float
+    ) -> dict[tuple[str, str], Handed]:
+        self.handed.append(buckets)
+        return {
+            key: timing
+            for key, timing in self.timing.items()
+            if bucket_of(*key, BUCKETS) in buckets
+        }
+
+
+class Replica:
+    def __init__(self, name: str, store: Store, clock: Clock, seed: int) -> None:
+        self.settings = LeaseSettings(namespace="ops", identity=name, buckets=BUCKETS)
+        self.ownership = Ownership(self.settings, scopes=(None,))
+        self.handover = Handover()
+        self.elector = Elector(
+            self.settings,
+            store,
+            self.ownership,
+            self.handover,
+            clock=clock,
+            wall=clock,
+            rand=random.Random(seed),
+        )
+        self.alive = True
+
+    async def round(self) -> None:
+        if self.alive:
+            with contextlib.suppress(ConnectionError):
+                await self.elector.round()
+            self.elector._expire_unrenewed()
+            # The informer lists again when told to adopt: the buckets become usable.
+            self.ownership.listing(None)
+
+    def polling(self, now: float) -> frozenset[int]:
+        return frozenset(b for b in range(BUCKETS) if self.ownership.valid_at(b, now))
+
+
+class Fleet:
+    def __init__(self, names: list[str]) -> None:
+        self.clock, self.store = Clock(), Store()
+        self.replicas = {n: Replica(n, self.store, self.clock, i) for i, n in enumerate(names)}
+
+    def join(self, name: str) -> Replica:
+        replica = Replica(name, self.store, self.clock, len(self.replicas))
+        self.replicas[name] = replica
+        return replica
+
+    async def rounds(self, count: int, step: float = 2.0) -> None:
+        for _ in range(count):
+            for replica in self.replicas.values():
+                await replica.round()
+                self.assert_exclusive()
+            self.clock.now += step
+            self.assert_exclusive()
+
+    def assert_exclusive(self) -> None:
+        """No bucket is polled by two replicas at any moment."""
+        now = self.clock.now
+        seen: Counter[int] = Counter()
+        for replica in self.replicas.values():
+            seen.update(replica.polling(now))
+        assert all(n == 1 for n in seen.values()), seen
+
+    def shares(self) -> dict[str, int]:
+        now = self.clock.now
+        return {n: len(r.polling(now)) for n, r in self.replicas.items()}
+
+
+def test_buckets_are_stable_and_even() -> None:
+    assert bucket_of("team-a", "report-42", BUCKETS) == zlib.crc32(b"team-a/report-42") % 32
+    counts = Counter(bucket_of("ns", f"w{n}", BUCKETS) for n in range(10_000))
+    assert len(counts) == BUCKETS
+    assert max(counts.values()) < 1.25 * 10_000 / BUCKETS
+    assert min(counts.values()) > 0.75 * 10_000 / BUCKETS
+
+
+async def test_three_replicas_share_every_bucket_fairly() -> None:
+    fleet = Fleet(["a", "b", "c"])
+    await fleet.rounds(4)
+    shares = fleet.shares()
+    assert sum(shares.values()) == BUCKETS
+    assert sorted(shares.values()) == [10, 11, 11]
+    # Each Lease names its holder, the one that polls it.
+    for name, replica in fleet.replicas.items():
+        assert all(fleet.store.holder(b) == name for b in replica.polling(fleet.clock.now))
+
+
+async def test_a_single_replica_takes_everything() -> None:
+    fleet = Fleet(["solo"])
+    await fleet.rounds(2)
+    assert fleet.shares() == {"solo": BUCKETS}
+
+
+async def test_a_killed_replicas_buckets_are_taken_only_after_their_lease_expires() -> None:
+    fleet = Fleet(["a", "b", "c"])
+    await fleet.rounds(4)
+    victim = fleet.replicas["c"]
+    orphaned = victim.polling(fleet.clock.now)
+    victim.alive = False  # kill -9: no release, no more renewals
+    killed_at = fleet.clock.now
+    taken_at = None
+    while taken_at is None:
+        await fleet.rounds(1, step=0.5)
+        others = fleet.replicas["a"].polling(fleet.clock.now) | fleet.replicas["b"].polling(
+            fleet.clock.now
+        )
+        if orphaned <= others:
+            taken_at = fleet.clock.now
+        assert fleet.clock.now - killed_at < 60, "never taken over"
+    duration = victim.settings.lease_duration
+    # Not before the lease duration seen by the others; within it plus a few rounds.
+    assert duration - 2.0 <= taken_at - killed_at <= duration + 3 * 2.0
+    shares = fleet.shares()
+    assert shares["c"] == 0
+    assert sorted([shares["a"], shares["b"]]) == [16, 16]
+
+
+async def test_a_stalled_replica_stops_polling_before_anyone_else_may_start() -> None:
+    fleet = Fleet(["a", "b"])
+    await fleet.rounds(4)
+    sleeper = fleet.replicas["b"]
+    held = sleeper.polling(fleet.clock.now)
+    sleeper.alive = False  # SIGSTOP
+    stopped_at = fleet.clock.now
+    # Checked every half second by assert_exclusive: its validity ends first.
+    await fleet.rounds(int(2 * sleeper.settings.lease_duration))
+    assert sleeper.polling(fleet.clock.now) == frozenset()
+    assert held <= fleet.replicas["a"].polling(fleet.clock.now)
+    # SIGCONT: its first round finds the Leases taken and drops them.
+    sleeper.alive = True
+    await fleet.rounds(1)
+    assert sleeper.handover.dropped and held <= sleeper.handover.dropped[-1]
+    assert fleet.clock.now - stopped_at > sleeper.settings.lease_duration
+
+
+async def test_a_joining_replica_gets_its_share_by_handover_not_expiry() -> None:
+    fleet = Fleet(["a", "b"])
+    await fleet.rounds(4)
+    assert sorted(fleet.shares().values()) == [16, 16]
+    fleet.join("c")
+    started = fleet.clock.now
+    while sorted(fleet.shares().values()) != [10, 11, 11]:
+        await fleet.rounds(1)
+        assert fleet.clock.now - started < 60, fleet.shares()
+    # Given back by the others (handed over first), not left to expire.
+    handed = [b for r in ("a", "b") for batch in fleet.replicas[r].handover.handed for b in batch]
+    assert len(handed) >= 10
+    assert not any(fleet.replicas[r].handover.dropped for r in ("a", "b"))
+    assert fleet.clock.now - started < fleet.replicas["c"].settings.lease_duration * 2
+
+
+async def test_shutdown_hands_everything_over_and_leaves() -> None:
+    fleet = Fleet(["a", "b"])
+    await fleet.rounds(4)
+    leaving = fleet.replicas["b"]
+    held = leaving.polling(fleet.clock.now)
+    # Its watches' timing goes with the Leases, for the next holder.
+    names = [f"w{n}" for n in range(200)]
+    theirs = [n for n in names if bucket_of("team", n, BUCKETS) in held]
+    leaving.handover.timing = {
+        ("team", n): Handed(last_end=990.5, next_poll=995.25, attempts=7) for n in theirs
+    }
+    await leaving.elector.release(5.0)
+    leaving.alive = False
+    assert leaving.handover.handed[-1] == held
+    assert all(fleet.store.holder(b) == "" for b in held)
+    assert "jobwatch-member-b" not in fleet.store.leases
+    await fleet.rounds(2)  # released Leases are free at once; b's member is gone
+    assert fleet.shares()["a"] == BUCKETS
+    taker = fleet.replicas["a"].ownership
+    assert taker.handed("team", theirs[0]) == Handed(990.5, 995.25, 7)
+    assert taker.handed("team", theirs[0]) is None  # taken once, by the adoption
+    # Gone from the Leases with the taker's first write.
+    assert not any(
+        HANDOVER_ANNOTATION in (lease["metadata"].get("annotations") or {})
+        for lease in fleet.store.leases.values()
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"team/w": [1, 2]}', '{"team/w": ["x", 2, 3]}', "[1]", "not json", '{"w": [1, 2, 3]}'],
+)
+async def test_a_handover_that_cannot_be_read_is_left_out(text: str) -> None:
+    fleet = Fleet(["a"])
+    await fleet.rounds(1)
+    fleet.store.leases["jobwatch-bucket-000"] = {
+        "metadata": {
+            "name": "jobwatch-bucket-000",
+            "labels": {"jobwatch.dev/lease-group": "jobwatch", "jobwatch.dev/lease-role": "bucket"},
+            "annotations": {HANDOVER_ANNOTATION: text},
+            "resourceVersion": "1",
+        },
+        "spec": {"holderIdentity": "", "leaseDurationSeconds": 1},
+    }
+    await fleet.rounds(2)
+    assert fleet.shares()["a"] == BUCKETS
+    assert fleet.replicas["a"].ownership.handed("team", "w") is None
+
+
+async def test_api_server_away_every_replica_stops_then_all_resume() -> None:
+    fleet = Fleet(["a", "b", "c"])
+    await fleet.rounds(4)
+    before = {name: r.polling(fleet.clock.now) for name, r in fleet.replicas.items()}
+    fleet.store.down = True
+    away = fleet.clock.now
+    await fleet.rounds(int(2 * 15.0 / 2.0))
+    assert set(fleet.shares().values()) == {0}
+    assert all(r.handover.dropped for r in fleet.replicas.values())
+    stopped = fleet.clock.now - away
+    assert stopped > 10.0  # the renew deadline
+    fleet.store.down = False
+    await fleet.rounds(1)
+    # Each takes its own buckets back at once; none looks dead for having been unable
+    # to renew while the server was away.
+    assert {name: r.polling(fleet.clock.now) for name, r in fleet.replicas.items()} == before
+
+
+def test_a_bucket_is_usable_only_after_a_list_that_follows_its_taking() -> None:
+    settings = LeaseSettings(namespace="ops", identity="a", buckets=BUCKETS)
+    ownership = Ownership(settings, scopes=("team-a", "team-b"))
+    bucket = bucket_of("team-a", "w", BUCKETS)
+    ownership.listing("team-a")
+    ownership.take(bucket, valid_until=100.0, handed={})
+    assert not ownership.owns("team-a", "w")  # the stream may still carry older events
+    ownership.listing("team-b")
+    assert not ownership.owns("team-a", "w")
+    ownership.listing("team-a")
+    assert ownership.owns("team-a", "w")
+    assert ownership.valid("team-a", "w", 99.0)
+    assert not ownership.valid("team-a", "w", 100.0)  # past its renew deadline
+    ownership.releasing(bucket)
+    assert not ownership.owns("team-a", "w")
+    assert ownership.writable("team-a", "w")
+    ownership.give_up(bucket)
+    assert not ownership.writable("team-a", "w")
+
+
+@pytest.mark.parametrize("identity", ["pod-7f9c_ab12", "UPPER.case", "---"])
+def test_member_lease_names_are_valid(identity: str) -> None:
+    name = LeaseSettings(namespace="ops", identity=identity).member_lease
+    assert name.startswith("jobwatch-member-")
+    assert all((c.isalnum() and c.islower()) or c.isdigit() or c == "-" for c in name)
