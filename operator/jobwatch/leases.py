@@ -55,6 +55,8 @@ BUCKET, MEMBER = "bucket", "member"
 RELEASES_PER_ROUND = 1
 # Member Leases of replicas gone this many lease durations are deleted by anyone.
 MEMBER_GARBAGE_DURATIONS = 20
+# A round that waits for a Lease to expire comes this long after the moment.
+EXPIRY_MARGIN = 0.05
 # On a released bucket Lease: when each of its watches last polled and was to poll next,
 # and its attempts, for the next holder (see `Handover.hand_over`).
 HANDOVER_ANNOTATION = "jobwatch.dev/handover"
@@ -347,8 +349,22 @@ class Elector:
                 self._blind = True
                 log.warning("lease round failed (%s)", exc or type(exc).__name__)
             self._expire_unrenewed()
-            period = self._settings.retry_period
-            await self._sleep(period * (0.9 + 0.2 * self._rand.random()))
+            period = self._settings.retry_period * (0.9 + 0.2 * self._rand.random())
+            await self._sleep(min(period, self._until_expiry()))
+
+    def _until_expiry(self) -> float:
+        """Seconds until another replica's bucket Lease expires, as seen here: the next
+        round then comes right after, not up to a retry period later (a dead replica's
+        watches wait that much less)."""
+        me, now = self._settings.identity, self._clock()
+        ends = [
+            end
+            for lease in self._seen.values()
+            if lease.role == BUCKET
+            and lease.holder not in ("", me)
+            and (end := lease.since + lease.duration) > now  # expired ones: taken or not
+        ]
+        return min(ends, default=math.inf) - now + EXPIRY_MARGIN
 
     async def round(self) -> None:
         settings = self._settings
@@ -377,7 +393,8 @@ class Elector:
             rand=self._rand,
         )
         self.last_plan = current
-        taken = [bucket for bucket in current.take if await self._take(bucket)]
+        won = await asyncio.gather(*(self._take(bucket) for bucket in current.take))
+        taken = [bucket for bucket, ok in zip(current.take, won, strict=True) if ok]
         if taken:
             log.info(
                 "took buckets %s (share %d of %d replicas)", taken, current.share, current.live

@@ -1,0 +1,1045 @@
+"""Scale-out benchmark (issue #9): one fleet shared by 1, 2, 3 operator replicas through Leases.
+
+    .venv/bin/python bench/replicas.py                   # 3,000 watches; 1, 2, 3 replicas
+    .venv/bin/python bench/replicas.py --watches 600 --replicas 1,2 --window 20
+    .venv/bin/python bench/replicas.py --kubeconfig .cache/test-cluster/admin.kubeconfig ...
+
+The pieces of bench/scale.py (control plane, CRD and RBAC, the operator's ServiceAccount
+token, child processes, the job API of bench/jobapi.py) in this order:
+
+1. the namespace jobwatch-bench is emptied and --watches JobWatches are created (each
+   with --interval, its job pending for good), once for all runs;
+2. one run per --replicas count, each with a fresh job API (on the same ports), a fresh
+   lease group (JOBWATCH_LEASE_GROUP: no run sees another's Leases) and fresh operator
+   processes, all started at once with JOBWATCH_LEASE_NAMESPACE=jobwatch-system;
+3. the harness waits until the buckets are settled (from the replicas' own metrics:
+   every bucket held by exactly one replica, every replica seeing them all alive),
+   every job was polled after that and no replica has phase changes or Events queued
+   (a fresh fleet's first statuses take minutes), one more interval, then measures a
+   steady window;
+4. in the largest run (2 replicas or more), after the window: `kill -9` of one replica,
+   then, once the others have settled, SIGTERM of another; for each, from the job
+   service's records, how long until every job of its buckets was polled again, the
+   longest gap of those jobs across the change, and whether any job was polled twice.
+
+Every figure is measured from outside the replicas wherever possible: gaps and polls at
+the job service (the time between two requests for one job; a gap under 0.9 x interval
+is a duplicate poll, since the pending interval's spread is +-10 %); writes as the API
+server counted them (apiserver_request_total deltas, beside the same counts over a span
+with no replica running: the control plane's own writes); CPU and RSS of each replica
+and of the kube-apiserver process by psutil (only when that process runs on this
+machine: with --kubeconfig naming another cluster, the API server's CPU is not known).
+
+Results: bench/results/replicas-<timestamp>.json and a table on stdout; logs in
+_out/bench/. Exit status 0 when the harness did its job whatever the figures, 1 when it
+broke. Everything it starts is stopped at the end, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+import benchstats as st
+import scale
+from kubeclient import Kube, load_kubeconfig
+
+# A cluster directory of its own: a scale run of another session may use bench-cluster.
+CLUSTER_DIR = scale.REPO / ".cache" / "replicas-cluster"
+LEASE_NAMESPACE = scale.OPERATOR_NAMESPACE
+LEASE_GROUP_LABEL = "jobwatch.dev/lease-group"  # operator/jobwatch/leases.py, GROUP_LABEL
+LEASES_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"
+# Two requests of one job closer than this share of the interval: a duplicate poll
+# (the pending interval is planned within +-10 %, API.md).
+DUPLICATE_SHARE = 0.9
+# A request that reaches the job service this soon after a replica was killed may have
+# been sent before; no survivor can take a bucket that fast (it waits a lease duration).
+IN_FLIGHT_S = 0.1
+BASELINE_S = 15.0  # the control plane's own writes, measured with no replica running
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Options:
+    replicas: tuple[int, ...]
+    watches: int
+    interval: float
+    window: float
+    buckets: int
+    lease_duration: float
+    renew_deadline: float
+    retry_period: float
+    hosts: int
+    kubeconfig: Path | None
+    results_dir: Path
+    settle_limit: float  # seconds to wait for settled buckets, per run and after a kill
+    operator_env: dict[str, str] = field(default_factory=dict)
+
+
+log = scale.log
+
+
+# --- pure figures (tests/unit/test_replicas_bench.py) ------------------------------
+
+
+def bucket_of(name: str, buckets: int) -> int:
+    """A JobWatch's bucket as the operator computes it: crc32("namespace/name") % B."""
+    return zlib.crc32(f"{scale.NAMESPACE}/{name}".encode()) % buckets
+
+
+def watch_name(index: int) -> str:
+    """The name of the index-th JobWatch (bench/scale.py, `jobwatch`)."""
+    return f"w{index:05d}"
+
+
+def job_of(index: int) -> str:
+    """The job id that watch w<index> polls (bench/scale.py, `jobwatch`)."""
+    return f"j{index}"
+
+
+def settled(held: Mapping[str, Iterable[int]], buckets: int) -> bool:
+    """Every bucket 0..B-1 held by exactly one replica."""
+    every = [b for owned in held.values() for b in owned]
+    return len(every) == buckets and set(every) == set(range(buckets))
+
+
+def jobs_of_buckets(n: int, buckets: int, chosen: Iterable[int]) -> list[str]:
+    wanted = set(chosen)
+    return [job_of(i) for i in range(n) if bucket_of(watch_name(i), buckets) in wanted]
+
+
+def duplicates(
+    requests: Mapping[str, Sequence[float]], start: float, end: float, interval: float
+) -> int:
+    """Gaps (whose later request falls in [start, end)) shorter than 0.9 x interval."""
+    floor = DUPLICATE_SHARE * interval
+    return sum(1 for g in st.gaps(requests, start, end) if g < floor)
+
+
+def takeover(
+    requests: Mapping[str, Sequence[float]],
+    jobs: Sequence[str],
+    *,
+    at: float,
+    survivors_from: float,
+    until: float,
+    interval: float,
+) -> dict[str, Any]:
+    """How the survivors took `jobs` over from a replica stopped at `at` (wall clock).
+
+    A request at `survivors_from` or later is a survivor's; per job: the time from `at`
+    to its first such request, and the gap from its last request before `at` to it.
+    Duplicates: gaps of these jobs shorter than 0.9 x interval whose later request falls
+    in [at - interval, until), so a survivor polling while the stopped replica still
+    did is counted. Requests in [at, survivors_from): sent by the stopping replica
+    (or a survivor early): counted apart.
+    """
+    repolled: list[float] = []
+    gaps: list[float] = []
+    missing: list[str] = []
+    between = 0
+    for job in jobs:
+        times = requests.get(job, ())
+        before = [t for t in times if t < at]
+        later = [t for t in times if survivors_from <= t < until]
+        between += sum(1 for t in times if at <= t < survivors_from)
+        if not later:
+            missing.append(job)
+            continue
+        repolled.append(later[0] - at)
+        if before:
+            gaps.append(later[0] - before[-1])
+    subset = {job: requests.get(job, ()) for job in jobs}
+    return {
+        "jobs": len(jobs),
+        "repolled": len(repolled),
+        "not_repolled": len(missing),
+        "not_repolled_examples": missing[:5],
+        "all_repolled_s": st.rounded(max(repolled)) if repolled and not missing else None,
+        "repolled_p50_s": st.rounded(st.percentile(repolled, 0.5)),
+        "longest_gap_s": st.rounded(max(gaps, default=None)),
+        "gap_p50_s": st.rounded(st.percentile(gaps, 0.5)),
+        "requests_while_stopping": between,
+        "duplicates": duplicates(subset, at - interval, until, interval),
+    }
+
+
+def writes_by_resource(
+    after: Mapping[str, float], before: Mapping[str, float], seconds: float
+) -> dict[str, float]:
+    """Per second, "VERB resource[/sub] CODE" from benchstats.apiserver_counters' keys."""
+    found: dict[str, float] = {}
+    for key in sorted({*after, *before}):
+        if key.startswith("write "):
+            delta = after.get(key, 0.0) - before.get(key, 0.0)
+            if delta:
+                found[key[6:]] = round(delta / seconds, 3)
+    return found
+
+
+_REQUEST = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+_LONGRUNNING = re.compile(r"^apiserver_longrunning_requests\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+READ_RESOURCES = ("leases", "jobwatches")
+
+
+def apiserver_reads(text: str) -> dict[str, float]:
+    """Reads of leases and jobwatches ("read VERB resource": LIST, GET, WATCH requests
+    started) and the watches open now ("open WATCH resource"), from the server's /metrics."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            match, prefix = _REQUEST.match(line), "read"
+        elif line.startswith("apiserver_longrunning_requests{"):
+            match, prefix = _LONGRUNNING.match(line), "open"
+        else:
+            continue
+        if match is None:
+            continue
+        labels = dict(_LABEL.findall(match["labels"]))
+        verb, resource = labels.get("verb", ""), labels.get("resource", "")
+        if resource not in READ_RESOURCES or verb not in ("LIST", "GET", "WATCH"):
+            continue
+        if prefix == "open" and verb != "WATCH":
+            continue
+        key = f"{prefix} {verb} {resource}"
+        found[key] = found.get(key, 0.0) + float(match["value"])
+    return found
+
+
+def events_by_reason(
+    items: Iterable[Mapping[str, Any]], start: float, end: float
+) -> dict[str, int]:
+    """Events last seen in [start, end), by "reason (component)": what the replicas said.
+
+    An Event's own times (lastTimestamp, else eventTime) are the API server's or the
+    writer's clock, on the same machine here.
+    """
+    found: dict[str, int] = {}
+    for item in items:
+        stamp = item.get("lastTimestamp") or item.get("eventTime")
+        if not stamp:
+            continue
+        at = datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+        if not start <= at < end:
+            continue
+        source = item.get("reportingComponent") or (item.get("source") or {}).get("component")
+        key = f"{item.get('reason')} ({source or '?'})"
+        found[key] = found.get(key, 0) + 1
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
+
+
+# --- processes ----------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    identity: str
+    proc: subprocess.Popen[bytes]
+    metrics_url: str
+    log_path: Path
+    process: psutil.Process
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class ReplicaState:
+    """One scrape of a replica's /metrics, with psutil's view of its process."""
+
+    wall: float
+    polls: float
+    cpu_s: float | None  # psutil, user + system
+    cpu_metric_s: float  # process_cpu_seconds_total
+    rss_mib: float | None
+    held: frozenset[int]
+    replicas: float | None  # jobwatch_replicas; None: not exported (no lease mode)
+    share: float | None
+    watches: float
+    backlog: dict[str, float]  # jobwatch_status_backlog by kind
+
+
+async def read_replica(http: aiohttp.ClientSession, replica: Replica) -> ReplicaState | None:
+    samples = await scale.scrape(http, replica.metrics_url)
+    if samples is None:
+        return None
+    try:
+        rss: float | None = replica.process.memory_info().rss / MiB
+    except psutil.Error:
+        rss = None
+    names = {name for name, _ in samples}
+    held = st.by_label(samples, "jobwatch_bucket_held", "bucket")
+    return ReplicaState(
+        wall=time.time(),
+        polls=sum(st.by_label(samples, "jobwatch_polls_total", "reason").values()),
+        cpu_s=scale.cpu_seconds(replica.proc.pid),
+        cpu_metric_s=st.value(samples, "process_cpu_seconds_total"),
+        rss_mib=None if rss is None else round(rss, 1),
+        held=frozenset(int(b) for b, v in held.items() if v >= 1),
+        replicas=st.value(samples, "jobwatch_replicas") if "jobwatch_replicas" in names else None,
+        share=st.value(samples, "jobwatch_bucket_share")
+        if "jobwatch_bucket_share" in names
+        else None,
+        watches=st.value(samples, "jobwatch_watches"),
+        backlog=st.by_label(samples, "jobwatch_status_backlog", "kind"),
+    )
+
+
+@dataclass
+class Snapshot:
+    wall: float
+    replicas: dict[str, ReplicaState]
+    apiserver: dict[str, float]  # benchstats.apiserver_counters + apiserver_reads
+    cpu: dict[str, float | None]  # apiserver, etcd, jobapi: cumulative CPU seconds
+    jobs: dict[str, float]  # the job API's /stats
+
+
+@dataclass
+class Stage:
+    """What one run needs while it goes."""
+
+    opts: Options
+    ctx: Context
+    http: aiohttp.ClientSession
+    jobs: scale.JobApi
+    jobapi: subprocess.Popen[bytes]
+    group: str
+    replicas: list[Replica] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # the JOBWATCH_* the replicas share
+    stopped: set[str] = field(default_factory=set)  # replicas the harness killed or stopped
+
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.alive()]
+
+    def check(self) -> None:
+        for replica in self.replicas:
+            if replica.identity not in self.stopped and not replica.alive():
+                raise scale.BenchError(
+                    f"replica {replica.identity} exited with {replica.proc.returncode}; "
+                    f"log tail ({replica.log_path}):\n{scale.tail(replica.log_path)}"
+                )
+        if self.jobapi.poll() is not None:
+            raise scale.BenchError(f"the job API exited with {self.jobapi.returncode}")
+
+    async def states(self, replicas: Sequence[Replica] | None = None) -> dict[str, ReplicaState]:
+        chosen = self.live() if replicas is None else replicas
+        read = await asyncio.gather(*(read_replica(self.http, r) for r in chosen))
+        return {r.identity: s for r, s in zip(chosen, read, strict=True) if s is not None}
+
+    async def snapshot(self) -> Snapshot:
+        text = await self.ctx.kube.text("/metrics")
+        pids = self.ctx.cluster.pids
+        return Snapshot(
+            wall=time.time(),
+            replicas=await self.states(),
+            apiserver={**st.apiserver_counters(text), **apiserver_reads(text)},
+            cpu={
+                "apiserver": scale.cpu_seconds(pids.get("apiserver")),
+                "etcd": scale.cpu_seconds(pids.get("etcd")),
+                "jobapi": scale.cpu_seconds(self.jobapi.pid),
+            },
+            jobs=await self.jobs.stats(),
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.check()
+            await asyncio.sleep(min(1.0, left))
+        self.check()
+
+
+@dataclass
+class Context:
+    """What every run shares."""
+
+    opts: Options
+    kube: Kube
+    cluster: scale.Cluster
+    children: scale.Children
+    sa_kubeconfig: Path
+    ports: list[int]
+    plan: dict[str, Any]  # scale.load_plan's: per-host limits that never bind
+
+
+def scale_options(opts: Options) -> scale.Options:
+    """bench/scale.py's options, for the helpers of its that read them."""
+    return scale.Options(
+        mode="replicas",
+        sizes=(opts.watches,),
+        interval=opts.interval,
+        duration=opts.window,
+        kubeconfig=opts.kubeconfig,
+        results_dir=opts.results_dir,
+        seed=1,
+        mean_polls=0.0,
+        pending_fraction=1.0,
+        create_concurrency=32,
+        http_seconds=0.0,
+        sample_every=10.0,
+        profile=False,
+        operator_env=opts.operator_env,
+        hosts=opts.hosts,
+    )
+
+
+def operator_code() -> dict[str, Any]:
+    """What the replicas of a run import: git's view, and a digest of the package's
+    files, since the tree may change between runs while uncommitted work goes on."""
+    digest = hashlib.sha256()
+    for path in sorted((scale.REPO / "operator" / "jobwatch").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {**scale.git_state(), "operator_sha256": digest.hexdigest()[:16]}
+
+
+def lease_env(opts: Options, group: str) -> dict[str, str]:
+    return {
+        "JOBWATCH_LEASE_NAMESPACE": LEASE_NAMESPACE,
+        "JOBWATCH_LEASE_GROUP": group,
+        "JOBWATCH_BUCKETS": str(opts.buckets),
+        "JOBWATCH_LEASE_DURATION": scale.go_duration(opts.lease_duration),
+        "JOBWATCH_LEASE_RENEW_DEADLINE": scale.go_duration(opts.renew_deadline),
+        "JOBWATCH_LEASE_RETRY_PERIOD": scale.go_duration(opts.retry_period),
+    }
+
+
+def start_replica(stage: Stage, k: int) -> Replica:
+    identity = f"{stage.group}-r{k}"
+    metrics_port = scale.free_port()
+    log_path = scale.LOGS / f"replica-{identity}.log"
+    log_path.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(stage.ctx.sa_kubeconfig),
+        "JOBWATCH_NAMESPACES": scale.NAMESPACE,
+        "JOBWATCH_HEALTH_PORT": str(scale.free_port()),
+        "JOBWATCH_METRICS_PORT": str(metrics_port),
+        "JOBWATCH_IDENTITY": identity,
+        **stage.env,
+    }
+    proc = stage.ctx.children.start([scale.PYTHON, "-m", "jobwatch"], log_path, env)
+    return Replica(
+        identity,
+        proc,
+        f"http://127.0.0.1:{metrics_port}/metrics",
+        log_path,
+        psutil.Process(proc.pid),
+    )
+
+
+# --- waiting on state -----------------------------------------------------------------
+
+
+async def wait_settled(stage: Stage, limit: float) -> dict[str, Any]:
+    """Until the live replicas' metrics agree: every bucket held by exactly one of them and
+    each seeing them all alive, twice in a row one retry period apart (or `limit` s).
+
+    Without the lease metrics (an operator without replicas support) this ends at once:
+    each replica then polls the whole fleet.
+    """
+    started = time.time()
+    deadline = time.monotonic() + limit
+    streak = 0
+    states: dict[str, ReplicaState] = {}
+    while time.monotonic() < deadline:
+        stage.check()
+        live = stage.live()
+        states = await stage.states(live)
+        if len(states) == len(live) and all(s.replicas is None for s in states.values()):
+            return {"lease_mode": False, "settled": False, "after_s": None}
+        agree = len(states) == len(live) and all(s.replicas == len(live) for s in states.values())
+        if agree and settled({k: s.held for k, s in states.items()}, stage.opts.buckets):
+            streak += 1
+            if streak == 2:
+                return {
+                    "lease_mode": True,
+                    "settled": True,
+                    "after_s": round(time.time() - started, 1),
+                    "held": {k: sorted(s.held) for k, s in states.items()},
+                }
+        else:
+            streak = 0
+        await asyncio.sleep(stage.opts.retry_period)
+    return {
+        "lease_mode": True,
+        "settled": False,
+        "after_s": None,
+        "limit_s": limit,
+        "held": {k: sorted(s.held) for k, s in states.items()},
+        "replicas_seen": {k: s.replicas for k, s in states.items()},
+    }
+
+
+async def wait_polled_since(
+    stage: Stage,
+    jobs: Sequence[str],
+    since: float,
+    limit: float,
+) -> dict[str, list[float]]:
+    """Until every job in `jobs` had a request at `since` or later (or `limit` s); the
+    job service's request records as last read. Read every 2 s: each read costs the job
+    service a few hundred ms of CPU at 3,000 jobs."""
+    deadline = time.monotonic() + limit
+    while True:
+        requests = await stage.jobs.request_times()
+        waiting = [j for j in jobs if not any(t >= since for t in requests.get(j, ())[-3:])]
+        if not waiting or time.monotonic() >= deadline:
+            if waiting:
+                log(f"  {len(waiting)} of {len(jobs)} jobs not polled within {limit:.0f}s")
+            return requests
+        await stage.sleep(2.0)
+
+
+async def wait_quiet(stage: Stage, limit: float) -> float | None:
+    """Until no replica has phase changes, ends or Events queued (a fresh fleet's first
+    statuses take N / JOBWATCH_STATUS_QPS seconds to go out); seconds it took, or None
+    after `limit`. Progress writes of pending watches are always queued: not waited for."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        states = await stage.states()
+        queued = sum(
+            v for s in states.values() for kind, v in s.backlog.items() if kind != "progress"
+        )
+        if len(states) == len(stage.live()) and queued == 0:
+            return round(time.monotonic() - started, 1)
+        await stage.sleep(2.0)
+    return None
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+def replica_figures(
+    a: ReplicaState, b: ReplicaState, opts: Options, lease_mode: bool
+) -> dict[str, Any]:
+    n, interval = opts.watches, opts.interval
+    seconds = b.wall - a.wall
+    polls = b.polls - a.polls
+    cpu = None if a.cpu_s is None or b.cpu_s is None else b.cpu_s - a.cpu_s
+    owned = len(jobs_of_buckets(n, opts.buckets, b.held)) if lease_mode else n
+    return {
+        "polls": int(polls),
+        "polls_per_s": round(polls / seconds, 1),
+        # What its buckets ask for: the watches in them / interval.
+        "planned_polls_per_s": round(owned / interval, 1),
+        "watches_in_its_buckets": owned,
+        "cpu_s": None if cpu is None else round(cpu, 2),
+        "cpu_ms_per_poll": round(cpu / polls * 1000, 4) if cpu is not None and polls else None,
+        "cores": None if cpu is None else round(cpu / seconds, 3),
+        "cpu_metric_ms_per_poll": round((b.cpu_metric_s - a.cpu_metric_s) / polls * 1000, 4)
+        if polls
+        else None,
+        "rss_mib": b.rss_mib,
+        "buckets_held": len(b.held),
+        "buckets": sorted(b.held),
+        "held_unchanged_in_window": a.held == b.held,
+        "replicas_seen": b.replicas,
+        "share": b.share,
+        "watches_known": b.watches,
+        "status_backlog_at_start": a.backlog,
+        "status_backlog_at_end": b.backlog,
+    }
+
+
+def window_figures(stage: Stage, a: Snapshot, b: Snapshot, lease_mode: bool) -> dict[str, Any]:
+    opts = stage.opts
+    seconds = b.wall - a.wall
+
+    def cores(name: str) -> float | None:
+        x, y = a.cpu.get(name), b.cpu.get(name)
+        return None if x is None or y is None else round((y - x) / seconds, 3)
+
+    per_replica = {
+        k: replica_figures(a.replicas[k], b.replicas[k], opts, lease_mode)
+        for k in b.replicas
+        if k in a.replicas
+    }
+    service_polls = b.jobs["polls"] - a.jobs["polls"]
+    reads = {
+        k[5:]: round((b.apiserver.get(k, 0.0) - a.apiserver.get(k, 0.0)) / seconds, 3)
+        for k in sorted(b.apiserver)
+        if k.startswith("read ")
+    }
+    return {
+        "seconds": round(seconds, 2),
+        "job_service_polls_per_s": round(service_polls / seconds, 1),
+        "planned_polls_per_s": round(opts.watches / opts.interval, 1),
+        "replicas_polls_per_s_sum": round(sum(r["polls_per_s"] for r in per_replica.values()), 1),
+        "per_replica": per_replica,
+        "apiserver_cores": cores("apiserver"),
+        "etcd_cores": cores("etcd"),
+        "jobapi_cores": cores("jobapi"),
+        "apiserver_writes_per_s": writes_by_resource(b.apiserver, a.apiserver, seconds),
+        "apiserver_reads_per_s": reads,
+        "open_watches": {k[5:]: v for k, v in b.apiserver.items() if k.startswith("open ")},
+        "apiserver_429": b.apiserver.get("429", 0.0) - a.apiserver.get("429", 0.0),
+    }
+
+
+def gap_figures(
+    requests: Mapping[str, Sequence[float]], start: float, end: float, interval: float
+) -> dict[str, Any]:
+    gaps = st.gaps(requests, start, end)
+    polled = sum(1 for times in requests.values() if any(start <= t < end for t in times))
+    return {
+        **st.gap_summary(gaps, interval * 1.1 + scale.TARGET_LAG_MAX),
+        "duplicates": duplicates(requests, start, end, interval),
+        "duplicate_below_s": round(DUPLICATE_SHARE * interval, 3),
+        "jobs_polled": polled,
+    }
+
+
+async def stop_replica(
+    stage: Stage, victim: Replica, how: str, survivors: Sequence[Replica]
+) -> dict[str, Any]:
+    """Kill (-9) or SIGTERM `victim` and measure how the survivors take its jobs over."""
+    opts = stage.opts
+    before = await stage.states([victim, *survivors])
+    if victim.identity not in before:
+        raise scale.BenchError(f"replica {victim.identity} did not answer before its {how}")
+    held = before[victim.identity].held
+    jobs = jobs_of_buckets(opts.watches, opts.buckets, held)
+    log(f"{how} {victim.identity}: {len(held)} buckets, {len(jobs)} watches")
+    stage.stopped.add(victim.identity)
+    at = time.time()
+    if how == "kill":
+        victim.proc.kill()
+    else:
+        victim.proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(60):
+        await asyncio.to_thread(victim.proc.wait)
+    exited = time.time()
+    # After a kill nothing more comes from the victim; after SIGTERM it stops its polls,
+    # flushes and releases its Leases before it exits: only requests after its exit are
+    # surely the survivors'.
+    survivors_from = at + IN_FLIGHT_S if how == "kill" else exited
+    limit = opts.lease_duration + 3 * opts.retry_period + 3 * opts.interval + 30
+    requests = await wait_polled_since(stage, jobs, survivors_from, limit)
+    # One more interval: a duplicate poll right after the takeover is seen too.
+    await stage.sleep(opts.interval)
+    until = time.time()
+    requests = await stage.jobs.request_times()
+    figures = takeover(
+        requests, jobs, at=at, survivors_from=survivors_from, until=until, interval=opts.interval
+    )
+    return {
+        "how": "kill -9" if how == "kill" else "SIGTERM",
+        "replica": victim.identity,
+        "survivors": [r.identity for r in survivors],
+        "buckets": sorted(held),
+        "exit_code": victim.proc.returncode,
+        "exited_after_s": round(exited - at, 2),
+        "survivor_requests_counted_from_s": round(survivors_from - at, 2),
+        "measured_until_s": round(until - at, 1),
+        **figures,
+        "duplicates_whole_fleet": duplicates(requests, at, until, opts.interval),
+    }
+
+
+async def failover(stage: Stage) -> dict[str, Any]:
+    opts = stage.opts
+    first, second, *rest = stage.replicas
+    found: dict[str, Any] = {"kill": await stop_replica(stage, first, "kill", [second, *rest])}
+    log(_takeover_line(found["kill"]))
+    settle = await wait_settled(stage, opts.settle_limit)
+    found["settled_after_kill"] = settle
+    log(f"after the kill: settled {settle['settled']} ({settle['after_s']}s)")
+    if not rest:
+        found["sigterm"] = "skipped: no replica would be left to take over (2 replicas)"
+    elif not settle["settled"]:
+        found["sigterm"] = "skipped: the survivors did not settle after the kill"
+    else:
+        found["sigterm"] = await stop_replica(stage, second, "sigterm", rest)
+        log(_takeover_line(found["sigterm"]))
+    return found
+
+
+def _takeover_line(f: dict[str, Any]) -> str:
+    return (
+        f"  {f['how']} {f['replica']}: {f['repolled']}/{f['jobs']} repolled, all after "
+        f"{f['all_repolled_s']}s, longest gap {f['longest_gap_s']}s, duplicates "
+        f"{f['duplicates']} (fleet {f['duplicates_whole_fleet']})"
+    )
+
+
+async def measure(ctx: Context, count: int, largest: bool) -> dict[str, Any]:
+    opts = ctx.opts
+    group = f"bench-{secrets.token_hex(3)}"
+    log(f"== {count} replica(s), lease group {group}")
+    async with aiohttp.ClientSession() as http:
+        jobapi_proc = ctx.children.start(
+            [
+                scale.PYTHON,
+                str(scale.BENCH / "jobapi.py"),
+                *(f"--port={port}" for port in ctx.ports),
+                "--pending-fraction",
+                "1",
+            ],
+            scale.LOGS / f"jobapi-replicas-{group}.log",
+        )
+        stage = Stage(opts, ctx, http, scale.JobApi(http, ctx.ports), jobapi_proc, group)
+        stage.env = {**ctx.plan["operator_env"], **lease_env(opts, group)}
+        try:
+            await stage.jobs.wait_ready(jobapi_proc)
+            code = operator_code()
+            started = time.time()
+            stage.replicas = [start_replica(stage, k) for k in range(count)]
+            log(f"started {count} replica(s); waiting for settled buckets")
+            settle = await wait_settled(stage, opts.settle_limit)
+            log(
+                f"settled: {settle['settled']} after {settle['after_s']}s (lease mode: "
+                f"{settle['lease_mode']})"
+            )
+            all_jobs = [job_of(i) for i in range(opts.watches)]
+            since = time.time()
+            requests = await wait_polled_since(
+                stage, all_jobs, since, opts.settle_limit + 2 * opts.interval
+            )
+            polled = sum(1 for j in all_jobs if any(t >= since for t in requests.get(j, ())))
+            quiet = await wait_quiet(
+                stage, max(opts.settle_limit, 2 * opts.watches / scale.DEFAULT_STATUS_QPS)
+            )
+            log(
+                f"status and Event queues empty after {quiet}s"
+                if quiet is not None
+                else "status and Event queues still not empty: measuring anyway"
+            )
+            # One more interval: the first polls after a takeover are not the steady state.
+            await stage.sleep(opts.interval)
+            log(f"steady window: {opts.window:g}s")
+            start = await stage.snapshot()
+            await stage.sleep(opts.window)
+            end = await stage.snapshot()
+            requests = await stage.jobs.request_times()
+            window = window_figures(stage, start, end, settle["lease_mode"])
+            window["gaps"] = gap_figures(requests, start.wall, end.wall, opts.interval)
+            events, _ = await ctx.kube.list_all(scale.EVENTS_PATH)
+            # Whole seconds: Event times have no fractions.
+            window["events_by_reason"] = events_by_reason(
+                events, int(start.wall), int(end.wall) + 1
+            )
+            result: dict[str, Any] = {
+                "replicas": count,
+                "lease_group": group,
+                "operator_code": code,
+                "identities": [r.identity for r in stage.replicas],
+                "settle": settle,
+                "polled_after_settle": polled,
+                "queues_empty_after_s": quiet,
+                "window_start_after_start_s": round(start.wall - started, 1),
+                "window": window,
+            }
+            log(_window_line(result))
+            if largest and count >= 2:
+                if settle["settled"]:
+                    result["failover"] = await failover(stage)
+                else:
+                    result["failover"] = "skipped: the buckets never settled"
+            stops = await asyncio.gather(
+                *(ctx.children.stop(r.proc, grace=30) for r in stage.replicas)
+            )
+            result["shutdown_s"] = [round(s, 2) for s, _ in stops]
+            result["shutdown_killed"] = [killed for _, killed in stops]
+            return result
+        finally:
+            for replica in stage.replicas:
+                await ctx.children.stop(replica.proc, grace=30)
+            await ctx.children.stop(jobapi_proc, grace=10)
+            # Not waited for: the next run's group is a fresh one.
+            await ctx.kube.request(
+                "DELETE",
+                LEASES_PATH,
+                params={"labelSelector": f"{LEASE_GROUP_LABEL}={group}"},
+                ok=(200, 404),
+            )
+
+
+def _window_line(result: dict[str, Any]) -> str:
+    w = result["window"]
+    per = ", ".join(
+        f"{k[-2:]} {r['polls_per_s']}/s {r['cpu_ms_per_poll']} ms/poll {r['buckets_held']}b"
+        for k, r in w["per_replica"].items()
+    )
+    return (
+        f"  window: {w['job_service_polls_per_s']}/s at the job service; {per}; apiserver "
+        f"{w['apiserver_cores']} cores; duplicates {w['gaps']['duplicates']}"
+    )
+
+
+# --- the whole benchmark --------------------------------------------------------------
+
+
+async def baseline(ctx: Context) -> dict[str, Any]:
+    """The control plane's own writes and CPU with no replica running."""
+    a_text, a_wall = await ctx.kube.text("/metrics"), time.time()
+    a_cpu = scale.cpu_seconds(ctx.cluster.pids.get("apiserver"))
+    await asyncio.sleep(BASELINE_S)
+    b_text, b_wall = await ctx.kube.text("/metrics"), time.time()
+    b_cpu = scale.cpu_seconds(ctx.cluster.pids.get("apiserver"))
+    seconds = b_wall - a_wall
+    return {
+        "seconds": round(seconds, 1),
+        "apiserver_cores": None
+        if a_cpu is None or b_cpu is None
+        else round((b_cpu - a_cpu) / seconds, 3),
+        "apiserver_writes_per_s": writes_by_resource(
+            st.apiserver_counters(b_text), st.apiserver_counters(a_text), seconds
+        ),
+        "open_watches": {
+            k[5:]: v for k, v in apiserver_reads(b_text).items() if k.startswith("open ")
+        },
+    }
+
+
+async def bench(opts: Options, children: scale.Children, argv: Sequence[str]) -> dict[str, Any]:
+    started = datetime.datetime.now(datetime.UTC)
+    sopts = scale_options(opts)
+    cluster = await scale.control_plane(sopts)
+    kube = Kube(load_kubeconfig(cluster.kubeconfig))
+    plan = scale.load_plan(sopts, opts.watches, opts.interval)
+    result: dict[str, Any] = {
+        "kind": "replicas",
+        "started": started.isoformat(timespec="seconds"),
+        "command": [Path(sys.argv[0]).name, *argv],
+        "git": scale.git_state(),
+        "host": {
+            "cpus": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
+        "operator_env": {
+            **{k: v for k, v in os.environ.items() if k.startswith("JOBWATCH_")},
+            **plan["operator_env"],
+            **lease_env(opts, "<fresh per run>"),
+            "JOBWATCH_IDENTITY": "<group>-r<k>",
+            "JOBWATCH_NAMESPACES": scale.NAMESPACE,
+        },
+        "apiserver_visible": "apiserver" in cluster.pids,
+        "runs": [],
+    }
+    if "apiserver" not in cluster.pids:
+        log("the API server does not run on this machine: its CPU is not measured")
+    try:
+        await scale.install(cluster)
+        with tempfile.TemporaryDirectory(prefix="jobwatch-replicas-") as tmp:
+            sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
+            await scale.operator_kubeconfig(cluster, sa_kubeconfig)
+            await scale.ensure_namespace(kube)
+            await scale.empty_namespace(kube)
+            ports: list[int] = []
+            while len(set(ports)) < opts.hosts:
+                ports = list({*ports, scale.free_port()})
+            created = await scale.create_watches(kube, opts.watches, ports, opts.interval, sopts)
+            log(f"created {opts.watches} JobWatches in {created:.1f}s")
+            result["create_s"] = round(created, 1)
+            ctx = Context(opts, kube, cluster, children, sa_kubeconfig, ports, plan)
+            result["baseline"] = await baseline(ctx)
+            largest = max(opts.replicas)
+            for count in opts.replicas:
+                result["runs"].append(await measure(ctx, count, count == largest))
+    finally:
+        try:
+            async with asyncio.timeout(300):
+                await kube.request("DELETE", scale.JW_PATH, ok=(200, 404))
+        finally:
+            await kube.aclose()
+    result["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return result
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(result: dict[str, Any]) -> str:
+    opts = result["options"]
+    lines = [
+        f"replicas benchmark: {opts['watches']} watches, interval {opts['interval']:g}s, "
+        f"{opts['buckets']} buckets, window {opts['window']:g}s, {result['started']}",
+        f"baseline (no replica): apiserver {_f(result['baseline']['apiserver_cores'], 3)} cores,"
+        f" writes/s {result['baseline']['apiserver_writes_per_s']}",
+        "",
+        f"{'run':>3} {'replica':<18} {'polls/s':>8} {'plan/s':>7} {'CPU ms/poll':>11} "
+        f"{'cores':>6} {'RSS MiB':>8} {'buckets':>7}",
+    ]
+    for run in result["runs"]:
+        w = run["window"]
+        for name, r in w["per_replica"].items():
+            lines.append(
+                f"{run['replicas']:>3} {name:<18} {_f(r['polls_per_s']):>8} "
+                f"{_f(r['planned_polls_per_s']):>7} {_f(r['cpu_ms_per_poll'], 4):>11} "
+                f"{_f(r['cores'], 3):>6} {_f(r['rss_mib']):>8} {r['buckets_held']:>7}"
+            )
+        g = w["gaps"]
+        writes = w["apiserver_writes_per_s"]
+        lines.append(
+            f"    job service {w['job_service_polls_per_s']}/s (plan {w['planned_polls_per_s']}),"
+            f" {g['jobs_polled']} jobs; gaps p50 {g['p50_s']} p99 {g['p99_s']} max {g['max_s']} s,"
+            f" duplicates (< {g['duplicate_below_s']}s) {g['duplicates']}"
+        )
+        lines.append(
+            f"    apiserver {_f(w['apiserver_cores'], 3)} cores; writes/s: leases PUT "
+            f"{_sum(writes, 'PUT leases')}, POST {_sum(writes, 'POST leases')}; "
+            f"jobwatches/status PATCH {_sum(writes, 'PATCH jobwatches/status')}; events POST "
+            f"{_sum(writes, 'POST events')}; reads/s {w['apiserver_reads_per_s']}"
+        )
+        top = list(w.get("events_by_reason", {}).items())[:4]
+        lines.append(f"    Events in the window by reason: {dict(top) or 'none'}")
+        lines.append(
+            f"    settled {run['settle']['settled']} after {run['settle']['after_s']}s "
+            f"(lease mode {run['settle']['lease_mode']}); queues empty after "
+            f"{run['queues_empty_after_s']}s; window from "
+            f"{run['window_start_after_start_s']}s after the start; operator code "
+            f"{run['operator_code']['operator_sha256']}"
+        )
+        fo = run.get("failover")
+        if isinstance(fo, dict):
+            for key in ("kill", "sigterm"):
+                f = fo[key]
+                if isinstance(f, dict):
+                    lines.append(
+                        f"    {f['how']:<8} {f['replica']}: {f['jobs']} jobs, all repolled after"
+                        f" {f['all_repolled_s']}s (exit {f['exited_after_s']}s), longest gap "
+                        f"{f['longest_gap_s']}s, duplicates {f['duplicates']} "
+                        f"(whole fleet {f['duplicates_whole_fleet']}), not repolled "
+                        f"{f['not_repolled']}"
+                    )
+                else:
+                    lines.append(f"    {key}: {f}")
+        elif fo:
+            lines.append(f"    failover: {fo}")
+    return "\n".join(lines)
+
+
+def _sum(writes: Mapping[str, float], prefix: str) -> str:
+    """All codes of one verb and resource, per second."""
+    total = sum(v for k, v in writes.items() if k.rsplit(" ", 1)[0] == prefix)
+    return f"{total:.2f}"
+
+
+def write_results(result: dict[str, Any], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = result["started"].replace(":", "").replace("-", "")[:15]
+    path = directory / f"replicas-{stamp}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--replicas", default="1,2,3", help="replica counts, one run each")
+    parser.add_argument("--watches", type=int, default=3000, help="JobWatches (3000)")
+    parser.add_argument("--interval", type=float, default=5.0, help="spec.interval, s (5)")
+    parser.add_argument("--window", type=float, default=60.0, help="steady window, s (60)")
+    parser.add_argument("--buckets", type=int, default=32, help="JOBWATCH_BUCKETS (32)")
+    parser.add_argument("--lease-duration", type=float, default=15.0)
+    parser.add_argument("--renew-deadline", type=float, default=10.0)
+    parser.add_argument("--retry-period", type=float, default=2.0)
+    parser.add_argument("--hosts", type=int, default=4, help="job API ports (4)")
+    parser.add_argument("--settle-limit", type=float, default=180.0, help="s (180)")
+    parser.add_argument("--kubeconfig", type=Path, help="use this cluster (admin) instead")
+    parser.add_argument("--results-dir", type=Path, default=scale.RESULTS)
+    parser.add_argument(
+        "--operator-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for every replica (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    extra = {}
+    for item in args.operator_env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--operator-env {item!r}: expected NAME=VALUE")
+        extra[name] = value
+    try:
+        counts = tuple(int(s) for s in args.replicas.split(",") if s.strip())
+    except ValueError:
+        parser.error("--replicas: comma-separated counts, e.g. 1,2,3")
+    if not counts or min(counts) < 1 or args.watches < 1 or args.buckets < 1:
+        parser.error("--replicas, --watches and --buckets must be positive")
+    return Options(
+        replicas=counts,
+        watches=args.watches,
+        interval=args.interval,
+        window=args.window,
+        buckets=args.buckets,
+        lease_duration=args.lease_duration,
+        renew_deadline=args.renew_deadline,
+        retry_period=args.retry_period,
+        hosts=args.hosts,
+        kubeconfig=args.kubeconfig,
+        results_dir=args.results_dir,
+        settle_limit=args.settle_limit,
+        operator_env=extra,
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    opts = parse_args(argv)
+    # scale.control_plane and stop_control_plane start and stop the cluster there.
+    scale.BENCH_CLUSTER = CLUSTER_DIR
+    children = scale.Children()
+    started = time.monotonic()
+
+    async def guarded() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await bench(opts, children, argv)
+
+    try:
+        result = asyncio.run(guarded())
+    except (scale.BenchError, TimeoutError) as exc:
+        log(f"replicas harness failed: {exc!r}")
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("interrupted")
+        return 130
+    finally:
+        children.stop_all()
+        if opts.kubeconfig is None:
+            scale.stop_control_plane()
+    if not any(r["window"]["job_service_polls_per_s"] > 0 for r in result["runs"]):
+        log("no poll was measured")
+        return 1
+    path = write_results(result, opts.results_dir)
+    print(table(result))
+    print(f"\nresults: {path}  ({time.monotonic() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,150 @@
+"""The figures of bench/replicas.py: settled buckets, takeover times, duplicate polls."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import replicas
+
+INTERVAL = 5.0
+
+
+def test_settled_needs_every_bucket_exactly_once() -> None:
+    assert replicas.settled({"a": [0, 1], "b": [2, 3]}, 4)
+    assert not replicas.settled({"a": [0, 1], "b": [2]}, 4)  # bucket 3 unowned
+    assert not replicas.settled({"a": [0, 1, 2], "b": [2, 3]}, 4)  # bucket 2 held twice
+    assert not replicas.settled({"a": [], "b": []}, 4)
+
+
+def test_bucket_is_crc32_of_namespace_and_name() -> None:
+    # The contract of issue #9, which the harness must share with the operator.
+    name = "w00042"
+    expected = zlib.crc32(f"jobwatch-bench/{name}".encode()) % 32
+    assert replicas.bucket_of(name, 32) == expected
+    jobs = replicas.jobs_of_buckets(100, 32, [expected])
+    assert "j42" in jobs
+    assert all(replicas.bucket_of(replicas.watch_name(int(j[1:])), 32) == expected for j in jobs)
+
+
+def test_bucket_is_the_operators() -> None:
+    leases = pytest.importorskip("jobwatch.leases")
+    for i in range(500):
+        name = replicas.watch_name(i)
+        assert replicas.bucket_of(name, 32) == leases.bucket_of("jobwatch-bench", name, 32)
+
+
+def test_duplicates_counts_gaps_below_nine_tenths_of_the_interval() -> None:
+    requests = {"j0": [0.0, 5.0, 9.4, 14.4], "j1": [0.0, 4.6, 9.5]}
+    # j0: 5.0, 4.4 (a duplicate), 5.0; j1: 4.6, 4.9
+    assert replicas.duplicates(requests, 0.0, 100.0, INTERVAL) == 1
+    # Only gaps whose later request falls in the span count.
+    assert replicas.duplicates(requests, 10.0, 100.0, INTERVAL) == 0
+
+
+def test_takeover_after_a_kill() -> None:
+    at = 100.0
+    requests = {
+        # polled by the victim at 97, by a survivor from 116 on
+        "j0": [92.0, 97.0, 116.0, 121.0],
+        # the victim's last request before the kill at 99.5; the survivor's at 118
+        "j1": [94.5, 99.5, 118.0],
+        # a survivor polled it twice in a row: a duplicate after the takeover
+        "j2": [95.0, 117.0, 119.0],
+        "j9": [50.0, 55.0],  # not among the jobs taken over
+    }
+    found = replicas.takeover(
+        requests,
+        ["j0", "j1", "j2"],
+        at=at,
+        survivors_from=at + 0.1,
+        until=125.0,
+        interval=INTERVAL,
+    )
+    assert found["repolled"] == 3
+    assert found["all_repolled_s"] == 18.0
+    assert found["longest_gap_s"] == 22.0  # j2: 95 -> 117
+    assert found["duplicates"] == 1
+
+
+def test_takeover_reports_jobs_never_polled_again() -> None:
+    found = replicas.takeover(
+        {"j0": [95.0, 120.0], "j1": [96.0]},
+        ["j0", "j1"],
+        at=100.0,
+        survivors_from=100.1,
+        until=130.0,
+        interval=INTERVAL,
+    )
+    assert found["not_repolled"] == 1
+    assert found["not_repolled_examples"] == ["j1"]
+    assert found["all_repolled_s"] is None  # never a time that leaves a job out
+
+
+def test_takeover_after_sigterm_counts_only_requests_after_the_exit() -> None:
+    # SIGTERM at 100, the replica exits at 101.5; the request at 100.3 was its own.
+    found = replicas.takeover(
+        {"j0": [95.6, 100.3, 104.0]},
+        ["j0"],
+        at=100.0,
+        survivors_from=101.5,
+        until=110.0,
+        interval=INTERVAL,
+    )
+    assert found["requests_while_stopping"] == 1
+    assert found["all_repolled_s"] == 4.0
+    assert found["longest_gap_s"] == 8.4  # from the last request before the SIGTERM
+    assert found["duplicates"] == 1  # 100.3 -> 104.0: 3.7 s
+
+
+def test_writes_by_resource_per_second_from_counter_deltas() -> None:
+    before = {"write PUT leases 200": 10.0, "status_patches": 3.0}
+    after = {"write PUT leases 200": 40.0, "write POST leases 201": 2.0, "status_patches": 9.0}
+    assert replicas.writes_by_resource(after, before, 10.0) == {
+        "POST leases 201": 0.2,
+        "PUT leases 200": 3.0,
+    }
+
+
+def test_apiserver_reads_and_open_watches() -> None:
+    text = "\n".join(
+        [
+            'apiserver_request_total{code="200",component="apiserver",dry_run="",group='
+            '"coordination.k8s.io",resource="leases",scope="namespace",subresource="",'
+            'verb="LIST",version="v1"} 7',
+            'apiserver_request_total{code="200",resource="pods",verb="LIST"} 3',
+            'apiserver_longrunning_requests{component="apiserver",group="jobwatch.dev",'
+            'resource="jobwatches",scope="cluster",subresource="",verb="WATCH",'
+            'version="v1alpha1"} 2',
+        ]
+    )
+    assert replicas.apiserver_reads(text) == {
+        "read LIST leases": 7.0,
+        "open WATCH jobwatches": 2.0,
+    }
+
+
+def test_events_by_reason_in_the_window_only() -> None:
+    items: list[dict[str, Any]] = [
+        {
+            "reason": "Polled",
+            "reportingComponent": "jobwatch",
+            "lastTimestamp": "2026-11-30T20:00:10Z",
+        },
+        {
+            "reason": "Polled",
+            "source": {"component": "jobwatch"},
+            "eventTime": "2026-11-30T20:00:11.5Z",
+        },
+        {"reason": "Old", "lastTimestamp": "2026-11-30T19:59:59Z"},
+        {"reason": "NoTime"},
+    ]
+    start = datetime.datetime(2026, 11, 30, 20, 0, tzinfo=datetime.UTC).timestamp()
+    assert replicas.events_by_reason(items, start, start + 60) == {"Polled (jobwatch)": 2}
