@@ -41,9 +41,7 @@ import argparse
 import asyncio
 import datetime
 import hashlib
-import json
 import os
-import platform
 import re
 import secrets
 import signal
@@ -823,12 +821,7 @@ async def bench(opts: Options, children: scale.Children, argv: Sequence[str]) ->
         "started": started.isoformat(timespec="seconds"),
         "command": [Path(sys.argv[0]).name, *argv],
         "git": scale.git_state(),
-        "host": {
-            "cpus": psutil.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "host": scale.host_facts(),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
         "operator_env": {
             **{k: v for k, v in os.environ.items() if k.startswith("JOBWATCH_")},
@@ -944,16 +937,6 @@ def _sum(writes: Mapping[str, float], prefix: str) -> str:
     return f"{total:.2f}"
 
 
-def write_results(result: dict[str, Any], directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = result["started"].replace(":", "").replace("-", "")[:15]
-    path = directory / f"replicas-{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def parse_args(argv: Sequence[str]) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -978,12 +961,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="extra environment for every replica (repeatable)",
     )
     args = parser.parse_args(argv)
-    extra = {}
-    for item in args.operator_env:
-        name, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--operator-env {item!r}: expected NAME=VALUE")
-        extra[name] = value
+    extra = scale.parse_operator_env(parser, args.operator_env)
     try:
         counts = tuple(int(s) for s in args.replicas.split(",") if s.strip())
     except ValueError:
@@ -1035,7 +1013,7 @@ def main(argv: Sequence[str]) -> int:
     if not any(r["window"]["job_service_polls_per_s"] > 0 for r in result["runs"]):
         log("no poll was measured")
         return 1
-    path = write_results(result, opts.results_dir)
+    path = scale.save_results(result, opts.results_dir, "replicas")
     print(table(result))
     print(f"\nresults: {path}  ({time.monotonic() - started:.0f}s)")
     return 0

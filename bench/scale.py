@@ -1828,16 +1828,41 @@ def git_state() -> dict[str, Any]:
     }
 
 
-def write_results(result: dict[str, Any], opts: Options) -> Path:
-    opts.results_dir.mkdir(parents=True, exist_ok=True)
+def host_facts() -> dict[str, Any]:
+    return {
+        "cpus": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def save_results(result: dict[str, Any], directory: Path, prefix: str) -> Path:
+    """`<prefix>-<start time>.json` in `directory`; shared by every benchmark here."""
+    directory.mkdir(parents=True, exist_ok=True)
     stamp = result["started"].replace(":", "").replace("-", "")[:15]
-    prefix = "overload" if opts.mode == "overload" else "scale"
-    path = opts.results_dir / f"{prefix}-{stamp}.json"
-    text = json.dumps(result, indent=1, default=str) + "\n"
+    path = directory / f"{prefix}-{stamp}.json"
     # Through a .tmp file (git-ignored), so a broken run never leaves half a file.
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(text)
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
     tmp.replace(path)
+    return path
+
+
+def parse_operator_env(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, str]:
+    """`--operator-env NAME=VALUE` options as a dict (a usage error otherwise)."""
+    extra = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--operator-env {item!r}: expected NAME=VALUE")
+        extra[name] = value
+    return extra
+
+
+def write_results(result: dict[str, Any], opts: Options) -> Path:
+    prefix = "overload" if opts.mode == "overload" else "scale"
+    path = save_results(result, opts.results_dir, prefix)
     latest = opts.results_dir / ("overload-latest.json" if prefix == "overload" else "latest.json")
     shutil.copyfile(path, latest)
     if opts.mode == "overload":
@@ -1856,12 +1881,7 @@ async def bench(opts: Options, children: Children) -> dict[str, Any]:
         "kind": opts.mode,
         "started": started.isoformat(timespec="seconds"),
         "git": git_state(),
-        "host": {
-            "cpus": psutil.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "host": host_facts(),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
         "operator_env": {
             k: v
@@ -1964,12 +1984,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="extra environment for the operator (repeatable)",
     )
     args = parser.parse_args(argv)
-    extra = {}
-    for item in args.operator_env:
-        name, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--operator-env {item!r}: expected NAME=VALUE")
-        extra[name] = value
+    extra = parse_operator_env(parser, args.operator_env)
     try:
         jobapi.parse_latency(args.latency)
     except ValueError as exc:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import platform
 import random
@@ -723,16 +722,6 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.1%}"
 
 
-def write_results(result: dict[str, Any], directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = result["started"].replace(":", "").replace("-", "")[:15]
-    path = directory / f"soak-{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def parse_args(argv: Sequence[str]) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -791,7 +780,7 @@ def main(argv: Sequence[str]) -> int:
         children.stop_all()
         if opts.kubeconfig is None:
             scale.stop_control_plane()
-    path = write_results(result, opts.results_dir)
+    path = scale.save_results(result, opts.results_dir, "soak")
     print(figures(result))
     print(f"\nresults: {path}")
     return 0

@@ -118,6 +118,19 @@ def replicas(ns: Namespace, operator_kubeconfig: Path, test_logs: Path) -> Itera
     group.close()
 
 
+def share_a_fleet(
+    ns: Namespace, jobs: JobServer, replicas: Replicas, names: list[str]
+) -> list[str]:
+    """Starts these replicas and the fleet; returns once they share the buckets and every
+    job has been polled since (its paths at the job service)."""
+    for name in names:
+        replicas.start(name)
+    paths = create_fleet(ns, jobs)
+    wait_for(lambda: replicas.settled(names), 60, f"{names} sharing the buckets")
+    wait_all_polled(ns, jobs, paths, time.monotonic(), 30)
+    return paths
+
+
 def create_fleet(ns: Namespace, jobs: JobServer) -> list[str]:
     paths = [f"/job/{n}" for n in range(WATCHES)]
     for n, path in enumerate(paths):
@@ -178,13 +191,8 @@ def longest_gap_between(jobs: JobServer, paths: list[str], start: float, end: fl
 def test_replicas_share_the_fleet_fail_over_and_take_in_a_newcomer(
     ns: Namespace, jobs: JobServer, replicas: Replicas
 ) -> None:
-    for name in ("r0", "r1", "r2"):
-        replicas.start(name)
-    paths = create_fleet(ns, jobs)
     names = ["r0", "r1", "r2"]
-    wait_for(lambda: replicas.settled(names), 60, "three replicas sharing the buckets")
-    started = time.monotonic()
-    wait_all_polled(ns, jobs, paths, started, 30)
+    paths = share_a_fleet(ns, jobs, replicas, names)
 
     # --- the load is shared: polls per replica within ±25 % of the mean -------------
     before = {name: replicas.polls(name) for name in names}
@@ -239,12 +247,7 @@ def test_replicas_share_the_fleet_fail_over_and_take_in_a_newcomer(
 def test_sigterm_hands_over_within_seconds(
     ns: Namespace, jobs: JobServer, replicas: Replicas
 ) -> None:
-    for name in ("r0", "r1"):
-        replicas.start(name)
-    paths = create_fleet(ns, jobs)
-    wait_for(lambda: replicas.settled(["r0", "r1"]), 60, "two replicas sharing the buckets")
-    started = time.monotonic()
-    wait_all_polled(ns, jobs, paths, started, 30)
+    paths = share_a_fleet(ns, jobs, replicas, ["r0", "r1"])
     leaving, _ = replicas.running.pop("r1")
     assert leaving.process is not None
     leaving.process.send_signal(signal.SIGTERM)
@@ -267,12 +270,7 @@ def test_sigterm_hands_over_within_seconds(
 def test_a_replica_stopped_past_its_lease_polls_nothing_it_lost(
     ns: Namespace, jobs: JobServer, replicas: Replicas
 ) -> None:
-    for name in ("r0", "r1"):
-        replicas.start(name)
-    paths = create_fleet(ns, jobs)
-    wait_for(lambda: replicas.settled(["r0", "r1"]), 60, "two replicas sharing the buckets")
-    started = time.monotonic()
-    wait_all_polled(ns, jobs, paths, started, 30)
+    paths = share_a_fleet(ns, jobs, replicas, ["r0", "r1"])
     sleeper, _ = replicas.running["r1"]
     assert sleeper.process is not None
     sleeper.process.send_signal(signal.SIGSTOP)
@@ -295,12 +293,7 @@ def test_a_replica_stopped_past_its_lease_polls_nothing_it_lost(
 def test_api_server_away_longer_than_the_lease_stops_everyone_then_all_resume(
     ns: Namespace, jobs: JobServer, replicas: Replicas, control_plane: ControlPlane
 ) -> None:
-    for name in ("r0", "r1"):
-        replicas.start(name)
-    paths = create_fleet(ns, jobs)
-    wait_for(lambda: replicas.settled(["r0", "r1"]), 60, "two replicas sharing the buckets")
-    started = time.monotonic()
-    wait_all_polled(ns, jobs, paths, started, 30)
+    paths = share_a_fleet(ns, jobs, replicas, ["r0", "r1"])
     try:
         control_plane.stop("kube-apiserver")
         away = time.monotonic()
