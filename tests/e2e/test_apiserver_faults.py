@@ -141,7 +141,9 @@ class Fleet:
     def secret_resumes(self, back: float, request_limit: float = 0.0) -> None:
         """The watch that reads a Secret at every attempt polls again after the return,
         and its errors meanwhile were its own (transient, retried), not a lost watch."""
-        limit = back + request_limit + MAX_BACKOFF * 1.1 + INTERVAL + 1.0
+        # One more backoff step than the happy path: the first Secret read after the
+        # return may still be refused (403 until the authorizer has loaded RBAC).
+        limit = back + request_limit + 2 * MAX_BACKOFF * 1.1 + INTERVAL + 1.0
         wait_for(
             lambda: any(s.at > back for s in self.seen("secret")),
             limit - time.monotonic() + 5,
