@@ -248,7 +248,7 @@ class Metrics:
         # The runtime plugs the host table in (Runtime.__init__).
         self.hosts = _Hosts()
         r.register(self.hosts)
-        # The lease elector plugs itself in (handlers.startup), with replicas only.
+        # The lease elector plugs itself in (startup.build), with replicas only.
         self.leases = _Leases()
         r.register(self.leases)
         ProcessCollector(registry=r)  # CPU, memory, start time: for dashboards and alerts

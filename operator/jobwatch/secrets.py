@@ -28,9 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
-
-from jobwatch.kube import ApiError, Secret
+from jobwatch.kube import ApiError, Secret, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +151,10 @@ class SecretCache:
             ) from None
         except ApiError as exc:
             raise self._unavailable(key, f"the API server answered HTTP {exc.status}") from None
-        except httpx.TransportError as exc:
-            why = f"the API server could not be reached ({type(exc).__name__})"
+        except Unreachable as exc:
+            # What went wrong underneath (refused, reset, timed out), by its type only:
+            # its text names the API server's address.
+            why = f"the API server could not be reached ({type(exc.__cause__ or exc).__name__})"
             raise self._unavailable(key, why) from None
         except Exception as exc:
             # A body that is not a Secret (bad JSON or base64), for one. The exception's

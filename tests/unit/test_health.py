@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import aiohttp
+import pytest
 
 from jobwatch import __main__ as main_module
-from jobwatch import handlers
+from jobwatch.config import Config
+from jobwatch.startup import Operator, Running
 
 
 async def get_healthz(listener: socket.socket) -> tuple[int, str]:
@@ -20,22 +24,64 @@ async def get_healthz(listener: socket.socket) -> tuple[int, str]:
         return response.status, await response.text()
 
 
-async def test_healthz_fails_once_the_informer_has_stopped() -> None:
-    service = handlers.Service()
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Operator, socket.socket]]:
+    """An operator whose /healthz is served, not started yet."""
+    operator = Operator(Config.from_env({}), metrics_listener=None)
     listener = main_module.listen("JOBWATCH_HEALTH_PORT", free_port())
     assert listener is not None
-    original = handlers.service
-    handlers.service = service
-    runner = await main_module.serve_health(listener)
-    try:
-        service.informer = asyncio.create_task(asyncio.sleep(3600))
-        assert await get_healthz(listener) == (200, "ok\n")
-        service.informer.cancel()
-        await asyncio.gather(service.informer, return_exceptions=True)
-        assert await get_healthz(listener) == (503, "the JobWatch informer has stopped\n")
-    finally:
-        handlers.service = original
-        await runner.cleanup()
+    runner = await main_module.serve_health(listener, operator.problem)
+    yield operator, listener
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[Running]:
+    """Stand-ins for what /healthz looks at: the long-lived tasks and the runtime."""
+    informer, starter, electing = (asyncio.create_task(asyncio.sleep(3600)) for _ in range(3))
+    yield Running(
+        api=None,  # type: ignore[arg-type]
+        http=None,  # type: ignore[arg-type]
+        runtime=SimpleNamespace(writer_stopped=False),  # type: ignore[arg-type]
+        informer=informer,
+        starter=starter,
+        elector=None,
+        electing=electing,
+        metrics_runner=None,
+    )
+    for task in (informer, starter, electing):
+        await stop(task)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_healthz_is_ok_before_start_up(served: tuple[Operator, socket.socket]) -> None:
+    _, listener = served
+    assert await get_healthz(listener) == (200, "ok\n")
+
+
+@pytest.mark.parametrize(
+    ("part", "problem"),
+    [
+        ("informer", "the JobWatch informer has stopped"),
+        ("electing", "the lease elector has stopped"),
+        ("writer", "the status writer has stopped"),
+    ],
+)
+async def test_healthz_fails_once_a_long_lived_part_has_stopped(
+    served: tuple[Operator, socket.socket], parts: Running, part: str, problem: str
+) -> None:
+    operator, listener = served
+    operator.running = parts
+    assert await get_healthz(listener) == (200, "ok\n")
+    if part == "writer":
+        parts.runtime.writer_stopped = True  # type: ignore[misc]  # a stand-in's attribute
+    else:
+        await stop(getattr(parts, part))
+    assert await get_healthz(listener) == (503, f"{problem}\n")
 
 
 def free_port() -> int:
