@@ -537,3 +537,89 @@ async def test_a_forgotten_object_is_written_whole_again() -> None:
     watch.attempts = 1
     await write(writer, watch)
     assert [paths(ops) for ops in api.sent] == [["/status"], ["/status"]]
+
+
+class TimedApi(FakeApi):
+    """Records when each status write and Event went out, in one sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, float]] = []
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+        self.sent.append((ref.name, time.monotonic()))
+        await super().patch_status(ref, status)
+
+    async def create_event(
+        self, ref: ObjectRef, *, warning: bool, reason: str, message: str
+    ) -> None:
+        self.sent.append(("event", time.monotonic()))
+        await super().create_event(ref, warning=warning, reason=reason, message=message)
+
+
+def groups(times: list[float], apart: float = 0.015) -> list[int]:
+    """Sizes of the runs of times closer than `apart` to the one before."""
+    ordered = sorted(times)
+    sizes: list[int] = []
+    for i, moment in enumerate(ordered):
+        if i and moment - ordered[i - 1] < apart:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
+
+
+async def test_progress_writes_due_within_one_grid_step_go_out_together_none_early() -> None:
+    # Progress interval 1.5 s: a grid of 0.1 s. Four objects last written 0.025 s apart
+    # fall due within about 0.08 s of each other: one grid step, or two.
+    api = TimedApi()
+    writer = make_writer(api, progress=1.5)
+    task = asyncio.create_task(writer.run())
+    watches = [make_watch(f"w{n}") for n in range(4)]
+    for watch in watches:
+        writer.submit(watch, urgent=True)
+        await until(lambda: len(api.sent) == watches.index(watch) + 1)
+        await asyncio.sleep(0.025)  # staggers the first writes: not a synchronisation
+    first = {name: moment for name, moment in api.sent}
+    for watch in watches:
+        watch.attempts += 1
+        writer.submit(watch, urgent=False)
+    await until(lambda: len(api.sent) == 8, timeout=3)
+    task.cancel()
+    progress = api.sent[4:]
+    # No write earlier than its object's interval, none later than one step after it.
+    for name, moment in progress:
+        assert 1.5 <= moment - first[name] < 1.5 + 0.1 + 0.05, name
+    assert len(groups([moment for _, moment in progress])) <= 2
+
+
+async def test_a_grid_step_takes_no_more_progress_writes_than_its_tokens() -> None:
+    # 20 writes/s and a 0.1 s grid: two a step; six due together go out over three steps.
+    api = TimedApi()
+    writer = make_writer(api, qps=20, burst=20, progress=1.5)
+    task = asyncio.create_task(writer.run())
+    watches = [make_watch(f"w{n}") for n in range(6)]
+    for watch in watches:
+        writer.submit(watch, urgent=True)
+    await until(lambda: len(api.sent) == 6)
+    for watch in watches:
+        watch.attempts += 1
+        writer.submit(watch, urgent=False)
+    await until(lambda: len(api.sent) == 12, timeout=3)
+    task.cancel()
+    assert groups([moment for _, moment in api.sent[6:]]) == [2, 2, 2]
+
+
+async def test_events_get_a_turn_while_status_writes_are_queued() -> None:
+    api = TimedApi()
+    writer = make_writer(api, qps=200, burst=1)
+    for n in range(30):
+        writer.submit(make_watch(f"w{n}"), urgent=True)
+    for n in range(3):
+        writer.event(make_watch(f"w{n}"))
+    task = asyncio.create_task(writer.run())
+    await until(lambda: len(api.sent) == 33, timeout=3)
+    task.cancel()
+    turns = [i for i, (name, _) in enumerate(api.sent) if name == "event"]
+    # One in every EVENT_TURN tokens at least, though 30 status writes were queued first.
+    assert turns == [5, 11, 17]
