@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -63,19 +63,6 @@ class Recorder:
 def short_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
     # The mocked streams end at once; the informer pauses after such a stream.
     monkeypatch.setattr(informer_module, "MIN_STREAM_SECONDS", 0.01)
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[LoopbackApi]:
-    async with LoopbackApi() as server:
-        yield server
-
-
-@pytest.fixture
-async def api(server: LoopbackApi) -> AsyncIterator[KubeApi]:
-    client = KubeApi(server.credentials)
-    yield client
-    await client.aclose()
 
 
 async def run_until(informer: Informer, recorder: Recorder, count: int) -> None:

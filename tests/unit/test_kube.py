@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +25,6 @@ from jobwatch.kube import ApiError, EncodedStatus, KubeApi, ObjectRef, Unreachab
 REF = ObjectRef("ns", "build-1", "uid-1")
 STATUS_PATH = "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches/build-1/status"
 COLLECTION = "/apis/jobwatch.dev/v1alpha1/jobwatches"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[LoopbackApi]:
-    async with LoopbackApi() as server:
-        yield server
-
-
-@pytest.fixture
-async def api(server: LoopbackApi) -> AsyncIterator[KubeApi]:
-    client = KubeApi(server.credentials)
-    yield client
-    await client.aclose()
 
 
 def only_for(token: str) -> Callable[[Seen], web.Response]:

@@ -576,9 +576,9 @@ async def test_progress_writes_due_within_one_grid_step_go_out_together_none_ear
     writer = make_writer(api, progress=1.5)
     task = asyncio.create_task(writer.run())
     watches = [make_watch(f"w{n}") for n in range(4)]
-    for watch in watches:
+    for count, watch in enumerate(watches, 1):
         writer.submit(watch, urgent=True)
-        await until(lambda: len(api.sent) == watches.index(watch) + 1)
+        await until(lambda count=count: len(api.sent) == count)
         await asyncio.sleep(0.025)  # staggers the first writes: not a synchronisation
     first = {name: moment for name, moment in api.sent}
     for watch in watches:
