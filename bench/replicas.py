@@ -989,27 +989,14 @@ def main(argv: Sequence[str]) -> int:
     opts = parse_args(argv)
     # scale.control_plane and stop_control_plane start and stop the cluster there.
     scale.BENCH_CLUSTER = CLUSTER_DIR
-    children = scale.Children()
     started = time.monotonic()
-
-    async def guarded() -> dict[str, Any]:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await bench(opts, children, argv)
-
-    try:
-        result = asyncio.run(guarded())
-    except (scale.BenchError, TimeoutError) as exc:
-        log(f"replicas harness failed: {exc!r}")
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log("interrupted")
-        return 130
-    finally:
-        children.stop_all()
-        if opts.kubeconfig is None:
-            scale.stop_control_plane()
+    result = scale.run_harness(
+        "replicas",
+        lambda children: bench(opts, children, argv),
+        own_cluster=opts.kubeconfig is None,
+    )
+    if isinstance(result, int):
+        return result
     if not any(r["window"]["job_service_polls_per_s"] > 0 for r in result["runs"]):
         log("no poll was measured")
         return 1

@@ -66,7 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -2022,9 +2022,12 @@ def parse_args(argv: Sequence[str]) -> Options:
     )
 
 
-def main(argv: Sequence[str]) -> int:
-    opts = parse_args(argv)
-    started = time.monotonic()
+def run_harness(
+    name: str, run: Callable[[Children], Awaitable[dict[str, Any]]], *, own_cluster: bool
+) -> dict[str, Any] | int:
+    """Runs a harness (scale, soak, replicas): its result, or the exit code of a run that
+    failed (1) or was interrupted (130). Its child processes, and the control plane if
+    the harness started it, are stopped however the run ended."""
     children = Children()
 
     async def guarded() -> dict[str, Any]:
@@ -2032,12 +2035,12 @@ def main(argv: Sequence[str]) -> int:
         task = asyncio.current_task()
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await bench(opts, children)
+        return await run(children)
 
     try:
-        result = asyncio.run(guarded())
+        return asyncio.run(guarded())
     except (BenchError, TimeoutError) as exc:
-        log(f"benchmark harness failed: {exc!r}")
+        log(f"{name} harness failed: {exc!r}")
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted")
@@ -2045,8 +2048,18 @@ def main(argv: Sequence[str]) -> int:
     finally:
         # Outside the event loop, so that it runs however the run ended.
         children.stop_all()
-        if opts.kubeconfig is None:
+        if own_cluster:
             stop_control_plane()
+
+
+def main(argv: Sequence[str]) -> int:
+    opts = parse_args(argv)
+    started = time.monotonic()
+    result = run_harness(
+        "benchmark", lambda children: bench(opts, children), own_cluster=opts.kubeconfig is None
+    )
+    if isinstance(result, int):
+        return result
     if not any(r["window"]["polls"] > 0 for r in result["runs"]):
         log("no poll was measured")
         return 1

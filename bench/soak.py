@@ -41,7 +41,6 @@ import datetime
 import os
 import platform
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -760,26 +759,11 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 def main(argv: Sequence[str]) -> int:
     opts = parse_args(argv)
-    children = scale.Children()
-
-    async def guarded() -> dict[str, Any]:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await soak(opts, children)
-
-    try:
-        result = asyncio.run(guarded())
-    except (scale.BenchError, TimeoutError) as exc:
-        scale.log(f"soak harness failed: {exc!r}")
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        scale.log("interrupted")
-        return 130
-    finally:
-        children.stop_all()
-        if opts.kubeconfig is None:
-            scale.stop_control_plane()
+    result = scale.run_harness(
+        "soak", lambda children: soak(opts, children), own_cluster=opts.kubeconfig is None
+    )
+    if isinstance(result, int):
+        return result
     path = scale.save_results(result, opts.results_dir, "soak")
     print(figures(result))
     print(f"\nresults: {path}")

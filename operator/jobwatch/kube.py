@@ -210,8 +210,7 @@ def _pool(info: kopf.ConnectionInfo) -> kubehttp.Pool:
     if info.token:
         headers["authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
     elif info.username and info.password:
-        basic = base64.b64encode(f"{info.username}:{info.password}".encode()).decode()
-        headers["authorization"] = f"Basic {basic}"
+        headers["authorization"] = kubehttp.basic_auth(info.username, info.password)
     server = info.server.rstrip("/")
     context = _ssl_context(info) if server.startswith("https:") else None
     origin = kubehttp.Origin.parse(server, context, info.proxy_url, info.trust_env)

@@ -90,6 +90,11 @@ def _proxy_from_env(scheme: str, host: str) -> str | None:
     return urllib.request.getproxies_environment().get(scheme)
 
 
+def basic_auth(user: str, password: str) -> str:
+    """An Authorization (or Proxy-Authorization) header value for HTTP basic auth."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
 def _parse_proxy(proxy: str) -> tuple[str, int, str | None]:
     url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     if url.scheme != "http":
@@ -98,7 +103,7 @@ def _parse_proxy(proxy: str) -> tuple[str, int, str | None]:
     if url.username is not None:
         user = urllib.parse.unquote(url.username)
         password = urllib.parse.unquote(url.password or "")
-        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        auth = basic_auth(user, password)
     return url.hostname or "", url.port or 80, auth
 
 

@@ -315,9 +315,10 @@ class StatusWriter:
             self._wake.set()
         elif ref not in self._urgent and ref not in self._final and ref not in self._progress:
             written = self._written.get(ref)
-            due = written.at + self._progress_interval if written else self._clock()
-            if self._grid > 0 and due > self._clock():
-                due = self._step(due)
+            now = self._clock()
+            due = written.at + self._progress_interval if written else now
+            if self._grid > 0 and due > now:
+                due = self._step(due, now)
             self._seq += 1
             self._progress[ref] = (watch, self._seq)
             heapq.heappush(self._progress_due, (due, self._seq, ref))
@@ -336,7 +337,7 @@ class StatusWriter:
             self._dropping = True
         self._wake.set()
 
-    def _step(self, due: float) -> float:
+    def _step(self, due: float, now: float) -> float:
         """`due` rounded up to the grid, in the first step from there with room."""
         step = math.ceil(due / self._grid)
         for _ in range(MAX_GRID_PROBES):
@@ -346,7 +347,7 @@ class StatusWriter:
         self._steps[step] = self._steps.get(step, 0) + 1
         if len(self._steps) > 4 * self._progress_interval / self._grid:
             # Steps past: nothing is planned in them any more.
-            past = math.floor(self._clock() / self._grid)
+            past = math.floor(now / self._grid)
             self._steps = {k: v for k, v in self._steps.items() if k >= past}
         return step * self._grid
 

@@ -395,3 +395,14 @@ def test_in_a_pod_the_service_address_and_account_are_used(
     )
     info = kube.login(SETTINGS)
     assert (info.server, info.token) == ("https://[fd00::1]:443", "sa-token")
+
+
+async def test_a_kubeconfig_user_and_password_log_in_with_basic_auth(server: LoopbackApi) -> None:
+    info = kopf.ConnectionInfo(server=server.server, username="ann", password="s3:cret")
+    api = KubeApi(lambda: info)
+    try:
+        await api.delete_lease("ns", "bucket-0")
+    finally:
+        await api.aclose()
+    expected = "Basic " + base64.b64encode(b"ann:s3:cret").decode()
+    assert server.seen[-1].headers["authorization"] == expected
