@@ -402,9 +402,20 @@ class KubeApi:
         )
 
     async def create_event(
-        self, ref: ObjectRef, *, warning: bool, reason: str, message: str
+        self,
+        ref: ObjectRef,
+        *,
+        warning: bool,
+        reason: str,
+        message: str,
+        count: int = 1,
+        first_seen: datetime.datetime | None = None,
     ) -> None:
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        """One core/v1 Event about `ref`. `count` > 1 with `first_seen` stands for that
+        many similar occurrences since then, as client-go's event correlator writes them."""
+        now_time = datetime.datetime.now(datetime.UTC)
+        now = now_time.strftime("%Y-%m-%dT%H:%M:%SZ")
+        first = (first_seen or now_time).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {
             "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
             "involvedObject": {
@@ -420,9 +431,9 @@ class KubeApi:
             "source": {"component": "jobwatch-operator"},
             "reportingComponent": "jobwatch.dev/operator",
             "reportingInstance": _INSTANCE,
-            "firstTimestamp": now,
+            "firstTimestamp": first,
             "lastTimestamp": now,
-            "count": 1,
+            "count": count,
         }
         code, body = await self._request(
             "POST", f"/api/v1/namespaces/{ref.namespace}/events", body=encode_json(event).encode()
