@@ -35,7 +35,6 @@ import uvloop
 from aiohttp import web
 from httpx_aiohttp import AiohttpTransport
 
-from jobwatch import kubehttp
 from jobwatch.egress import EgressPolicy
 from jobwatch.httpclient import HttpClient, Request
 from jobwatch.outcome import Response
@@ -102,40 +101,8 @@ async def jobwatch_http(
         await client.aclose()
 
 
-@asynccontextmanager
-async def lean_http11(
-    connections: int, headers: tuple[tuple[str, str], ...] = ()
-) -> AsyncIterator[Call]:
-    """The operator's own minimal HTTP/1.1 client for the API server (kubehttp.Pool),
-    one pool per origin: what a poll would cost through it (no egress guard, redirects,
-    body cap or decompression)."""
-    pools: dict[str, kubehttp.Pool] = {}
-
-    async def call(url: str) -> None:
-        origin, _, path = url.partition("://")[2].partition("/")
-        pool = pools.get(origin)
-        if pool is None:
-            pool = pools[origin] = kubehttp.Pool(
-                kubehttp.Origin.parse(f"http://{origin}", None, None, trust_env=False),
-                dict(headers),
-                max_connections=connections,
-                connect_timeout=30,
-                read_timeout=30,
-            )
-        status, _ = await pool.request("GET", f"/{path}")
-        if status != 200:
-            raise RuntimeError(f"HTTP {status}")
-
-    try:
-        yield call
-    finally:
-        for pool in pools.values():
-            await pool.aclose()
-
-
 CLIENTS: dict[str, tuple[str, ClientFactory]] = {
     "raw": ("raw aiohttp", raw_aiohttp),
-    "lean": ("minimal HTTP/1.1 (kubehttp)", lean_http11),
     "httpx": ("httpx + AiohttpTransport", httpx_aiohttp),
     "jobwatch": ("jobwatch HttpClient", jobwatch_http),
 }

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
-if __name__ == "__main__":
-    # Installed, imported if present, and used by nothing here: kopf imports the
-    # `kubernetes` package for type checks of objects we never give it (about 16 MiB of
-    # memory with what it imports), httpx its command-line client (rich, pygments: 4
-    # MiB). Both read the ImportError as "not installed". kube.login still imports the
-    # `kubernetes` package for a kubeconfig only it can read.
-    for _unused in ("kubernetes", "httpx._main"):
-        if _unused not in sys.modules:
-            sys.modules[_unused] = None  # type: ignore[assignment]  # None: "not installed"
-
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -118,6 +107,8 @@ def main() -> None:
     # kopf logs every event handler call at INFO: at thousands of watches that
     # is mostly our own status echoes.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # httpx logs every API request at INFO: thousands a minute, and no news.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = Config.from_env()
     except ConfigError as exc:

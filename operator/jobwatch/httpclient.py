@@ -1,9 +1,10 @@
 """The shared HTTP client: one attempt in, one `Outcome` out.
 
 Requests go straight to aiohttp's client, with its connection pool; URLs are parsed
-and joined with httpx's URL type. One exchange costs less than half the CPU of one
-through httpx's client API on the same pool (docs/benchmarks.md), and at thousands of
-polls a second that is most of the operator's CPU. There is one aiohttp session per
+(once per distinct URL) and joined with yarl, the URL type aiohttp takes. One exchange
+costs less than half the CPU of one through httpx's client API on the same pool
+(docs/benchmarks.md), and at thousands of polls a second that is most of the
+operator's CPU. There is one aiohttp session per
 distinct `TLSSettings`, kept in a small LRU; the default settings have their own
 session that is never evicted.
 
@@ -30,16 +31,12 @@ from typing import TypeVar
 import aiohttp
 import httpx
 from aiohttp.http_exceptions import LineTooLong
-from yarl import URL as YarlURL
+from yarl import URL
 
 from jobwatch.egress import EgressDeniedError, EgressPolicy, GuardedResolver
 from jobwatch.outcome import FailureKind, Outcome, RequestFailure, Response
 
 log = logging.getLogger(__name__)
-
-# httpx logs every request URL at INFO; redirect targets can carry signed query
-# strings, and at thousands of watches the line is pure noise.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 MiB = 1024 * 1024
 
@@ -175,12 +172,12 @@ class HttpClient:
     async def _attempt(self, request: Request, started: float, progress: _Progress) -> Response:
         url = _parse_url(request.url)
         headers = _prepared_headers(request.headers)
-        if url.userinfo:
+        if url.user is not None or url.password is not None:
             if not any(name.lower() == "authorization" for name, _ in headers):
-                credentials = f"{url.username}:{url.password}".encode()
+                credentials = f"{url.user or ''}:{url.password or ''}".encode()
                 auth = "Basic " + base64.b64encode(credentials).decode()
                 headers = (*headers, ("authorization", auth))
-            url = url.copy_with(userinfo=b"")
+            url = url.with_user(None)
         method = request.method.upper()
         body = request.body
 
@@ -188,11 +185,11 @@ class HttpClient:
         try:
             hop = 0
             while True:
-                target_url = self._checked(url, hop)
+                self._check(url, hop)
                 try:
                     async with slot.session.request(
                         method,
-                        target_url,
+                        url,
                         headers=headers,
                         data=body,
                         allow_redirects=False,
@@ -235,22 +232,12 @@ class HttpClient:
         finally:
             self._release(slot)
 
-    def _checked(self, url: httpx.URL, hop: int) -> YarlURL:
-        """The URL as aiohttp will take it, once the egress policy allows its host
-        (if an IP literal: the resolver checks names)."""
-        try:
-            parsed = _aiohttp_url(str(url))
-        except ValueError as exc:
-            # yarl is stricter than httpx in places (ports above 65535, for one).
-            if hop:
-                raise _Failed(
-                    FailureKind.INVALID_RESPONSE, "redirect to an invalid location"
-                ) from None
-            raise _Failed(FailureKind.TRANSPORT, f"invalid URL: {exc}") from None
-        reason = self._policy.check_literal(parsed.raw_host or "")
+    def _check(self, url: URL, hop: int) -> None:
+        """Whether the egress policy allows the URL's host, if an IP literal (the
+        resolver checks names)."""
+        reason = self._policy.check_literal(url.raw_host or "")
         if reason is not None:
             raise _Failed(FailureKind.EGRESS_DENIED, f"egress denied: {reason}{_after(hop)}")
-        return parsed
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
         cap = self._max_body_bytes
@@ -397,21 +384,16 @@ class _Inflater:
 
 # Each watch polls the same URL again and again: parse it once.
 @functools.lru_cache(maxsize=16384)
-def _parse_url(text: str) -> httpx.URL:
+def _parse_url(text: str) -> URL:
     try:
-        url = httpx.URL(text)
-    except (httpx.InvalidURL, TypeError) as exc:
+        url = URL(text)
+    except (ValueError, TypeError) as exc:  # UnicodeError (IDNA) is a ValueError
         raise _Failed(FailureKind.TRANSPORT, f"invalid URL: {exc}") from None
     if url.scheme not in _DEFAULT_PORTS:
         raise _Failed(FailureKind.TRANSPORT, f"unsupported URL scheme {url.scheme!r}")
-    if not url.host:
+    if not url.raw_host:
         raise _Failed(FailureKind.TRANSPORT, "invalid URL: no host")
     return url
-
-
-@functools.lru_cache(maxsize=16384)
-def _aiohttp_url(url: str) -> YarlURL:
-    return YarlURL(url)
 
 
 # A watch sends the same headers at every poll; values from Secrets change only
@@ -439,19 +421,21 @@ def _prepared_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, 
     return (*defaults, *checked)
 
 
-def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
+def _redirect_target(current: URL, location: str) -> URL:
     try:
-        target = current.join(location)
-    except (httpx.InvalidURL, ValueError):
+        target = current.join(URL(location))
+    except (ValueError, TypeError):
         raise _Failed(FailureKind.INVALID_RESPONSE, "redirect to an invalid location") from None
     if target.scheme not in _DEFAULT_PORTS:
         raise _Failed(
             FailureKind.INVALID_RESPONSE, f"redirect to unsupported scheme {_quoted(target.scheme)}"
         )
-    if not target.host:
+    if not target.raw_host:
         raise _Failed(FailureKind.INVALID_RESPONSE, "redirect to a location without a host")
     # Credentials in a Location header are the server's to offer, not ours to send.
-    return target.copy_with(userinfo=b"") if target.userinfo else target
+    if target.user is not None or target.password is not None:
+        return target.with_user(None)
+    return target
 
 
 def _redirected_method(code: int, method: str) -> str:
@@ -462,12 +446,13 @@ def _redirected_method(code: int, method: str) -> str:
     return method
 
 
-def _origin(url: httpx.URL) -> tuple[str, str, int]:
-    return url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme]
+def _origin(url: URL) -> tuple[str, str, int]:
+    return url.scheme, url.raw_host or "", url.port or _DEFAULT_PORTS[url.scheme]
 
 
-def _host_port(url: httpx.URL) -> str:
-    host = f"[{url.host}]" if ":" in url.host else url.host
+def _host_port(url: URL) -> str:
+    host = url.host or ""
+    host = f"[{host}]" if ":" in host else host
     return f"{host}:{url.port or _DEFAULT_PORTS[url.scheme]}"
 
 
@@ -491,7 +476,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 _E = TypeVar("_E", bound=BaseException)
 
 
-def _classify(exc: Exception, url: httpx.URL, hop: int) -> _Failed:
+def _classify(exc: Exception, url: URL, hop: int) -> _Failed:
     """A short, header-free message for what went wrong talking to `url`."""
     causes = list(_chain(exc))
     where = _host_port(url)

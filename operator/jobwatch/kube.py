@@ -1,11 +1,18 @@
 """The async Kubernetes API client for what kopf does not do for us.
 
 Status patches, Secret reads, Events, Leases and the JobWatch informer's list and watch
-go through one pool of HTTP/1.1 connections (kubehttp.py), authenticated with the same
-credentials kopf logged in with. Not httpx, and no longer aiohttp: their request and
-response machinery cost 1-4 ms of CPU per status write, more than everything else a
-write does together. Nothing blocks the event loop. On a 401 (for example a rotated
-ServiceAccount token) the credentials are loaded again once and the request is retried.
+go through httpx, authenticated with the same credentials kopf logged in with. Two
+clients per login: one for requests (at most MAX_CONNECTIONS connections, the wait for
+one bounded) and one for the informer's lists and long-lived watch streams, so that no
+number of watched namespaces can hold a status write or a Lease renewal back.
+
+A request has a timeout per phase (connect, each read and write, the wait for a pooled
+connection) and a deadline as a whole. Only a GET is sent again after a connection
+failure: a write whose answer was lost may have been applied, and its caller decides
+(the status writer retries a write that tests the uid, the elector's next round reads
+the Lease again, Events are best effort). On a 401 (a rotated ServiceAccount token,
+say) the credentials are loaded again once and the request is sent again: a 401 was
+applied nowhere. Requests already in flight keep the clients they started on.
 """
 
 from __future__ import annotations
@@ -20,25 +27,33 @@ import logging
 import os
 import socket
 import ssl
-import sys
 import tempfile
-import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import kopf
-
-from . import kubehttp
 
 GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
 API_VERSION = f"{GROUP}/{VERSION}"
 JSON = "application/json"
 JSON_PATCH = "application/json-patch+json"
 LIST_PAGE = 500
-# Per request: connecting (a pooled connection included) and each read.
+# Per request phase: connecting, each read and write, the wait for a pooled connection.
 TIMEOUT = 10.0
+# Per request as a whole, answer included: a server that trickles cannot hold it open.
+DEADLINE = 30.0
+# A 429 with Retry-After is sent again after it (up to this long), at most
+# MAX_THROTTLED times and within the request's deadline; then the caller sees the 429.
+MAX_RETRY_AFTER = 5.0
+MAX_THROTTLED = 3
+# Requests (not the informer's) in flight at once: the status writer's 8 writers,
+# Lease updates, Secret reads and Events.
 MAX_CONNECTIONS = 16
+# kube-apiserver closes a connection idle for 90 s; we close ours first, so that a
+# request never goes out on a connection the server is closing.
+KEEPALIVE_EXPIRY = 60.0
 _INSTANCE = socket.gethostname()
 # Where a ServiceAccount's credentials are mounted in a pod.
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -47,8 +62,11 @@ SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 encode_json = json.JSONEncoder(allow_nan=False, sort_keys=True, separators=(",", ":")).encode
 
 log = logging.getLogger(__name__)
-# No answer from the API server: not connected, the connection broke, or it timed out.
-Unreachable = kubehttp.Unreachable
+
+
+class Unreachable(Exception):
+    """No (whole) answer from the API server: not connected, the connection broke, or
+    it timed out."""
 
 
 class Expired(Exception):
@@ -146,6 +164,7 @@ def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
             info = _via_kubernetes_package(settings)
     if info is None:
         raise kopf.LoginError("no Kubernetes credentials found (in-cluster or KUBECONFIG)")
+    _clients(info)  # a server, proxy or TLS setting we cannot use stops the start here
     return info
 
 
@@ -171,8 +190,13 @@ def _complete(info: kopf.ConnectionInfo) -> bool:
 
 
 def _via_kubernetes_package(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
-    if "kubernetes" in sys.modules and sys.modules["kubernetes"] is None:
-        del sys.modules["kubernetes"]  # kept out by __main__ until now
+    try:
+        import kubernetes  # noqa: F401,PLC0415  # optional: only this login needs it
+    except ImportError:
+        raise kopf.LoginError(
+            "this kubeconfig needs the `kubernetes` package (an exec plugin, an auth"
+            " provider, a token file or relative paths): pip install 'jobwatch[kubeconfig]'"
+        ) from None
     return kopf.login_via_client(logger=log, settings=settings)
 
 
@@ -204,23 +228,108 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext:
     return context
 
 
-def _pool(info: kopf.ConnectionInfo) -> kubehttp.Pool:
-    """The connections of one login."""
-    headers = {"user-agent": "jobwatch-operator"}
+class _Session:
+    """The two clients of one login, and how many requests use them: a re-login
+    retires a session, which closes once its last request has ended."""
+
+    def __init__(self, requests: httpx.AsyncClient, informer: httpx.AsyncClient) -> None:
+        self.requests, self.informer = requests, informer
+        self._users = 0
+        self._idle: Callable[[_Session], None] | None = None  # set once retired
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if self._idle is not None and not self._users:
+                self._idle(self)
+
+    def retire(self, idle: Callable[[_Session], None]) -> None:
+        """`idle` is called once no request uses the session any more."""
+        self._idle = idle
+        if not self._users:
+            idle(self)
+
+    async def aclose(self) -> None:
+        await self.requests.aclose()
+        await self.informer.aclose()
+
+
+def _clients(info: kopf.ConnectionInfo) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
+    """The two clients of one login. Fails closed: a server URL that is not http(s), an
+    https server without a usable TLS setting, or a proxy we cannot use is a
+    `kopf.LoginError` naming the kubeconfig field, never a connection in clear text."""
+    try:
+        server = httpx.URL(info.server)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise kopf.LoginError(
+            f"the cluster's server URL (kubeconfig `server`) is invalid: {exc}"
+        ) from None
+    # httpx lowercases the scheme: `HTTPS://` is TLS, as kubectl has it.
+    if server.scheme not in ("http", "https") or not server.host:
+        raise kopf.LoginError(
+            f"the cluster's server URL (kubeconfig `server`) must be http:// or https://"
+            f" with a host, not {server.scheme or 'no scheme'}://"
+        )
+    verify: ssl.SSLContext | bool = False
+    if server.scheme == "https":
+        try:
+            verify = _ssl_context(info)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise kopf.LoginError(
+                "cannot use the cluster's TLS settings (kubeconfig `certificate-authority`,"
+                f" `client-certificate`, `client-key` or their `-data`): {exc}"
+            ) from None
+    headers = {"user-agent": "jobwatch-operator", "accept": JSON}
     if info.token:
         headers["authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
     elif info.username and info.password:
-        headers["authorization"] = kubehttp.basic_auth(info.username, info.password)
-    server = info.server.rstrip("/")
-    context = _ssl_context(info) if server.startswith("https:") else None
-    origin = kubehttp.Origin.parse(server, context, info.proxy_url, info.trust_env)
-    return kubehttp.Pool(
-        origin,
-        headers,
-        max_connections=MAX_CONNECTIONS,
-        connect_timeout=TIMEOUT,
-        read_timeout=TIMEOUT,
-    )
+        credentials = f"{info.username}:{info.password}".encode()
+        headers["authorization"] = "Basic " + base64.b64encode(credentials).decode()
+    if info.proxy_url is not None and _scheme(info.proxy_url) not in ("http", "https"):
+        raise kopf.LoginError("the kubeconfig's `proxy-url` must be an http:// or https:// URL")
+
+    def client(most: int | None) -> httpx.AsyncClient:
+        limits = httpx.Limits(
+            max_connections=most,
+            max_keepalive_connections=MAX_CONNECTIONS,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
+        return httpx.AsyncClient(
+            base_url=server,
+            headers=headers,
+            verify=verify,
+            proxy=info.proxy_url,
+            # HTTPS_PROXY, NO_PROXY: only when kopf's settings say the environment counts.
+            trust_env=info.trust_env,
+            timeout=httpx.Timeout(TIMEOUT),
+            limits=limits,
+        )
+
+    # The informer's client has no limit of its own: it holds one stream per watched
+    # namespace (or one cluster-wide), and while a namespace is listed, one page.
+    return client(MAX_CONNECTIONS), client(None)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """A 429's Retry-After in seconds (as the API server sends it), or None."""
+    value = response.headers.get("retry-after", "")
+    return min(float(value), MAX_RETRY_AFTER) if value.isdigit() and len(value) < 8 else None
+
+
+def _scheme(url: str) -> str | None:
+    try:
+        return httpx.URL(url).scheme
+    except (httpx.InvalidURL, TypeError):
+        return None
+
+
+def _unreachable(exc: Exception) -> Unreachable:
+    # httpx's messages name no header and no token; some are empty.
+    return Unreachable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
 def _failure(error: ApiError) -> Exception:
@@ -241,12 +350,27 @@ def _error(status: int, body: bytes) -> ApiError:
 
 
 class KubeApi:
-    def __init__(self, credentials: Callable[[], kopf.ConnectionInfo]) -> None:
+    def __init__(
+        self,
+        credentials: Callable[[], kopf.ConnectionInfo],
+        *,
+        deadline: float = DEADLINE,
+    ) -> None:
         self._credentials = credentials
-        self._pool = _pool(credentials())
+        self._deadline = deadline
+        self._session = _Session(*_clients(credentials()))
+        # Retired sessions being closed, held so that the loop keeps the tasks alive.
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        await self._session.aclose()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _close(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(session.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _request(
         self,
@@ -256,28 +380,78 @@ class KubeApi:
         body: bytes | None = None,
         content_type: str = JSON,
         params: Mapping[str, str] | None = None,
+        informer: bool = False,
     ) -> tuple[int, bytes]:
         """(status, body) of one request; the body is read whole, and parsed by nobody
-        who does not need it (a status write's answer, the whole object, is dropped)."""
-        target = f"{path}?{urllib.parse.urlencode(params)}" if params else path
-        for retry in (True, False):
-            pool = self._pool
-            status, payload = await pool.request(
-                method, target, body, content_type if body is not None else None
-            )
-            if status == 401 and retry:
-                await self._relogin(pool)
-                continue
-            return status, payload
-        raise AssertionError("unreachable")
+        who does not need it (a status write's answer, the whole object, is dropped).
+        `informer`: on the informer's client (lists), not the requests' one."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await self._exchange(
+                    method,
+                    path,
+                    body=body,
+                    content_type=content_type,
+                    params=params,
+                    informer=informer,
+                )
+        except TimeoutError:
+            raise Unreachable(f"no whole answer within {self._deadline:g} s") from None
 
-    async def _relogin(self, used: kubehttp.Pool) -> None:
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None,
+        content_type: str,
+        params: Mapping[str, str] | None,
+        informer: bool,
+    ) -> tuple[int, bytes]:
+        headers = {"content-type": content_type} if body is not None else None
+        relogin = True
+        # A GET changes nothing: it is sent once more if the connection failed.
+        again = method == "GET"
+        throttled = MAX_THROTTLED
+        while True:
+            session = self._session
+            with session.using():
+                client = session.informer if informer else session.requests
+                try:
+                    response = await client.request(
+                        method, path, content=body, headers=headers, params=params
+                    )
+                except httpx.TimeoutException as exc:
+                    raise _unreachable(exc) from None
+                except httpx.TransportError as exc:
+                    if not again:
+                        raise _unreachable(exc) from None
+                    again = False
+                    continue
+                except httpx.RequestError as exc:  # an answer we cannot decode, say
+                    raise _unreachable(exc) from None
+            status = response.status_code
+            if status == 401 and relogin:
+                relogin = False
+                self._relogin(session)
+                continue
+            wait = _retry_after(response) if status == 429 and throttled else None
+            if wait is not None:
+                throttled -= 1
+                # API Priority and Fairness refused it before anything was applied:
+                # sent again when the server says, within the deadline.
+                await asyncio.sleep(wait)
+                continue
+            return status, response.content
+
+    def _relogin(self, used: _Session) -> None:
         # A rotated ServiceAccount token, for one: load the credentials again, once for
-        # all the requests that were refused with the old ones.
-        if self._pool is not used:
+        # all the requests that were refused with the old ones. Requests in flight go
+        # on with the old clients, which close once the last has ended.
+        if self._session is not used:
             return
-        self._pool = _pool(self._credentials())
-        await used.aclose()
+        self._session = _Session(*_clients(self._credentials()))
+        used.retire(self._close)
 
     async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
         """Writes `status` (see `status_patch`), only on the object with this uid."""
@@ -310,7 +484,9 @@ class KubeApi:
         if labels:
             params["labelSelector"] = _selector(labels)
         path = self._collection(namespace)
-        pending = asyncio.ensure_future(self._request("GET", path, params=dict(params)))
+        pending = asyncio.ensure_future(
+            self._request("GET", path, params=dict(params), informer=True)
+        )
         try:
             while True:
                 code, body = await pending
@@ -321,7 +497,9 @@ class KubeApi:
                 token = meta.get("continue")
                 if token:
                     params["continue"] = token
-                    pending = asyncio.ensure_future(self._request("GET", path, params=dict(params)))
+                    pending = asyncio.ensure_future(
+                        self._request("GET", path, params=dict(params), informer=True)
+                    )
                 yield page.get("items") or [], meta.get("resourceVersion")
                 if not token:
                     return
@@ -373,19 +551,27 @@ class KubeApi:
     async def _stream(
         self, path: str, params: Mapping[str, str], read_seconds: float
     ) -> AsyncIterator[AsyncIterator[bytes]]:
-        """The non-empty lines of a streamed answer, once it has been accepted."""
-        target = f"{path}?{urllib.parse.urlencode(params)}"
-        for retry in (True, False):
-            pool = self._pool
-            async with pool.stream(target, read_seconds) as (status, pieces):
-                if status == 401 and retry:
-                    pass  # logged in again below, outside this answer
-                elif status >= 400:
-                    raise _failure(_error(status, b"".join([piece async for piece in pieces])))
-                else:
-                    yield _lines(pieces)
-                    return
-            await self._relogin(pool)
+        """The non-empty lines of a streamed answer, once it has been accepted. No
+        deadline as a whole (a watch lasts minutes): `read_seconds` of silence end it."""
+        timeout = httpx.Timeout(TIMEOUT, read=read_seconds)
+        for relogin in (True, False):
+            session = self._session
+            with session.using():
+                try:
+                    async with session.informer.stream(
+                        "GET", path, params=params, timeout=timeout
+                    ) as response:
+                        status = response.status_code
+                        if status == 401 and relogin:
+                            pass  # logged in again below, outside this answer
+                        elif status >= 400:
+                            raise _failure(_error(status, await response.aread()))
+                        else:
+                            yield _lines(response.aiter_bytes())
+                            return
+                except httpx.RequestError as exc:
+                    raise _unreachable(exc) from None
+            self._relogin(session)
         raise AssertionError("unreachable")
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:

@@ -8,9 +8,10 @@ the requests (admission, RBAC, the uid test) is covered end to end in tests/e2e.
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -24,6 +25,8 @@ class Seen:
     query: dict[str, str]
     headers: dict[str, str]  # lower-case names
     body: bytes
+    # The request itself: for an answer that streams (web.StreamResponse.prepare).
+    request: web.Request | None = field(default=None, compare=False, repr=False)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -33,7 +36,8 @@ class Drop(Exception):
     """Raised by an answer: the connection is closed without a reply."""
 
 
-Answer = Callable[[Seen], web.Response]
+# A reply, or an awaitable of one: a stream that stays open, an answer that takes time.
+Answer = Callable[[Seen], web.StreamResponse | Awaitable[web.StreamResponse]]
 
 
 def reply(status: int = 200, body: Any = None) -> web.Response:
@@ -64,10 +68,12 @@ class LoopbackApi:
             dict(request.query),
             {k.lower(): v for k, v in request.headers.items()},
             await request.read(),
+            request,
         )
         self.seen.append(seen)
         try:
-            return self.answer(seen)
+            answer = self.answer(seen)
+            return await answer if inspect.isawaitable(answer) else answer
         except Drop:
             assert request.transport is not None
             request.transport.close()

@@ -406,3 +406,176 @@ async def test_a_kubeconfig_user_and_password_log_in_with_basic_auth(server: Loo
         await api.aclose()
     expected = "Basic " + base64.b64encode(b"ann:s3:cret").decode()
     assert server.seen[-1].headers["authorization"] == expected
+
+
+# --- what a connection failure, a slow server or a re-login do (issue #19) --------------
+
+
+def never(seen: Seen) -> web.Response:
+    raise Drop
+
+
+async def test_a_write_whose_answer_is_lost_is_sent_once(server: LoopbackApi, api: KubeApi) -> None:
+    # Idle kept-alive connections in the pool first: the old client sent the write again
+    # on each of them, and once more on a new one.
+    await asyncio.gather(*(api.get_secret("ns", f"s{n}") for n in range(4)))
+    server.answer = never
+    with pytest.raises(Unreachable):
+        await api.create_event(REF, warning=False, reason="Started", message="m")
+    with pytest.raises(Unreachable):
+        await api.patch_status(REF, {"phase": "Polling"})
+    assert [seen.method for seen in server.seen[4:]] == ["POST", "PATCH"]
+
+
+async def test_a_read_whose_answer_is_lost_is_sent_once_more(
+    server: LoopbackApi, api: KubeApi
+) -> None:
+    answers = iter([never, lambda seen: reply(404)])
+
+    def answer(seen: Seen) -> web.Response:
+        return next(answers)(seen)
+
+    server.answer = answer
+    assert await api.get_secret("ns", "creds") is None
+    assert [seen.method for seen in server.seen] == ["GET", "GET"]
+
+
+async def test_watch_streams_do_not_hold_back_requests(server: LoopbackApi, api: KubeApi) -> None:
+    # 20 namespaces' watch streams stay open; status writes and Lease renewals go on.
+    opened, ended = asyncio.Event(), asyncio.Event()
+
+    async def answer(seen: Seen) -> web.StreamResponse:
+        if seen.query.get("watch") == "true":
+            if sum(1 for s in server.seen if s.query.get("watch")) == 20:
+                opened.set()
+            await ended.wait()  # the stream stays open until the test ends
+            return stream()
+        return reply(200, {"metadata": {}})
+
+    server.answer = answer
+
+    async def follow(namespace: str) -> None:
+        async for _ in api.watch_jobwatches(namespace, "1"):
+            pass
+
+    streams = [asyncio.create_task(follow(f"ns{n}")) for n in range(20)]
+    try:
+        await asyncio.wait_for(opened.wait(), 5)
+        async with asyncio.timeout(2):
+            await asyncio.gather(
+                *(api.patch_status(REF, {"phase": "Polling"}) for _ in range(16)),
+                api.replace_lease("ops", "bucket-000", {"metadata": {}}),
+            )
+    finally:
+        ended.set()
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+
+
+async def test_an_answer_that_trickles_ends_at_the_deadline(server: LoopbackApi) -> None:
+    async def trickle(seen: Seen) -> web.StreamResponse:
+        assert seen.request is not None
+        response = web.StreamResponse(headers={"content-type": "application/json"})
+        await response.prepare(seen.request)
+        while True:  # a byte every 0.1 s: no read ever waits long
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+
+    server.answer = trickle
+    api = KubeApi(server.credentials, deadline=0.5)
+    started = asyncio.get_running_loop().time()
+    try:
+        with pytest.raises(Unreachable, match=r"no whole answer within 0\.5 s"):
+            await api.get_secret("ns", "creds")
+    finally:
+        await api.aclose()
+    assert asyncio.get_running_loop().time() - started < 1.5
+
+
+async def test_a_relogin_leaves_requests_in_flight_alone(server: LoopbackApi) -> None:
+    slow_started = asyncio.Event()
+
+    async def answer(seen: Seen) -> web.StreamResponse:
+        if seen.path.endswith("/slow"):
+            slow_started.set()
+            await asyncio.sleep(0.3)
+            return reply(200, {"data": {}})
+        return reply(200 if seen.headers["authorization"] == "Bearer new" else 401)
+
+    server.answer = answer
+    tokens = Tokens(server, "old", "new")
+    api = KubeApi(tokens)
+    try:
+        slow = asyncio.create_task(api.get_secret("ns", "slow"))
+        await slow_started.wait()
+        await api.patch_status(REF, {"phase": "Polling"})  # 401, re-login, sent again
+        assert tokens.loads == 2
+        assert await slow is not None  # answered on the old connection, not cancelled
+    finally:
+        await api.aclose()
+    assert [s.headers["authorization"] for s in server.seen] == [
+        "Bearer old",
+        "Bearer old",
+        "Bearer new",
+    ]
+
+
+async def test_a_capitalised_https_scheme_still_speaks_tls() -> None:
+    first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(64)
+        if not first.done():
+            first.set_result(data)
+        writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        for scheme in ("HTTPS", "Https"):
+            info = kopf.ConnectionInfo(
+                server=f"{scheme}://127.0.0.1:{port}", token="s3cret-token", insecure=True
+            )
+            api = KubeApi(lambda info=info: info)
+            try:
+                with pytest.raises(Unreachable):
+                    await api.get_secret("ns", "creds")
+            finally:
+                await api.aclose()
+            data = await asyncio.wait_for(first, 5)
+            assert data[:1] == b"\x16"  # a TLS handshake record, not a request in clear text
+            assert b"s3cret-token" not in data
+            first = asyncio.get_running_loop().create_future()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("server", "field"),
+    [
+        ("ftp://127.0.0.1:6443", "`server`"),
+        ("127.0.0.1:6443", "`server`"),
+        ("https://", "`server`"),
+    ],
+)
+def test_a_server_url_we_cannot_use_stops_the_login(server: str, field: str) -> None:
+    with pytest.raises(kopf.LoginError, match=field):
+        KubeApi(lambda: kopf.ConnectionInfo(server=server, token="t"))
+
+
+def test_an_unusable_ca_stops_the_login_instead_of_connecting(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.crt"
+    bad.write_text("not a certificate")
+    info = kopf.ConnectionInfo(server="https://127.0.0.1:6443", token="t", ca_path=str(bad))
+    with pytest.raises(kopf.LoginError, match="certificate-authority"):
+        KubeApi(lambda: info)
+
+
+def test_a_socks_proxy_stops_the_login() -> None:
+    info = kopf.ConnectionInfo(
+        server="https://127.0.0.1:6443", token="t", insecure=True, proxy_url="socks5://p:1080"
+    )
+    with pytest.raises(kopf.LoginError, match="proxy-url"):
+        KubeApi(lambda: info)
