@@ -579,3 +579,43 @@ def test_a_socks_proxy_stops_the_login() -> None:
     )
     with pytest.raises(kopf.LoginError, match="proxy-url"):
         KubeApi(lambda: info)
+
+
+async def test_the_kubeconfigs_proxy_url_carries_the_requests(server: LoopbackApi) -> None:
+    # The loopback server plays the proxy: a plain-HTTP API server's requests reach it
+    # in absolute form, naming a host that does not resolve.
+    info = kopf.ConnectionInfo(server="http://api.invalid:6443", token="t", proxy_url=server.server)
+    api = KubeApi(lambda: info)
+    try:
+        assert await api.get_secret("ns", "creds") is not None
+    finally:
+        await api.aclose()
+    assert server.seen[-1].headers["host"] == "api.invalid:6443"
+    assert server.seen[-1].path == "/api/v1/namespaces/ns/secrets/creds"
+
+
+async def test_the_environments_proxy_counts_only_when_trusted(
+    server: LoopbackApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", server.server)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    for trusted, bypassed, reaches in [
+        (True, False, True),
+        (False, False, False),
+        (True, True, False),
+    ]:
+        if bypassed:
+            monkeypatch.setenv("NO_PROXY", "api.invalid")
+        info = kopf.ConnectionInfo(server="http://api.invalid:6443", token="t", trust_env=trusted)
+        api = KubeApi(lambda info=info: info, deadline=3)
+        before = len(server.seen)
+        try:
+            if reaches:
+                await api.get_secret("ns", "creds")
+            else:
+                with pytest.raises(Unreachable):
+                    await api.get_secret("ns", "creds")
+        finally:
+            await api.aclose()
+        assert len(server.seen) - before == (1 if reaches else 0)
