@@ -5,6 +5,7 @@ becomes, with respx standing in for the transport (socket-level behaviour: test_
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -69,26 +70,19 @@ async def test_get_secret(mock: respx.MockRouter, api: KubeApi) -> None:
     assert sent(route).content == b""
 
 
-async def test_create_event(mock: respx.MockRouter, api: KubeApi) -> None:
+async def test_create_event_standing_for_several(mock: respx.MockRouter, api: KubeApi) -> None:
+    # What the Event holds about its object: test_kube.py. Here: the count and times.
     route = mock.post("/api/v1/namespaces/ns/events").respond(201, json={})
-    await api.create_event(REF, warning=True, reason="Failed", message="m", count=3)
+    first = datetime.datetime(2026, 12, 1, 8, 0, 0, tzinfo=datetime.UTC)
+    await api.create_event(
+        REF, warning=True, reason="Failed", message="m", count=3, first_seen=first
+    )
     request = sent(route)
     common_headers(request)
     assert request.headers["content-type"] == "application/json"
     event = json.loads(request.content)
-    assert event["involvedObject"] == {
-        "apiVersion": "jobwatch.dev/v1alpha1",
-        "kind": "JobWatch",
-        "namespace": "ns",
-        "name": "build-1",
-        "uid": "uid-1",
-    }
-    assert (event["type"], event["reason"], event["message"], event["count"]) == (
-        "Warning",
-        "Failed",
-        "m",
-        3,
-    )
+    assert (event["count"], event["firstTimestamp"]) == (3, "2026-12-01T08:00:00Z")
+    assert event["lastTimestamp"] > event["firstTimestamp"]
 
 
 async def test_list_jobwatches_in_pages(mock: respx.MockRouter, api: KubeApi) -> None:
