@@ -164,7 +164,7 @@ def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
             info = _via_kubernetes_package(settings)
     if info is None:
         raise kopf.LoginError("no Kubernetes credentials found (in-cluster or KUBECONFIG)")
-    _clients(info)  # a server, proxy or TLS setting we cannot use stops the start here
+    _settings(info)  # a server, proxy or TLS setting we cannot use stops the start here
     return info
 
 
@@ -258,10 +258,21 @@ class _Session:
         await self.informer.aclose()
 
 
-def _clients(info: kopf.ConnectionInfo) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
-    """The two clients of one login. Fails closed: a server URL that is not http(s), an
-    https server without a usable TLS setting, or a proxy we cannot use is a
-    `kopf.LoginError` naming the kubeconfig field, never a connection in clear text."""
+@dataclass(frozen=True)
+class _Settings:
+    """How to reach the API server with one login's credentials."""
+
+    server: httpx.URL
+    verify: ssl.SSLContext | bool
+    headers: Mapping[str, str] = dataclasses.field(repr=False)
+    proxy: str | None
+    trust_env: bool
+
+
+def _settings(info: kopf.ConnectionInfo) -> _Settings:
+    """Fails closed: a server URL that is not http(s), an https server without a usable
+    TLS setting, or a proxy we cannot use is a `kopf.LoginError` naming the kubeconfig
+    field, never a connection in clear text."""
     try:
         server = httpx.URL(info.server)
     except (httpx.InvalidURL, TypeError) as exc:
@@ -283,14 +294,23 @@ def _clients(info: kopf.ConnectionInfo) -> tuple[httpx.AsyncClient, httpx.AsyncC
                 "cannot use the cluster's TLS settings (kubeconfig `certificate-authority`,"
                 f" `client-certificate`, `client-key` or their `-data`): {exc}"
             ) from None
+    if info.proxy_url is not None and _scheme(info.proxy_url) not in ("http", "https"):
+        raise kopf.LoginError("the kubeconfig's `proxy-url` must be an http:// or https:// URL")
     headers = {"user-agent": "jobwatch-operator", "accept": JSON}
     if info.token:
         headers["authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
     elif info.username and info.password:
         credentials = f"{info.username}:{info.password}".encode()
         headers["authorization"] = "Basic " + base64.b64encode(credentials).decode()
-    if info.proxy_url is not None and _scheme(info.proxy_url) not in ("http", "https"):
-        raise kopf.LoginError("the kubeconfig's `proxy-url` must be an http:// or https:// URL")
+    # HTTPS_PROXY, NO_PROXY: only when kopf's settings say the environment counts.
+    return _Settings(server, verify, headers, info.proxy_url, info.trust_env)
+
+
+def _session(info: kopf.ConnectionInfo) -> _Session:
+    """The two clients of one login. The informer's has no limit of its own: it holds
+    one stream per watched namespace (or one cluster-wide), and while a namespace is
+    listed, one page."""
+    settings = _settings(info)
 
     def client(most: int | None) -> httpx.AsyncClient:
         limits = httpx.Limits(
@@ -299,19 +319,16 @@ def _clients(info: kopf.ConnectionInfo) -> tuple[httpx.AsyncClient, httpx.AsyncC
             keepalive_expiry=KEEPALIVE_EXPIRY,
         )
         return httpx.AsyncClient(
-            base_url=server,
-            headers=headers,
-            verify=verify,
-            proxy=info.proxy_url,
-            # HTTPS_PROXY, NO_PROXY: only when kopf's settings say the environment counts.
-            trust_env=info.trust_env,
+            base_url=settings.server,
+            headers=settings.headers,
+            verify=settings.verify,
+            proxy=settings.proxy,
+            trust_env=settings.trust_env,
             timeout=httpx.Timeout(TIMEOUT),
             limits=limits,
         )
 
-    # The informer's client has no limit of its own: it holds one stream per watched
-    # namespace (or one cluster-wide), and while a namespace is listed, one page.
-    return client(MAX_CONNECTIONS), client(None)
+    return _Session(client(MAX_CONNECTIONS), client(None))
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -358,7 +375,7 @@ class KubeApi:
     ) -> None:
         self._credentials = credentials
         self._deadline = deadline
-        self._session = _Session(*_clients(credentials()))
+        self._session = _session(credentials())
         # Retired sessions being closed, held so that the loop keeps the tasks alive.
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -450,7 +467,7 @@ class KubeApi:
         # on with the old clients, which close once the last has ended.
         if self._session is not used:
             return
-        self._session = _Session(*_clients(self._credentials()))
+        self._session = _session(self._credentials())
         used.retire(self._close)
 
     async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
