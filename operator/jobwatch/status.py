@@ -380,10 +380,16 @@ class EventRecorder:
         kind = min(self._gathered, key=due, default=None)
         if kind is None:
             return None, math.inf
-        wait = due(kind) - self._clock()
-        if wait <= 0:
-            return (kind, self._gathered.pop(kind)), 0.0
-        return None, wait
+        now = self._clock()
+        wait = due(kind) - now
+        if wait > 0:
+            return None, wait
+        pending = self._gathered.pop(kind)
+        if pending.count > 1:
+            # From now, not from when it is created: what comes meanwhile is gathered too.
+            self._busy = {k: until for k, until in self._busy.items() if until > now}
+            self._busy[kind] = now + EVENT_HOLD
+        return (kind, pending), 0.0
 
     async def _send(self, *, draining: bool) -> None:
         while self._deadline is None or self._clock() < self._deadline:
@@ -452,9 +458,6 @@ class EventRecorder:
         self._metrics.events_created.inc()
         if pending.count > 1:
             self._metrics.events_aggregated.inc(pending.count - 1)
-            now = self._clock()
-            self._busy = {k: until for k, until in self._busy.items() if until > now}
-            self._busy[kind] = now + EVENT_HOLD
 
     def _put_back(self, kind: _EventKind, pending: _Pending, due: float) -> None:
         """An Event not created waits again, with what was gathered of its kind since."""
