@@ -8,13 +8,33 @@ The writer is polite to the API server at any fleet size:
 - latest wins: a watch queued twice is written once, with its state at write time;
 - a status identical to the one last written is never sent, and a write sends only the
   fields that changed since (a progress write: attempts, poll times, last response);
-- all writes, Events included, share one token bucket (`JOBWATCH_STATUS_QPS`), and
-  queued Events get at least one token in EVENT_TURN;
+- all status writes share one token bucket (`JOBWATCH_STATUS_QPS`);
 - a write always sends the newest state of its object, a retry included: the queues
   hold the latest `Watch` submitted for each object, never an older one;
 - a status the API server cannot take (not encodable, or refused as invalid) is written
   again without its result and last response, saying why, instead of being retried
   forever.
+
+Events (EventRecorder): every phase change is an occurrence of a kind, (namespace, type,
+reason). Events never delay a status write: they have a token bucket of their own
+(`JOBWATCH_EVENT_QPS`, `_BURST`) and one task of their own. (They once shared the status
+budget with one token in six: a start-up of 10,000 watches dropped 19,000 of 19,050.)
+- While the Event budget has a token for it, an occurrence is an Event of its own about
+  its JobWatch, created at once.
+- Once it has none, or within EVENT_HOLD after an aggregated Event of the same kind, the
+  occurrences of a kind are gathered for EVENT_HOLD seconds into one Event, as
+  client-go's EventCorrelator combines similar Events: `count` occurrences,
+  `firstTimestamp` the first one's time, about the first one's object, with a message
+  naming the time span and a few objects ("and N similar", "combined from similar
+  events") before the first one's message. A burst of thousands of phase changes costs
+  the burst, then about one Event per kind per EVENT_HOLD.
+- None is lost silently: an occurrence is in an Event created (its `count`), or counted
+  in `jobwatch_events_dropped_total` (more than MAX_EVENT_KINDS kinds waiting, or its
+  Event refused EVENT_TRIES times); `jobwatch_events_aggregated_total` counts those that
+  went out inside another's Event.
+- Memory is bounded: Events of their own at most one per token, gathered ones one per
+  kind (MAX_EVENT_KINDS), each a few names and one message. The kind holds the namespace,
+  so an Event never names another namespace's objects.
 """
 
 from __future__ import annotations
@@ -284,25 +304,8 @@ class _Pending:
 
 
 class EventRecorder:
-    """Events within a budget of their own, aggregated instead of dropped.
-
-    Every phase change is an occurrence of a kind: (namespace, type, reason). While the
-    Event budget (`JOBWATCH_EVENT_QPS`, `_BURST`) has a token for it, an occurrence is an
-    Event of its own about its JobWatch, created at once. Once it has none, or within
-    EVENT_HOLD after an aggregated Event of the same kind, the occurrences of a kind are
-    gathered for EVENT_HOLD seconds into one Event: their count, the first and last time,
-    the first one's object and message, and the names of a few more ("and N similar"),
-    as client-go's EventCorrelator combines similar Events. A burst of thousands of phase
-    changes costs the burst, then about one Event per kind per EVENT_HOLD.
-
-    None is lost silently: an occurrence is in an Event created (its `count`), or counted
-    in `jobwatch_events_dropped_total` (more than MAX_EVENT_KINDS kinds waiting, or the
-    API server refused its Event EVENT_TRIES times). Memory is bounded: Events of their
-    own at most one per token, gathered ones one per kind, each with a few names and one
-    message. The kind holds the namespace, so an Event never names another namespace's
-    objects. Status writes never wait for an Event: they have their budget, Events
-    theirs, and one task of their own creates these.
-    """
+    """Events within a budget of their own, aggregated instead of dropped (see the module
+    docstring)."""
 
     def __init__(
         self,
