@@ -506,7 +506,7 @@ class StatusWriter:
         self._progress: dict[ObjectRef, tuple[Watch, int]] = {}
         self._progress_due: list[tuple[float, int, ObjectRef]] = []
         self._seq = 0
-        self.events = EventRecorder(
+        self._events = EventRecorder(
             api, metrics, qps=event_qps, burst=event_burst, wall=wall, clock=clock
         )
         self._written: dict[ObjectRef, _Written] = {}
@@ -552,7 +552,7 @@ class StatusWriter:
     def event(self, watch: Watch) -> None:
         """Records an Event for the watch's current phase; reason = the status reason."""
         reason, message = watch.shown
-        self.events.record(
+        self._events.record(
             watch.ref, warning=watch.phase in _STALLED, reason=reason, message=message
         )
 
@@ -588,14 +588,14 @@ class StatusWriter:
             "final": len(self._final),
             "urgent": len(self._urgent),
             "progress": len(self._progress),
-            "events": self.events.pending,
+            "events": self._events.pending,
         }
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as writers:
             for _ in range(WRITERS):
                 writers.create_task(self._writer(draining=False))
-            writers.create_task(self.events.run())
+            writers.create_task(self._events.run())
 
     async def flush(self, budget: float) -> None:
         """Writes everything queued, progress included, ignoring the progress interval.
@@ -609,10 +609,10 @@ class StatusWriter:
             async with asyncio.timeout(budget), asyncio.TaskGroup() as writers:
                 for _ in range(WRITERS):
                     writers.create_task(self._writer(draining=True))
-                writers.create_task(self.events.drain(self._deadline))
+                writers.create_task(self._events.drain(self._deadline))
         except TimeoutError:
             pass
-        left = self.pending + self._given_up + self.events.pending + self.events.given_up
+        left = self.pending + self._given_up + self._events.pending + self._events.given_up
         if left:
             log.warning("shutdown: %d status writes and Events were not written", left)
 
