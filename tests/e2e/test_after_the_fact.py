@@ -83,6 +83,24 @@ def test_a_deadline_keeps_the_last_error_of_an_endpoint_that_never_answered_well
     assert [(e.type, e.message) for e in timed_out] == [("Warning", status["message"])]
 
 
+def test_a_watch_that_waited_for_its_secret_says_so_at_the_deadline(
+    ns: Namespace, jobs: JobServer, operator: Operator
+) -> None:
+    url = jobs.script("/locked", [PENDING])
+    header = {
+        "name": "Authorization",
+        "valueFrom": {"secretKeyRef": {"name": "absent", "key": "t"}},
+    }
+    ns.create("locked", {"url": url, "headers": [header], "timeout": "2s", "interval": "200ms"})
+    ended = ns.wait_phase("locked", "TimedOut", timeout=15)
+    assert ended["message"] == (
+        "deadline passed after 0 attempts; no request could be sent: Secret 'absent' "
+        f"(header Authorization) was not found in namespace {ns.name}"
+    )
+    assert "lastError" not in ended
+    assert jobs.seen("/locked") == []
+
+
 def test_a_watch_created_suspended_says_so_and_when_its_deadline_falls(
     ns: Namespace, jobs: JobServer, operator: Operator
 ) -> None:
@@ -216,6 +234,7 @@ def test_a_burst_of_new_watches_leaves_a_few_events_whose_counts_add_up(
         f"with counts summing to {counts} at {settled:.1f}s"
     )
     assert counts == transitions  # none lost, none counted twice
+    # The Event burst (25), then about one per kind (2 here) per 10 s: 33 measured.
     assert len(events) <= 60, [(e.reason, e.count) for e in events]
     assert {e.reason for e in events} == {"Accepted", "SuccessConditionMet"}
     for event in aggregated:
