@@ -77,7 +77,6 @@ import yaml
 
 import benchstats as st
 import jobapi
-from jobwatch.status import EVENT_TURN
 from kubeclient import Kube, KubeError, load_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1219,12 +1218,9 @@ def summarize(
         "with_status_at_window_start": sum(1 for t in with_status if t <= start.wall),
         "with_status_at_window_end": len(with_status),
         # The status budget (JOBWATCH_STATUS_QPS, _BURST) writes at most burst + qps x t
-        # statuses and Events in t seconds, and every new watch also queues an Event,
-        # which gets one token in EVENT_TURN: the first status of every watch cannot be
-        # out sooner.
-        "all_status_budget_s": round(
-            max(0, n - status_burst) / (status_qps * (1 - 1 / EVENT_TURN)), 1
-        ),
+        # statuses in t seconds (Events have a budget of their own): the first status of
+        # every watch cannot be out sooner.
+        "all_status_budget_s": round(max(0, n - status_burst) / status_qps, 1),
         "status_qps": status_qps,
         "status_burst": status_burst,
     }
@@ -1443,7 +1439,7 @@ def startup_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "target": "every watch has a status"
-            f" <= (N - burst) / (status QPS x {EVENT_TURN - 1}/{EVENT_TURN}) x 1.1 + interval"
+            " <= (N - burst) / status QPS x 1.1 + interval"
             f" = {bound:g} s",
             "measured": measured
             if measured is not None

@@ -228,6 +228,8 @@ async def measure(args: argparse.Namespace, admin: Path, operator: Path) -> dict
         qps=args.rate,
         # Paced: one write per token. Progress: the operator's own budget.
         burst=50 if args.progress else 1,
+        event_qps=1,  # no Events here
+        event_burst=1,
         progress_interval=15.0,
         wall=time.time,
         clock=loop.time,

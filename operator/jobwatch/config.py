@@ -74,6 +74,8 @@ class Config:
     progress_interval: float  # seconds between progress writes of one pending watch
     status_qps: float  # fleet-wide status writes per second, sustained
     status_burst: int
+    event_qps: float  # Events per second, sustained, apart from status writes
+    event_burst: int
     health_port: int  # 0: no liveness endpoint
     metrics_port: int  # 0: no metrics endpoint
     shutdown_budget: float  # seconds from SIGTERM to exit
@@ -186,6 +188,8 @@ class Config:
             progress_interval=duration("JOBWATCH_STATUS_PROGRESS_INTERVAL", "15s"),
             status_qps=number("JOBWATCH_STATUS_QPS", "18", 0.1),
             status_burst=int(number("JOBWATCH_STATUS_BURST", "50", 1)),
+            event_qps=number("JOBWATCH_EVENT_QPS", "2", 0.1),
+            event_burst=int(number("JOBWATCH_EVENT_BURST", "25", 1)),
             health_port=health_port,
             metrics_port=metrics_port,
             shutdown_budget=duration("JOBWATCH_SHUTDOWN_BUDGET", "10s"),

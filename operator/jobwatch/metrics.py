@@ -224,7 +224,8 @@ class Metrics:
         )
         self.events_dropped = Counter(
             "jobwatch_events_dropped",
-            "Events not created because the queue was full.",
+            "Phase changes in no Event: too many kinds of Event waiting, or the API server "
+            "refused the Event again and again.",
             registry=r,
         )
         self.internal_errors = Counter(
@@ -235,6 +236,12 @@ class Metrics:
         )
         self.events_created = Counter(
             "jobwatch_events_created", "Events the API server accepted.", registry=r
+        )
+        self.events_aggregated = Counter(
+            "jobwatch_events_aggregated",
+            "Phase changes that went out inside an aggregated Event (its count, less the one "
+            "it was created for) rather than as an Event of their own.",
+            registry=r,
         )
         # The status writer plugs its queue lengths in (StatusWriter.backlog).
         self.status_backlog = _Backlog()

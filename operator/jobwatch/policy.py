@@ -21,6 +21,8 @@ Rand = Callable[[], float]
 
 PENDING_SPREAD = 0.1  # a pending poll comes after interval ± 10%
 RETRY_AFTER_CODES = frozenset({429, 503})
+# How much of the last error an end's message repeats: `lastError` holds all of it.
+ERROR_IN_MESSAGE = 1024
 
 
 class Phase(StrEnum):
@@ -261,13 +263,41 @@ def request_timeout(spec: WatchSpec, now: float, deadline: float) -> float:
     return min(spec.request_timeout, max(0.0, deadline - now))
 
 
-def deadline_exceeded(consecutive_errors: int) -> Decision:
+def deadline_exceeded(
+    attempts: int,
+    consecutive_errors: int,
+    last_error: LastError | None,
+    *,
+    suspended: bool = False,
+    not_sent: str | None = None,
+) -> Decision:
+    """The deadline passed: TimedOut, keeping the error streak and the last error.
+
+    The message is what a user reads after the fact: how many attempts were made and, when
+    the last ones failed, the last error, so that "the job was slow" and "every answer was
+    broken" read apart. `not_sent`: why no request was going out at the end (a Secret the
+    watch waited for, its host holding it), when that was so."""
+    message = "deadline passed" + (" while suspended (spec.suspend)" if suspended else "")
+    message += f" after {attempts} attempt{'' if attempts == 1 else 's'}"
+    if consecutive_errors and last_error is not None:
+        if consecutive_errors > attempts:  # some failed before a request went out
+            streak = f"{consecutive_errors} errors in a row, the last one"
+        elif consecutive_errors == 1:
+            streak = "the last one failed"
+        else:
+            streak = f"the last {consecutive_errors} failed, the last one"
+        cause = excerpt(last_error.message, ERROR_IN_MESSAGE)
+        message += f"; {streak}: {last_error.error_class.value}: {cause}"
+    elif not_sent:
+        message += f"; no request could be sent: {excerpt(not_sent, ERROR_IN_MESSAGE)}"
+    elif attempts:
+        message += "; the job was still running at the last one"
     return Decision(
         phase=Phase.TIMED_OUT,
         reason="DeadlineExceeded",
-        message="job did not finish before the deadline (spec.timeout)",
+        message=message,
         consecutive_errors=consecutive_errors,
-        error=None,
+        error=last_error,
         delay=None,
     )
 

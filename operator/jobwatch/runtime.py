@@ -43,6 +43,8 @@ FLOOR_SLACK = 0.002
 # How fast the polls already due when polling starts are sent: about half of what one
 # process sustains, so the first round never queues behind itself.
 START_UP_POLLS_PER_SECOND = 1000.0
+# The reasons of a watch whose poll could not go out: at the deadline, its message says why.
+NOT_SENT_REASONS = frozenset({"SecretNotFound", "SecretNotAllowed", *HeldReason})
 
 
 class SecretProblem(Exception):
@@ -77,6 +79,8 @@ class Runtime:
             metrics,
             qps=config.status_qps,
             burst=config.status_burst,
+            event_qps=config.event_qps,
+            event_burst=config.event_burst,
             progress_interval=config.progress_interval,
             wall=wall,
             clock=clock,
@@ -427,7 +431,7 @@ class Runtime:
             spec = watch.spec
             now = self._wall()
             if policy.timed_out(now, watch.deadline):
-                self._finish(watch, policy.deadline_exceeded(watch.consecutive_errors), now)
+                self._time_out(watch, now)
                 return
             if watch.suspended:
                 self._plan(key, watch, watch.deadline)
@@ -587,7 +591,7 @@ class Runtime:
                 self.writer.submit(watch, urgent=True)
                 return
             if policy.timed_out(now, watch.deadline):  # a fault never outlives the deadline
-                self._finish(watch, policy.deadline_exceeded(watch.consecutive_errors), now)
+                self._time_out(watch, now)
                 return
             message = (
                 f"internal error while {stage} ({type(exc).__name__}); "
@@ -640,6 +644,16 @@ class Runtime:
         self.writer.submit(watch, urgent=changed)
         if phase_changed:
             self.writer.event(watch)
+
+    def _time_out(self, watch: Watch, now: float) -> None:
+        decision = policy.deadline_exceeded(
+            watch.attempts,
+            watch.consecutive_errors,
+            watch.last_error,
+            suspended=watch.suspended,
+            not_sent=watch.message if watch.reason in NOT_SENT_REASONS else None,
+        )
+        self._finish(watch, decision, now)
 
     def _finish(
         self, watch: Watch, decision: Decision, now: float, response: Response | None = None

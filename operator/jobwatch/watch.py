@@ -22,6 +22,9 @@ LAST_BODY_BYTES = 1024
 # watch ends on a later error; bounded so that 10k pending watches with large
 # bodies cannot hold gigabytes.
 KEEP_RESPONSE_BYTES = 8192
+# `status.reason` of a suspended watch that has not ended: how it shows, not a state of
+# its own (the phase, error streak and last error stay as the last attempt left them).
+SUSPENDED = "Suspended"
 
 
 def format_time(epoch: float) -> str:
@@ -79,6 +82,18 @@ class Watch:
     def finished(self) -> bool:
         return self.phase in END_PHASES
 
+    @property
+    def shown(self) -> tuple[str, str]:
+        """`status.reason` and `message`: the watch's own, or, while it is suspended and
+        has not ended, that it is suspended and when the deadline falls."""
+        if self.suspended and not self.finished:
+            deadline = format_time_seconds(self.deadline)
+            return SUSPENDED, (
+                "polling is suspended (spec.suspend); "
+                f"the deadline keeps counting and falls at {deadline}"
+            )
+        return self.reason, self.message
+
     def record_response(self, response: Response) -> None:
         body = response.text
         if len(body) > LAST_BODY_BYTES:
@@ -97,8 +112,15 @@ class Watch:
             self.phase = Phase(status.get("phase", "Pending"))
         except (ValueError, TypeError):
             self.phase = Phase.PENDING
-        self.reason = str(status.get("reason") or self.reason)
-        self.message = str(status.get("message") or self.message)
+        reason = str(status.get("reason") or self.reason)
+        if reason == SUSPENDED:
+            # Shown again while still suspended; resumed, a watch that has polled says
+            # so until its next poll speaks (one that has not keeps "Accepted").
+            if self.phase is Phase.POLLING:
+                self.reason, self.message = "Polling", "polling resumed; the next poll is due"
+        else:
+            self.reason = reason
+            self.message = str(status.get("message") or self.message)
         self.attempts = _count(status.get("attempts"))
         self.consecutive_errors = _count(status.get("consecutiveErrors"))
         self.start_time = parse_time(status.get("startTime")) or self.start_time

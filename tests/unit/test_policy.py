@@ -533,17 +533,101 @@ def test_timed_out(now: float, expected: bool) -> None:
     assert timed_out(now, NOW) is expected
 
 
-def test_deadline_exceeded() -> None:
-    decision = deadline_exceeded(4)
+NAN_ERROR = LastError(
+    ErrorClass.INVALID_RESPONSE,
+    "cannot evaluate successWhen: no such key 'status' (HTTP 200) (NaN is not valid JSON); "
+    'body: {"status": "COMPLETED", "score": NaN}',
+)
+HTTP_500 = LastError(ErrorClass.TRANSIENT, "HTTP 500 from the endpoint")
+
+
+@pytest.mark.parametrize(
+    ("attempts", "errors", "last_error", "extra", "message"),
+    [
+        (
+            12,
+            12,
+            NAN_ERROR,
+            {},
+            f"deadline passed after 12 attempts; the last 12 failed, the last one: "
+            f"InvalidResponse: {NAN_ERROR.message}",
+        ),
+        (
+            3,
+            1,
+            HTTP_500,
+            {},
+            "deadline passed after 3 attempts; the last one failed: "
+            "Transient: HTTP 500 from the endpoint",
+        ),
+        (
+            0,
+            2,
+            LastError(ErrorClass.TRANSIENT, "Secret 'token' could not be read (HTTP 503)"),
+            {},
+            "deadline passed after 0 attempts; 2 errors in a row, the last one: "
+            "Transient: Secret 'token' could not be read (HTTP 503)",
+        ),
+        (
+            5,
+            0,
+            None,
+            {},
+            "deadline passed after 5 attempts; the job was still running at the last one",
+        ),
+        (
+            1,
+            0,
+            None,
+            {},
+            "deadline passed after 1 attempt; the job was still running at the last one",
+        ),
+        (
+            0,
+            0,
+            None,
+            {"suspended": True},
+            "deadline passed while suspended (spec.suspend) after 0 attempts",
+        ),
+        (
+            4,
+            2,
+            HTTP_500,
+            {"suspended": True},
+            "deadline passed while suspended (spec.suspend) after 4 attempts; the last 2 failed, "
+            "the last one: Transient: HTTP 500 from the endpoint",
+        ),
+        (
+            0,
+            0,
+            None,
+            {"not_sent": "Secret 'token' (header Authorization) was not found in namespace ns"},
+            "deadline passed after 0 attempts; no request could be sent: "
+            "Secret 'token' (header Authorization) was not found in namespace ns",
+        ),
+    ],
+)
+def test_deadline_exceeded_says_what_the_attempts_came_to(
+    attempts: int, errors: int, last_error: LastError | None, extra: Any, message: str
+) -> None:
+    decision = deadline_exceeded(attempts, errors, last_error, **extra)
     assert decision == Decision(
         phase=Phase.TIMED_OUT,
         reason="DeadlineExceeded",
-        message="job did not finish before the deadline (spec.timeout)",
-        consecutive_errors=4,
-        error=None,
+        message=message,
+        consecutive_errors=errors,
+        error=last_error,
         delay=None,
     )
     assert decision.finished
+
+
+def test_deadline_exceeded_repeats_no_more_than_a_bounded_part_of_the_error() -> None:
+    huge = LastError(ErrorClass.TRANSIENT, "x" * 100_000)
+    decision = deadline_exceeded(7, 7, huge)
+    assert decision.error == huge  # lastError keeps all of it
+    assert len(decision.message) < 1200
+    assert decision.message.endswith("…")
 
 
 @pytest.mark.parametrize(

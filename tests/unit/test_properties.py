@@ -248,6 +248,8 @@ def test_every_status_written_is_encodable(
         Metrics(),
         qps=1000,
         burst=1000,
+        event_qps=1000,
+        event_burst=1000,
         progress_interval=1,
         wall=lambda: NOW,
         clock=lambda: 0.0,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from jobwatch import kube, status
 from jobwatch.kube import ApiError, ObjectRef
 from jobwatch.metrics import Metrics
 from jobwatch.policy import ErrorClass, LastError, Phase
-from jobwatch.status import StatusWriter, TokenBucket, render
+from jobwatch.status import EventRecorder, StatusWriter, TokenBucket, render
 from jobwatch.watch import Watch
 
 # Longer than StatusWriter's retry delay: a retry that was going to come has come.
@@ -68,10 +70,48 @@ def test_conditions_follow_the_phase(
 
 
 def test_suspended_watch_keeps_its_phase_and_says_suspended() -> None:
-    status = render(make_watch(phase=Phase.POLLING, suspended=True), time.time())
+    watch = make_watch(phase=Phase.POLLING, suspended=True, deadline=1_800_000_600.0)
+    watch.last_error = LastError(ErrorClass.TRANSIENT, "HTTP 500 from the endpoint")
+    status = render(watch, time.time())
     assert status["phase"] == "Polling"
+    assert (status["reason"], status["message"]) == (
+        "Suspended",
+        "polling is suspended (spec.suspend); the deadline keeps counting and falls at "
+        "2027-01-15T08:10:00Z",
+    )
+    assert set(conditions(status).values()) == {("True", "Suspended"), ("False", "Suspended")}
     assert conditions(status)["Reconciling"] == ("True", "Suspended")
     assert status["nextPollTime"] is None
+    assert status["lastError"] == {"class": "Transient", "message": "HTTP 500 from the endpoint"}
+
+
+def test_a_suspended_watch_that_ended_says_how_it_ended() -> None:
+    watch = make_watch(phase=Phase.TIMED_OUT, reason="DeadlineExceeded", suspended=True)
+    watch.message = "deadline passed while suspended (spec.suspend) after 0 attempts"
+    status = render(watch, time.time())
+    assert (status["reason"], status["message"]) == ("DeadlineExceeded", watch.message)
+    assert conditions(status)["Stalled"] == ("True", "DeadlineExceeded")
+
+
+@pytest.mark.parametrize(
+    ("phase", "reason", "message"),
+    [
+        (Phase.POLLING, "Polling", "polling resumed; the next poll is due"),
+        (Phase.PENDING, "Accepted", "watch accepted; the first poll is due"),
+    ],
+)
+def test_a_status_read_back_keeps_suspended_only_while_suspended(
+    phase: Phase, reason: str, message: str
+) -> None:
+    """ "Suspended" is how a suspension shows, not where the watch stood: an operator
+    restarted after a resume must not show it until the next poll."""
+    written = render(make_watch(phase=phase, suspended=True), time.time())
+    still = make_watch(suspended=True)
+    still.resume_from(written)
+    assert render(still, time.time()) == written  # nothing to write again
+    resumed = make_watch(suspended=False)
+    resumed.resume_from(written)
+    assert (resumed.phase, resumed.reason, resumed.message) == (phase, reason, message)
 
 
 def test_transition_time_changes_only_with_the_condition_status() -> None:
@@ -85,11 +125,23 @@ def test_transition_time_changes_only_with_the_condition_status() -> None:
     assert ready["lastTransitionTime"] == "1970-01-12T13:50:00Z"
 
 
+@dataclass(frozen=True)
+class SentEvent:
+    ref: ObjectRef
+    warning: bool
+    reason: str
+    message: str
+    count: int
+    first_seen: datetime.datetime | None
+
+
 class FakeApi:
     def __init__(self, fail_with: ApiError | None = None) -> None:
         self.patches: list[tuple[ObjectRef, dict[str, Any]]] = []
-        self.events: list[str] = []
+        self.events: list[SentEvent] = []
         self.fail_with = fail_with
+        # Each Event creation takes the next of these, if any: an error to raise.
+        self.event_failures: list[Exception] = []
 
     async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
         if self.fail_with is not None:
@@ -98,9 +150,18 @@ class FakeApi:
         self.patches.append((ref, status))
 
     async def create_event(
-        self, ref: ObjectRef, *, warning: bool, reason: str, message: str
+        self,
+        ref: ObjectRef,
+        *,
+        warning: bool,
+        reason: str,
+        message: str,
+        count: int = 1,
+        first_seen: datetime.datetime | None = None,
     ) -> None:
-        self.events.append(reason)
+        if self.event_failures:
+            raise self.event_failures.pop(0)
+        self.events.append(SentEvent(ref, warning, reason, message, count, first_seen))
 
 
 def make_writer(
@@ -111,12 +172,16 @@ def make_writer(
     progress: float = 60.0,
     clock: Callable[[], float] = time.monotonic,
     metrics: Metrics | None = None,
+    event_qps: float = 1000,
+    event_burst: int = 1000,
 ) -> StatusWriter:
     return StatusWriter(
-        api,
+        api,  # type: ignore[arg-type]
         metrics or Metrics(),
         qps=qps,
-        burst=burst,  # type: ignore[arg-type]
+        burst=burst,
+        event_qps=event_qps,
+        event_burst=event_burst,
         progress_interval=progress,
         wall=time.time,
         clock=clock,
@@ -343,6 +408,7 @@ async def test_flush_ends_at_once_when_the_api_gives_no_answer(
     for n in range(5):
         writer.submit(make_watch(f"w{n}"), urgent=True)
     writer.event(make_watch("w0"))
+    api.event_failures.append(RuntimeError("client is closed"))
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
         await writer.flush(5.0)
@@ -550,11 +616,9 @@ class TimedApi(FakeApi):
         self.sent.append((ref.name, time.monotonic()))
         await super().patch_status(ref, status)
 
-    async def create_event(
-        self, ref: ObjectRef, *, warning: bool, reason: str, message: str
-    ) -> None:
+    async def create_event(self, ref: ObjectRef, **event: Any) -> None:
         self.sent.append(("event", time.monotonic()))
-        await super().create_event(ref, warning=warning, reason=reason, message=message)
+        await super().create_event(ref, **event)
 
 
 def groups(times: list[float], apart: float = 0.015) -> list[int]:
@@ -610,16 +674,245 @@ async def test_a_grid_step_takes_no_more_progress_writes_than_its_tokens() -> No
     assert groups([moment for _, moment in api.sent[6:]]) == [2, 2, 2]
 
 
-async def test_events_get_a_turn_while_status_writes_are_queued() -> None:
+# --- Events -------------------------------------------------------------------------------
+
+
+class FakeTime:
+    """The clock and wall clock of an EventRecorder, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_recorder(
+    api: FakeApi, clock: FakeTime, *, burst: int, qps: float = 1.0, metrics: Metrics | None = None
+) -> EventRecorder:
+    return EventRecorder(
+        api,  # type: ignore[arg-type]
+        metrics or Metrics(),
+        qps=qps,
+        burst=burst,
+        wall=clock,
+        clock=clock,
+    )
+
+
+def occur(recorder: EventRecorder, namespace: str, name: str, reason: str = "Done") -> None:
+    recorder.record(
+        ObjectRef(namespace, name, f"uid-{name}"),
+        warning=reason == "DeadlineExceeded",
+        reason=reason,
+        message=f"{name} is {reason}",
+    )
+
+
+async def send_what_the_tokens_allow(recorder: EventRecorder, clock: FakeTime) -> None:
+    """Creates the Events waiting, gathered ones too, as long as there are tokens: the
+    fake clock stands still, so no token comes meanwhile."""
+    await recorder.drain(clock.now + 0.5)
+
+
+def sample(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name) or 0.0
+
+
+async def test_within_the_event_budget_each_phase_change_is_an_event_of_its_own() -> None:
+    api, clock = FakeApi(), FakeTime()
+    recorder = make_recorder(api, clock, burst=5)
+    for n in range(5):
+        occur(recorder, "ns", f"w{n}")
+    await send_what_the_tokens_allow(recorder, clock)
+    assert [(e.ref.name, e.count, e.message) for e in api.events] == [
+        (f"w{n}", 1, f"w{n} is Done") for n in range(5)
+    ]
+
+
+async def test_past_the_budget_each_kind_is_gathered_into_one_event() -> None:
+    api, clock, metrics = FakeApi(), FakeTime(), Metrics()
+    recorder = make_recorder(api, clock, burst=3, metrics=metrics)
+    start = clock.now
+    for n in range(3):
+        occur(recorder, "ns", f"first{n}")  # the burst's tokens: Events of their own
+    for n in range(100):
+        occur(recorder, "ns", f"a{n}")
+        clock.now += 0.01
+    for n in range(10):
+        occur(recorder, "ns", f"late{n}", "DeadlineExceeded")  # another reason
+    for n in range(5):
+        occur(recorder, "other", f"b{n}")  # another namespace
+    await send_what_the_tokens_allow(recorder, clock)
+    assert [e.ref.name for e in api.events] == ["first0", "first1", "first2"]
+    clock.now += 3  # three tokens
+    await send_what_the_tokens_allow(recorder, clock)
+    gathered = {(e.ref.namespace, e.reason): e for e in api.events[3:]}
+    assert set(gathered) == {("ns", "Done"), ("ns", "DeadlineExceeded"), ("other", "Done")}
+    done = gathered["ns", "Done"]
+    assert (done.ref.name, done.count, done.warning) == ("a0", 100, False)
+    assert done.first_seen == datetime.datetime.fromtimestamp(start, datetime.UTC)
+    assert done.message == (
+        "100 similar Events from 2027-01-15T08:00:00Z to 2027-01-15T08:00:00Z "
+        "(combined from similar events): a0, a1, a2 and 97 similar; a0: a0 is Done"
+    )
+    assert (
+        gathered["ns", "DeadlineExceeded"].count,
+        gathered["ns", "DeadlineExceeded"].warning,
+    ) == (
+        10,
+        True,
+    )
+    assert "b0, b1, b2 and 2 similar" in gathered["other", "Done"].message
+    assert "a0" not in gathered["other", "Done"].message  # never another namespace's names
+    # None lost: the counts add up to every phase change recorded.
+    assert sum(e.count for e in api.events) == 118
+    assert sample(metrics, "jobwatch_events_created_total") == 6
+    assert sample(metrics, "jobwatch_events_aggregated_total") == 112
+    assert sample(metrics, "jobwatch_events_dropped_total") == 0
+
+
+async def test_a_kind_just_aggregated_is_gathered_again_though_tokens_are_back() -> None:
+    api, clock = FakeApi(), FakeTime()
+    recorder = make_recorder(api, clock, burst=1)
+    occur(recorder, "ns", "w0")
+    occur(recorder, "ns", "w1")  # no token left for it: gathered
+    clock.now += 1
+    await send_what_the_tokens_allow(recorder, clock)  # w0 alone
+    clock.now += 1
+    await send_what_the_tokens_allow(recorder, clock)  # w1, gathered: count 1
+    assert [e.count for e in api.events] == [1, 1]
+    occur(recorder, "ns", "w2")
+    occur(recorder, "ns", "w3")
+    clock.now += 1
+    await send_what_the_tokens_allow(recorder, clock)
+    assert [e.count for e in api.events] == [1, 1, 2]
+    clock.now += 1  # a token is back, but the kind was aggregated a second ago
+    occur(recorder, "ns", "w4")
+    occur(recorder, "ns", "w5")
+    occur(recorder, "ns", "other", "Failed")  # a kind of its own: not held
+    clock.now += 1
+    await send_what_the_tokens_allow(recorder, clock)
+    assert [(e.reason, e.count) for e in api.events[3:]] == [("Failed", 1)]
+    clock.now += status.EVENT_HOLD
+    await send_what_the_tokens_allow(recorder, clock)
+    assert [(e.ref.name, e.count) for e in api.events[4:]] == [("w4", 2)]
+    clock.now += status.EVENT_HOLD  # quiet again: Events of their own
+    occur(recorder, "ns", "w6")
+    await send_what_the_tokens_allow(recorder, clock)
+    assert [(e.ref.name, e.count) for e in api.events[5:]] == [("w6", 1)]
+
+
+async def test_gathered_events_go_out_after_the_hold_never_sooner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(status, "EVENT_HOLD", 0.3)
     api = TimedApi()
-    writer = make_writer(api, qps=200, burst=1)
+    recorder = EventRecorder(
+        api,  # type: ignore[arg-type]
+        Metrics(),
+        qps=100,
+        burst=1,
+        wall=time.time,
+        clock=time.monotonic,
+    )
+    task = asyncio.create_task(recorder.run())
+    started = time.monotonic()
+    for n in range(20):
+        occur(recorder, "ns", f"w{n}")
+    await until(lambda: sum(e.count for e in api.events) == 20, timeout=3)
+    task.cancel()
+    assert [e.count for e in api.events] == [1, 19]
+    assert api.sent[0][1] - started < 0.25
+    assert api.sent[1][1] - started >= 0.3
+
+
+async def test_the_kinds_waiting_are_bounded_and_what_does_not_fit_is_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(status, "MAX_EVENT_KINDS", 3)
+    api, clock, metrics = FakeApi(), FakeTime(), Metrics()
+    recorder = make_recorder(api, clock, burst=1, metrics=metrics)
+    occur(recorder, "ns0", "alone")
+    for n in range(6):
+        occur(recorder, f"ns{n}", "w")
+        occur(recorder, f"ns{n}", "w2")
+    assert recorder.pending == 4
+    assert sample(metrics, "jobwatch_events_dropped_total") == 6
+    assert caplog.text.count("dropping Events") == 1
+    for _ in range(4):  # a token each
+        clock.now += 10
+        await send_what_the_tokens_allow(recorder, clock)
+    assert [e.count for e in api.events] == [1, 2, 2, 2]  # with the 6 dropped: all 13
+
+
+async def test_a_refused_event_is_tried_again_with_what_was_gathered_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(status, "RETRY_DELAY", 0.01)
+    api, metrics = FakeApi(), Metrics()
+    api.event_failures = [ApiError(503, "unavailable"), ApiError(429, "slow down")]
+    recorder = EventRecorder(
+        api,  # type: ignore[arg-type]
+        metrics,
+        qps=1000,
+        burst=1000,
+        wall=time.time,
+        clock=time.monotonic,
+    )
+    task = asyncio.create_task(recorder.run())
+    occur(recorder, "ns", "w0")
+    await until(lambda: not api.event_failures)
+    occur(recorder, "ns", "w1")  # while the first waits to be tried again
+    await until(lambda: api.events)
+    task.cancel()
+    assert [(e.ref.name, e.count) for e in api.events] == [("w0", 2)]
+    assert sample(metrics, "jobwatch_events_dropped_total") == 0
+
+
+async def test_an_event_refused_for_good_is_counted_as_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(status, "RETRY_DELAY", 0.001)
+    api, metrics = FakeApi(), Metrics()
+    api.event_failures = [ApiError(422, "invalid"), *[ApiError(503, "down")] * status.EVENT_TRIES]
+    recorder = EventRecorder(
+        api,  # type: ignore[arg-type]
+        metrics,
+        qps=1000,
+        burst=1000,
+        wall=time.time,
+        clock=time.monotonic,
+    )
+    task = asyncio.create_task(recorder.run())
+    occur(recorder, "ns", "invalid")
+    occur(recorder, "ns", "tried", "Failed")
+    await until(lambda: not api.event_failures and recorder.pending == 0)
+    task.cancel()
+    assert api.events == []
+    assert sample(metrics, "jobwatch_events_dropped_total") == 2
+
+
+async def test_events_never_wait_for_status_writes() -> None:
+    frozen = [0.0]  # no status token comes after the first
+    api = FakeApi()
+    writer = make_writer(api, qps=1, burst=1, clock=lambda: frozen[0])
     for n in range(30):
         writer.submit(make_watch(f"w{n}"), urgent=True)
-    for n in range(3):
-        writer.event(make_watch(f"w{n}"))
+        writer.event(make_watch(f"w{n}", phase=Phase.SUCCEEDED, reason="SuccessConditionMet"))
     task = asyncio.create_task(writer.run())
-    await until(lambda: len(api.sent) == 33, timeout=3)
+    await until(lambda: len(api.events) == 30)
     task.cancel()
-    turns = [i for i, (name, _) in enumerate(api.sent) if name == "event"]
-    # One in every EVENT_TURN tokens at least, though 30 status writes were queued first.
-    assert turns == [5, 11, 17]
+    assert len(api.patches) == 1
+    assert {e.reason for e in api.events} == {"SuccessConditionMet"}
+
+
+async def test_a_flush_sends_gathered_events_at_once() -> None:
+    api = FakeApi()
+    writer = make_writer(api, event_qps=1000, event_burst=1)
+    for n in range(4):
+        writer.event(make_watch(f"w{n}"))  # one alone, three gathered for EVENT_HOLD
+    started = time.monotonic()
+    await writer.flush(5.0)
+    assert time.monotonic() - started < 1.0
+    assert [e.count for e in api.events] == [1, 3]
