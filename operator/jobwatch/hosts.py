@@ -24,13 +24,14 @@ nothing about the host.
 The state is kept per namespace and host. The namespace is Kubernetes' tenancy boundary,
 and a shared gateway often routes one origin to many tenants' backends: one tenant's
 backend answering 503 (or `Retry-After: 300`), or its slow requests filling the in-flight
-cap, must not hold another namespace's watches. Within a namespace, where one team's
+limit, must not hold another namespace's watches. Within a namespace, where one team's
 hundreds of watches poll the same service, everything is shared. A gateway that serves K
 namespaces thus sees up to K times one namespace's requests in flight (and rate cap).
 
 Pure: no I/O and no clock of its own. Every call takes `now` (the runtime's wall clock,
-epoch seconds, the same clock watches are planned on) and a `rand()` in [0, 1) is given
-at construction, so every transition is reproducible with a fake clock.
+epoch seconds, the same clock watches are planned on), `done` the exchange's answer time
+as the runtime measured it, and a `rand()` in [0, 1) is given at construction, so every
+transition is reproducible with a fake clock.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 BURST_SECONDS = 0.1
 # A watch held because the host's requests in flight are at the limit, or because its
 # breaker's probe is still out, looks again after about this long (spread up to twice
-# that): neither has a known end.
+# that): neither has a known end. (For the first, the runtime lets a waiting poll go as
+# soon as a request to the host ends: this is the fallback.)
 RECHECK_SECONDS = 0.5
 # Label values of the per-host metrics: at most this many hosts by name, the rest "other".
 MAX_LABELLED_HOSTS = 50
