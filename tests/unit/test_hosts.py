@@ -832,3 +832,59 @@ async def test_a_poll_its_hosts_limit_delays_is_counted_with_how_long_and_shown(
         assert_invariant(runtime)
     finally:
         await runtime.shutdown(1.0)
+
+
+async def test_a_poll_waiting_for_a_slot_goes_when_one_frees_unless_planned_anew() -> None:
+    api, gate = FakeApi(), asyncio.Event()
+    log: list[tuple[float, str]] = []
+
+    class GatedHttp:
+        async def send(self, request: Request) -> Outcome:
+            log.append((time.monotonic(), request.url))
+            if request.url.endswith("/slow") and not gate.is_set():
+                await gate.wait()
+            return Response(200, {}, '{"status": "RUNNING"}', 1)
+
+    config = Config.from_env(
+        {
+            "JOBWATCH_STATUS_QPS": "1000",
+            "JOBWATCH_STATUS_BURST": "1000",
+            "JOBWATCH_HOST_LIMITS": "up.test:80=0/1",
+        }
+    )
+    runtime = Runtime(config, api, GatedHttp(), Metrics())  # type: ignore[arg-type]
+    runtime.start()
+    runtime.start_polling()
+    try:
+        # An interval shorter than the wait: the watches say they wait (HostRateLimited).
+        spec = {"interval": "200ms", "timeout": "1m"}
+        runtime.observe("ADDED", jobwatch("slow", url="http://up.test/slow", **spec))
+        await until(lambda: len(log) == 1)  # its request holds the host's one slot
+        waiting = {n: jobwatch(n, url=f"http://up.test/{n}", **spec) for n in ("a", "b")}
+        for body in waiting.values():
+            runtime.observe("ADDED", body)
+        await until(lambda: {"a", "b"} <= {s["name"] for s in held_by_limit(api)})
+        # b is suspended while it waits: its poll is planned anew, for its deadline.
+        body = waiting["b"]
+        body = {**body, "metadata": {**body["metadata"], "generation": 2}}
+        runtime.observe("MODIFIED", {**body, "spec": {**body["spec"], "suspend": True}})
+        freed = time.monotonic()
+        gate.set()
+        await until(lambda: any(url.endswith("/a") for _, url in log))
+        went = next(at for at, url in log if url.endswith("/a"))
+        assert went - freed < RECHECK_SECONDS  # at once, not at its hold's own time
+        # a polls every 200 ms: six polls outlast any hold b had (at most 2 x RECHECK).
+        await until(lambda: sum(url.endswith("/a") for _, url in log) >= 6, timeout=10)
+        assert not any(url.endswith("/b") for _, url in log)
+        assert_invariant(runtime)
+    finally:
+        await runtime.shutdown(1.0)
+
+
+def held_by_limit(api: FakeApi) -> list[dict[str, Any]]:
+    return [
+        {"name": name, **status}
+        for name, statuses in api.statuses.items()
+        for status in statuses
+        if status.get("reason") == "HostRateLimited"
+    ]
