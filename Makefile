@@ -54,7 +54,7 @@ test-unit: venv ## unit tests only (no cluster)
 test-e2e: venv ## e2e tests only
 	hack/test.sh -m e2e
 
-bench: venv ## the scale benchmark: 100, 200, 1k, 5k and 10k JobWatches (~18 min; docs/benchmarks.md)
+bench: venv ## the scale benchmark: 100, 200, 1k, 5k and 10k JobWatches on one job service host, default settings (~18 min; docs/benchmarks.md)
 	$(PY) bench/scale.py --sizes 100,200,1000,5000,10000
 
 bench-overload: venv ## 10k JobWatches at twice the sustainable poll rate (~5 min)

@@ -174,10 +174,12 @@ def answer_gaps(
 
 
 def gap_summary(values: Sequence[float], late_after: float) -> dict[str, float | int | None]:
-    """p1 / p50 / p99 / max of the gaps, and the share longer than `late_after` seconds."""
+    """Mean, p1 / p50 / p99 / max of the gaps, and the share longer than `late_after`
+    seconds."""
     late = sum(1 for v in values if v > late_after)
     return {
         "count": len(values),
+        "mean_s": rounded(sum(values) / len(values)) if values else None,
         "p1_s": rounded(percentile(values, 0.01)),
         "p50_s": rounded(percentile(values, 0.5)),
         "p99_s": rounded(percentile(values, 0.99)),

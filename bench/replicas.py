@@ -378,7 +378,7 @@ class Context:
     children: scale.Children
     sa_kubeconfig: Path
     ports: list[int]
-    plan: dict[str, Any]  # scale.load_plan's: per-host limits that never bind
+    plan: dict[str, Any]  # scale.load_plan's: the load, and --operator-env
 
 
 def scale_options(opts: Options) -> scale.Options:

@@ -13,13 +13,15 @@ docs/benchmarks.md has the figures, and what each one measures exactly.
 
 One run per size, each with a fresh operator and a fresh job API:
 
-1. the namespace jobwatch-bench is emptied, the job API (bench/jobapi.py) starts on
-   --hosts loopback ports (each a host of its own to the operator's per-host limits; the
-   watches are spread evenly over them), and N JobWatches are created through the API
-   (admin token, bounded concurrency), all before the operator starts;
+1. the namespace jobwatch-bench is emptied, the job API (bench/jobapi.py) starts on one
+   loopback port (one job service host, the common case; --hosts N spreads the watches
+   evenly over N ports, each a host of its own to the operator's per-host limits), and N
+   JobWatches are created through the API (admin token, bounded concurrency), all
+   before the operator starts;
 2. the operator starts (`python -m jobwatch`, its own ServiceAccount's token, watching
-   only jobwatch-bench, per-host limits that fit the run) and the time until every job
-   id has been polled once is taken from the job API's own records;
+   only jobwatch-bench, every other setting at the default a user gets unless
+   --operator-env says otherwise) and the time until every job id has been polled once
+   is taken from the job API's own records;
 3. after one more interval (the first-poll burst is over) a steady window of --duration
    seconds is measured.
 
@@ -109,7 +111,6 @@ TARGET_HTTP_RATIO = 3.0
 GAP_SPREAD = 0.1
 # The operator's defaults, for the figures that depend on them (config.py).
 DEFAULT_MAX_IN_FLIGHT = 200
-DEFAULT_HOST_QPS, DEFAULT_HOST_MAX_IN_FLIGHT = 50.0, 20
 DEFAULT_STATUS_QPS, DEFAULT_STATUS_BURST = 18.0, 50
 DEFAULT_REQUEST_TIMEOUT = 30.0  # spec.requestTimeout
 # The operator spreads the first round of polls at up to this rate, or over one interval
@@ -137,7 +138,7 @@ class Options:
     sample_every: float  # seconds between series points
     profile: bool  # run the operator under bench/sampling_profiler.py
     operator_env: dict[str, str] = field(default_factory=dict)
-    hosts: int = 4  # job API ports, each a host of its own to the operator
+    hosts: int = 1  # job API ports, each a host of its own to the operator
     latency: str = "none"  # the job API's answer delays (bench/jobapi.py --latency)
     request_timeout: float | None = None  # spec.requestTimeout; None: the default
 
@@ -756,13 +757,12 @@ def _ms(seconds: float | None) -> float | str | None:
 
 
 def load_plan(opts: Options, n: int, interval: float) -> dict[str, Any]:
-    """What the run asks of the operator's concurrency, and the per-host limits that fit it.
+    """What the run asks of the operator's concurrency, per host and in all.
 
     In flight by Little's law: polls/s x how long each holds a slot, which is the mean
-    answer time, or the request timeout for a request never answered. The per-host
-    limits must not be what the run measures, and are never tighter than the operator's
-    defaults: twice a host's highest planned poll rate (the first round's, or the steady
-    one), and the process's whole in-flight cap; an explicit --operator-env wins.
+    answer time, or the request timeout for a request never answered. The operator runs
+    with its defaults, per-host limits included (a user's first run has no others), plus
+    --operator-env.
     """
     rate = n / interval
     per_host = rate / opts.hosts
@@ -788,16 +788,7 @@ def load_plan(opts: Options, n: int, interval: float) -> dict[str, Any]:
             os.environ.get("JOBWATCH_MAX_IN_FLIGHT", str(DEFAULT_MAX_IN_FLIGHT)),
         )
     )
-    host_env = {
-        "JOBWATCH_HOST_QPS": f"{max(DEFAULT_HOST_QPS, math.ceil(2 * first_round_per_host)):g}",
-        # As many as the whole process may have: one host never holds what the global
-        # cap (JOBWATCH_MAX_IN_FLIGHT, what a latency run measures) would let through.
-        "JOBWATCH_HOST_MAX_IN_FLIGHT": str(max(DEFAULT_HOST_MAX_IN_FLIGHT, max_in_flight)),
-    }
-    plan["operator_env"] = {
-        **{k: v for k, v in host_env.items() if k not in os.environ},
-        **opts.operator_env,
-    }
+    plan["operator_env"] = dict(opts.operator_env)
     plan["max_in_flight"] = max_in_flight
     return plan
 
@@ -1093,6 +1084,20 @@ def span_figures(
     gap_summary["p99_bound_s"] = round(p99_bound, 3)
     from_answer, unanswered = st.answer_gaps(requests, delays, a.wall, b.wall)
     patches = api["status_patches"]
+    held_back = {
+        host: polls
+        for host, polls in st.diff(
+            st.by_label(b.metrics, "jobwatch_host_polls_delayed_total", "host"),
+            st.by_label(a.metrics, "jobwatch_host_polls_delayed_total", "host"),
+        ).items()
+        if polls
+    }
+    waited = sum(
+        st.diff(
+            st.by_label(b.metrics, "jobwatch_host_poll_delay_seconds_total", "host"),
+            st.by_label(a.metrics, "jobwatch_host_poll_delay_seconds_total", "host"),
+        ).values()
+    )
     return {
         "from_operator_start_s": round(a.wall - run.started_wall, 1),
         "to_operator_start_s": round(b.wall - run.started_wall, 1),
@@ -1111,6 +1116,13 @@ def span_figures(
             "after_unanswered_request": unanswered,
         },
         "detection": detection_summary(ends, fleet, seen_by, grace),
+        # Polls the per-host limits held back (jobwatch_host_polls_delayed_total), by
+        # host, and how long they waited in all: none while a limit never binds.
+        "host_limit_delays": {
+            "polls": int(sum(held_back.values())),
+            "by_host": held_back,
+            "seconds": round(waited, 2),
+        },
         # As the API server counted them; the operator's own counters beside, to cross-check.
         "writes": {
             "status_patches": patches,
@@ -1535,8 +1547,8 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("interval", f"{r['interval_s']:g}s"),
         ("hosts; polls/s per host", f"{load['hosts']}; {load['polls_per_s_per_host']:g}"),
         (
-            "host QPS / in flight (env)",
-            f"{env.get('JOBWATCH_HOST_QPS', '-')} / {env.get('JOBWATCH_HOST_MAX_IN_FLIGHT', '-')}",
+            "operator settings (env)",
+            ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "defaults",
         ),
         ("job API latency", load["latency"] or "none"),
         (
@@ -1589,9 +1601,13 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{share(lag['within_50ms'])} / {share(lag['within_250ms'])}",
             ),
             (
-                f"[{name}] gaps p1 / p50 / p99 / max, s",
-                f"{_fmt(gaps['p1_s'], 2)} / {_fmt(gaps['p50_s'], 2)} / {_fmt(gaps['p99_s'], 2)}"
-                f" / {_fmt(gaps['max_s'], 2)}",
+                f"[{name}] gaps mean / p1 / p50 / p99 / max, s",
+                f"{_fmt(gaps['mean_s'], 2)} / {_fmt(gaps['p1_s'], 2)} / "
+                f"{_fmt(gaps['p50_s'], 2)} / {_fmt(gaps['p99_s'], 2)} / {_fmt(gaps['max_s'], 2)}",
+            ),
+            (
+                f"[{name}] polls held by host limits; s waited",
+                f"{sp['host_limit_delays']['polls']}; {sp['host_limit_delays']['seconds']:g}",
             ),
             (
                 f"[{name}] gaps > {gaps['late_after_s']:g} s",
@@ -1959,7 +1975,10 @@ def parse_args(argv: Sequence[str]) -> Options:
     )
     parser.add_argument("--create-concurrency", type=int, default=32)
     parser.add_argument(
-        "--hosts", type=int, default=4, help="job API ports, each a host to the operator (4)"
+        "--hosts",
+        type=int,
+        default=1,
+        help="job API ports, each a host to the operator (1; more: a multi-host run)",
     )
     parser.add_argument(
         "--latency",

@@ -586,10 +586,6 @@ async def soak(opts: Options, children: scale.Children) -> dict[str, Any]:
                 "JOBWATCH_NAMESPACES": scale.NAMESPACE,
                 "JOBWATCH_HEALTH_PORT": str(scale.free_port()),
                 "JOBWATCH_METRICS_PORT": str(metrics_port),
-                # Every watch polls this one host: per-host limits (issue #11) that never
-                # bind before the global ones, since the soak measures timing, not politeness.
-                "JOBWATCH_HOST_QPS": f"{2 * opts.watches / min(INTERVALS):g}",
-                "JOBWATCH_HOST_MAX_IN_FLIGHT": str(scale.DEFAULT_MAX_IN_FLIGHT),
             }
             log_path = scale.LOGS / "operator-soak.log"
             log_path.unlink(missing_ok=True)

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 
 from .durations import parse_duration
 from .egress import EgressPolicy, parse_networks
-from .hosts import HostLimits, HostSettings, parse_limits
+from .hosts import HostSettings, adaptive, parse_limits
 from .leases import LeaseSettings
 
 # Each bucket is a Lease renewed every retry period by its holder: API writes grow with it.
 MAX_BUCKETS = 256
+# A per-host rate cap below this is a typo, not a quota (one request every 100 s).
+MIN_HOST_QPS = 0.01
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -164,10 +166,18 @@ class Config:
                 "JOBWATCH_HOST_BREAKER_COOLDOWN must be above 0 and at most"
                 f" JOBWATCH_HOST_BREAKER_MAX_COOLDOWN (they are {cooldown:g}s, {max_cooldown:g}s)"
             )
+        max_in_flight = int(number("JOBWATCH_MAX_IN_FLIGHT", "200", 1))
+        # No rate cap by default: a healthy host gets every poll its watches plan.
+        qps = finite("JOBWATCH_HOST_QPS", "0", 0)
+        if 0 < qps < MIN_HOST_QPS:
+            raise ConfigError(
+                f"JOBWATCH_HOST_QPS={text('JOBWATCH_HOST_QPS', '0')!r} must be 0 (no cap) "
+                f"or at least {MIN_HOST_QPS:g}"
+            )
         hosts = HostSettings(
-            limits=HostLimits(
-                qps=finite("JOBWATCH_HOST_QPS", "50", 0.01),
-                max_in_flight=int(finite("JOBWATCH_HOST_MAX_IN_FLIGHT", "20", 1)),
+            # One host may use every worker when it answers as fast as usual.
+            limits=adaptive(
+                int(finite("JOBWATCH_HOST_MAX_IN_FLIGHT", str(max_in_flight), 1)), qps or None
             ),
             overrides=overrides,
             breaker_failures=int(finite("JOBWATCH_HOST_BREAKER_FAILURES", "10", 0)),
@@ -184,7 +194,7 @@ class Config:
             ),
             egress=EgressPolicy(deny=deny, allow=allow),
             max_body_bytes=int(number("JOBWATCH_MAX_BODY_BYTES", "1048576", 1024)),
-            max_in_flight=int(number("JOBWATCH_MAX_IN_FLIGHT", "200", 1)),
+            max_in_flight=max_in_flight,
             progress_interval=duration("JOBWATCH_STATUS_PROGRESS_INTERVAL", "15s"),
             status_qps=number("JOBWATCH_STATUS_QPS", "18", 0.1),
             status_burst=int(number("JOBWATCH_STATUS_BURST", "50", 1)),

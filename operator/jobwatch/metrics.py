@@ -112,18 +112,21 @@ class HostFigures:
     breakers: Mapping[str, Mapping[str, int]]  # host label -> breaker state -> hosts
     held: Mapping[str, int]  # reason -> polls not sent since start
     hosts: int  # hosts in the table
+    delays: Mapping[str, tuple[int, float]]  # host label -> polls delayed, seconds in all
 
 
 class _Hosts:
-    """`jobwatch_host_breaker_state`, `jobwatch_host_polls_held_total` and
+    """`jobwatch_host_breaker_state`, `jobwatch_host_polls_held_total`,
+    `jobwatch_host_polls_delayed_total`, `jobwatch_host_poll_delay_seconds_total` and
     `jobwatch_hosts`, read from the host table at scrape time (nothing per poll).
 
-    The `host` label is bounded: only hosts whose breaker is not closed, at most
-    hosts.MAX_LABELLED_HOSTS of them by origin (the most recently polled); the others
-    are summed under host="other". A closed breaker has no series."""
+    The `host` label is bounded: for the breaker, only hosts whose breaker is not closed,
+    at most hosts.MAX_LABELLED_HOSTS of them by origin (the most recently polled), the
+    others summed under host="other" (a closed breaker has no series); for the delays,
+    the first MAX_LABELLED_HOSTS origins delayed, later ones under host="other"."""
 
     def __init__(self) -> None:
-        self.source: Callable[[], HostFigures] = lambda: HostFigures({}, {}, 0)
+        self.source: Callable[[], HostFigures] = lambda: HostFigures({}, {}, 0, {})
 
     def collect(self) -> Iterable[Metric]:
         figures = self.source()
@@ -146,6 +149,22 @@ class _Hosts:
         for reason, count in figures.held.items():
             held.add_metric([reason], count)
         yield held
+        delayed = CounterMetricFamily(
+            "jobwatch_host_polls_delayed",
+            "Polls their host's limits (requests in flight, or a rate cap) held back, by host "
+            '(origin, at most 50; the rest as host="other"); counted when they go out.',
+            labels=["host"],
+        )
+        delay = CounterMetricFamily(
+            "jobwatch_host_poll_delay_seconds",
+            "How late their host's limits made those polls, in all, by host.",
+            labels=["host"],
+        )
+        for host, (polls, seconds) in figures.delays.items():
+            delayed.add_metric([host], polls)
+            delay.add_metric([host], seconds)
+        yield delayed
+        yield delay
         yield GaugeMetricFamily(
             "jobwatch_hosts",
             "Job service hosts (scheme, host, port) in the shared host table.",

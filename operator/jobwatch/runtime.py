@@ -17,7 +17,7 @@ from typing import Any
 from . import policy
 from .config import Config
 from .expressions import CompiledWatch, ExpressionError, final_result
-from .hosts import Held, HeldReason, Hosts, Verdict, host_key, verdict
+from .hosts import Held, HeldReason, HostKey, Hosts, Verdict, host_key, verdict
 from .httpclient import HttpClient, Request, TLSSettings
 from .kube import KubeApi, ObjectRef
 from .leases import Handed, Ownership
@@ -91,10 +91,18 @@ class Runtime:
         )
         metrics.internals.scheduler_entries = lambda: self.scheduler.entries
         metrics.fleet.source = self._fleet_figures
-        # Breaker, rate limit, in-flight cap and Retry-After hold per job service host.
+        # Breaker, in-flight limit, rate cap and Retry-After hold per job service host.
         self._hosts = Hosts(config.hosts, rand)
         # Watches waiting on a rate-limit slot their host reserved for them.
         self._reserved: set[tuple[str, str]] = set()
+        # Watches whose poll their host's limits hold back: since when and the poll that
+        # hold planned (wall clock), and the host. How late the limits made it is counted
+        # when it goes out.
+        self._held_back: dict[tuple[str, str], tuple[float, float, HostKey]] = {}
+        # Of those, the ones waiting for a slot in flight, per host, first come first: one
+        # goes as soon as a request to the host ends, as a due poll takes a free worker
+        # (the hold's own time, up to a second away, is only the fallback).
+        self._waiting: dict[HostKey, dict[tuple[str, str], None]] = {}
         metrics.hosts.source = self._host_figures
         self._writer_task: asyncio.Task[None] | None = None
         # Reads of the Secrets that headers and CA bundles refer to: shared by every
@@ -124,7 +132,8 @@ class Runtime:
 
     def _host_figures(self) -> HostFigures:
         hosts = self._hosts
-        return HostFigures(hosts.states(), {str(r): n for r, n in hosts.held.items()}, len(hosts))
+        held = {str(r): n for r, n in hosts.held.items()}
+        return HostFigures(hosts.states(), held, len(hosts), hosts.delays())
 
     @property
     def writer_stopped(self) -> bool:
@@ -303,6 +312,7 @@ class Runtime:
 
     def _forget(self, key: tuple[str, str]) -> None:
         self._reserved.discard(key)
+        self._release(key)
         watch = self.watches.pop(key, None)
         if watch is not None:
             self.scheduler.cancel(key)
@@ -482,14 +492,17 @@ class Runtime:
             if self._reserved and key in self._reserved:
                 self._reserved.discard(key)
                 reserved = True
-            ticket = self._hosts.admit(host_key(key[0], spec.url), now, reserved)
+            host = host_key(key[0], spec.url)
+            ticket = self._hosts.admit(host, now, reserved)
             if isinstance(ticket, Held):
-                self._hold(key, watch, ticket, now)
+                self._hold(key, watch, host, ticket, now)
                 return
+            if self._held_back:
+                self._count_delay(key, watch, now)
 
             stage = "sending the request"
             # What the exchange said about the host; nothing unless it took place.
-            heard, pause = Verdict.NOTHING, None
+            heard, pause, latency = Verdict.NOTHING, None, 0.0
             try:
                 request = Request(
                     method=spec.method,
@@ -506,6 +519,7 @@ class Runtime:
                 try:
                     outcome = await self._http.send(request)
                 finally:
+                    latency = self._clock() - started
                     watch.last_end = self._wall()
                     successor = self.watches.get(key)
                     if successor is not None and successor is not watch:
@@ -518,8 +532,10 @@ class Runtime:
                         pause = min(pause, spec.backoff.max_interval)
             finally:
                 # On every path, cancellation included: the in-flight slot is given back.
-                self._hosts.done(ticket, heard, self._wall(), pause)
-            self._metrics.request_seconds.observe(self._clock() - started)
+                self._hosts.done(ticket, heard, self._wall(), pause, latency)
+                if self._waiting:
+                    self._wake(host)
+            self._metrics.request_seconds.observe(latency)
             if self.watches.get(key) is not watch or watch.finished:
                 return  # deleted, replaced or ended while the request was out
             stage = "judging the response"
@@ -549,28 +565,76 @@ class Runtime:
         except Exception as exc:
             self._fault(key, watch, stage, exc)
 
-    def _hold(self, key: tuple[str, str], watch: Watch, held: Held, now: float) -> None:
+    def _hold(
+        self, key: tuple[str, str], watch: Watch, host: HostKey, held: Held, now: float
+    ) -> None:
         """The host is not taking this poll now: plan it for when the host allows. Not an
         attempt; the deadline still ends the watch (`_plan` never plans past it)."""
         assert watch.spec is not None
         if held.slot:
             self._reserved.add(key)
-        if held.reason is HeldReason.RATE_LIMITED and held.until - now < watch.spec.interval:
+        limited = held.reason is HeldReason.RATE_LIMITED
+        if limited:
+            before = self._held_back.get(key)
+            same = before is not None and before[1:] == (watch.next_poll_time, host)
+            start = before[0] if before is not None and same else now
+            if before is not None and (not same or held.slot):
+                self._release(key)
+        elif self._held_back:
+            self._count_delay(key, watch, now)  # from here on the wait is the host's
+        if limited and held.until - now < watch.spec.interval:
             # Spreading within less than the watch's own interval is not news for its
             # status (the held-polls metric counts it): the poll only moves.
             self._plan(key, watch, held.until)
-            return
-        decision = policy.host_held(
-            watch.phase,
-            watch.consecutive_errors,
-            watch.last_error,
-            held.reason,
-            held.message,
-            delay=held.until - now,
-            now=now,
-            deadline=watch.deadline,
-        )
-        self._apply(key, watch, decision, now)
+        else:
+            decision = policy.host_held(
+                watch.phase,
+                watch.consecutive_errors,
+                watch.last_error,
+                held.reason,
+                held.message,
+                delay=held.until - now,
+                now=now,
+                deadline=watch.deadline,
+            )
+            self._apply(key, watch, decision, now)
+        if limited and watch.next_poll_time is not None:
+            self._held_back[key] = (start, watch.next_poll_time, host)
+            if not held.slot:  # keeps its place in line if it had one
+                self._waiting.setdefault(host, {})[key] = None
+
+    def _wake(self, host: HostKey) -> None:
+        """A request to `host` ended: the first poll waiting for a slot there goes now."""
+        waiting = self._waiting.get(host)
+        while waiting and self._hosts.room(host, self._wall()):
+            key = next(iter(waiting))
+            del waiting[key]
+            watch, entry = self.watches.get(key), self._held_back.get(key)
+            if watch is None or entry is None or entry[1:] != (watch.next_poll_time, host):
+                continue  # gone, or planned anew since
+            self._plan(key, watch, self._wall())
+            self._held_back[key] = (entry[0], watch.next_poll_time or 0.0, host)
+            break
+        if waiting is not None and not waiting:
+            del self._waiting[host]
+
+    def _count_delay(self, key: tuple[str, str], watch: Watch, now: float) -> None:
+        """The poll of `key` goes out, or waits for another reason: count how long its
+        host's limits held it, if this is the poll they held (not one planned since by an
+        edit, a resume or a suspension)."""
+        entry = self._release(key)
+        if entry is not None and entry[1] == watch.next_poll_time:
+            self._hosts.delayed(entry[2], now - entry[0])
+
+    def _release(self, key: tuple[str, str]) -> tuple[float, float, HostKey] | None:
+        entry = self._held_back.pop(key, None)
+        if entry is not None:
+            waiting = self._waiting.get(entry[2])
+            if waiting is not None:
+                waiting.pop(key, None)
+                if not waiting:
+                    del self._waiting[entry[2]]
+        return entry
 
     def _fault(self, key: tuple[str, str], watch: Watch, stage: str, exc: Exception) -> None:
         """An unexpected exception while polling `watch`: its `Internal` error."""

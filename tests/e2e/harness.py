@@ -5,6 +5,7 @@ Tests wait on observable state (`wait_for`), never on fixed sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -354,6 +355,7 @@ class Seen:
     headers: dict[str, str]
     body: bytes
     concurrent: int = 0  # requests to the same path still being answered when it came
+    in_server: int = 0  # requests to any path being answered or queued when it came
 
 
 class _Server(ThreadingHTTPServer):
@@ -362,18 +364,33 @@ class _Server(ThreadingHTTPServer):
     # SYN retries, which no real job service behind a load balancer does.
     request_queue_size = 1024
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that left before its answer (an operator stopped with requests queued
+        # here) is no fault of the server's: no traceback for it.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class JobServer:
     """A job API on loopback whose answers each test scripts per path.
 
-    A path answers its replies in order and then repeats the last one.
+    A path answers its replies in order and then repeats the last one. With `capacity`,
+    at most that many requests are answered at once (a reply's `delay` included) and the
+    others queue, as at a service with that many workers.
     """
 
-    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+        capacity: int | None = None,
+    ) -> None:
         self._routes: dict[str, list[Reply]] = {}
         self._seen: dict[str, list[Seen]] = {}
         self._active: dict[str, int] = {}
+        self._in_server = 0
         self._lock = threading.Lock()
+        workers = threading.BoundedSemaphore(capacity) if capacity else contextlib.nullcontext()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -387,7 +404,8 @@ class JobServer:
                 body = self.rfile.read(length) if length else b""
                 reply = server._record(self.path, self.command, dict(self.headers), body)
                 try:
-                    self._answer(reply)
+                    with workers:
+                        self._answer(reply)
                 finally:
                     server._done(self.path)
 
@@ -446,8 +464,10 @@ class JobServer:
                     {k.lower(): v for k, v in headers.items()},
                     body,
                     active,
+                    self._in_server,
                 )
             )
+            self._in_server += 1
             replies = self._routes.get(path)
             if not replies:
                 return Reply(404, {"error": "no such path"})
@@ -456,6 +476,7 @@ class JobServer:
     def _done(self, path: str) -> None:
         with self._lock:
             self._active[path] -= 1
+            self._in_server -= 1
 
     def close(self) -> None:
         self._httpd.shutdown()

@@ -182,13 +182,12 @@ def test_a_burst_of_new_watches_leaves_a_few_events_whose_counts_add_up(
     """2,000 JobWatches at once, each Accepted and then Succeeded: 4,000 phase changes
     (one more for any that polled twice). The Event budget stays at its default; the
     status budget is raised so that 2,000 first statuses and 2,000 ends take seconds,
-    not the 4 minutes 18 writes/s would take, and so is the job host's rate limit."""
+    not the 4 minutes 18 writes/s would take."""
     port = str(free_port())
     op = start_operator(
         JOBWATCH_METRICS_PORT=port,
         JOBWATCH_STATUS_QPS="300",
         JOBWATCH_STATUS_BURST="300",
-        JOBWATCH_HOST_QPS="1000",
     )
     url = jobs.script("/done", [Reply(200, {"status": "COMPLETED"})])
     custom = ns.cluster.custom

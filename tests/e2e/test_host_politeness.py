@@ -1,12 +1,19 @@
-"""A polite client: the watches of one job service host share its circuit breaker, its rate
-limit and any Retry-After, while another host's watches stay on time (issue #11).
+"""A polite client: the watches of one job service host share its circuit breaker, its
+limits and any Retry-After, while another host's watches stay on time (issues #11, #21).
 
-200 watches poll host A, 5 poll host B (both scripted job services on loopback, each its
-own port: its own host). Host A answers `Retry-After: 3` once, then goes down (503) for
-20 s, then comes back. Meanwhile 5 watches of another namespace poll other paths of host A
-(a shared gateway in front of another tenant's backend, which stays up): the state is per
-namespace and host, so they stay on time too. The request rates measured are printed
-(`-s` shows them).
+With the defaults there is no rate cap and the in-flight limit adapts to the host's
+answer times: a healthy host gets every poll its watches plan, and a host that can serve
+only so many at once gets about that many, not a pile-up; another host's watches keep
+their interval meanwhile.
+
+The breaker and Retry-After: 200 watches poll host A, 5 poll host B (both scripted job
+services on loopback, each its own port: its own host), with a rate cap set. Host A
+answers `Retry-After: 3` once, then goes down (503) for 20 s, then comes back. Meanwhile 5
+watches of another namespace poll other paths of host A (a shared gateway in front of
+another tenant's backend, which stays up): the state is per namespace and host, so they
+stay on time too.
+
+The request rates measured are printed (`-s` shows them).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from harness import (
     Namespace,
     Operator,
     Reply,
+    Seen,
     free_port,
     wait_for,
 )
@@ -203,3 +211,115 @@ def run(
     b_reasons = [r for name, r in reasons(ns).items() if name.startswith("b")]
     assert all(r not in {"HostCircuitOpen", "HostRetryAfter"} for r in b_reasons)
     assert set(reasons(tenant).values()) == {"Polling"}
+
+
+# --- defaults: no rate cap, an in-flight limit that follows the host's answer times ------
+
+FLEET_SPEC = {**SPEC, "interval": "1s", "backoff": {"maxInterval": "1s"}}
+MEASURE = 15.0  # seconds of steady polling measured, once the watches have warmed up
+
+
+def polls_between(jobs: JobServer, paths: list[str], start: float, end: float) -> list[Seen]:
+    return [s for p in paths for s in jobs.seen(p) if start <= s.at < end]
+
+
+def on_time_share(
+    jobs: JobServer, paths: list[str], start: float, end: float, late: float
+) -> float:
+    """Of the gaps between two polls of a watch that ended in [start, end), the share no
+    longer than `late` seconds, as the job service saw them."""
+    measured = [
+        y.at - x.at
+        for p in paths
+        for x, y in itertools.pairwise(jobs.seen(p))
+        if start <= y.at < end
+    ]
+    assert measured, "no poll in the window"
+    return sum(gap <= late for gap in measured) / len(measured)
+
+
+def polled(jobs: JobServer, paths: list[str], times: int) -> Callable[[], bool]:
+    return lambda: all(len(jobs.seen(p)) >= times for p in paths)
+
+
+def test_defaults_keep_300_watches_at_1s_on_one_host_on_schedule(
+    ns: Namespace, jobs: JobServer, start_operator: Callable[..., Operator]
+) -> None:
+    """Answers in 150 ms: the 300 watches ask 260 requests/s and about 40 in flight, more
+    than the in-flight limit starts from (20). The old defaults (50 requests/s, 20 in
+    flight) polled each watch every 6 s."""
+    delay, watches = 0.15, 300
+    slow = Reply(200, {"status": "RUNNING"}, delay=delay)
+    paths = [f"/fleet/{n}" for n in range(watches)]
+    for n, path in enumerate(paths):
+        ns.create(f"f{n}", {"url": jobs.script(path, [slow]), **FLEET_SPEC})
+    start_operator()
+    wait_for(polled(jobs, paths, 5), 60, "every watch polled 5 times (the limit has grown)")
+    start = time.monotonic()
+    time.sleep(MEASURE)  # a measuring window, not a wait for a state
+    end = time.monotonic()
+    rate = len(polls_between(jobs, paths, start, end)) / (end - start)
+    # The spread the API allows (+10 %), the answer, and the lag target (250 ms).
+    late = 1.1 + delay + 0.25
+    share = on_time_share(jobs, paths, start, end, late)
+    print(
+        f"\n{watches} watches at 1 s, answers in {delay * 1000:.0f} ms: {rate:.1f} requests/s "
+        f"(planned {watches / (1 + delay):.0f}), {share:.1%} of gaps within {late:.2f} s"
+    )
+    assert share >= 0.95
+    assert rate >= 0.9 * watches / (1 + delay)
+
+
+def test_a_host_that_serves_8_at_a_time_gets_its_capacity_and_no_pile_up(
+    ns: Namespace, start_operator: Callable[..., Operator]
+) -> None:
+    """Host A answers 8 requests at a time in 50 ms each (160/s) and queues the rest; its
+    300 watches at 1 s ask 300/s. It gets about its capacity, with a short queue: a fixed
+    cap as high as the process's (200) would keep ~140 requests waiting there (the model
+    in tests/unit/test_hosts.py), the old 50 requests/s would leave it idle two thirds of
+    the time. Host B's 20 watches keep their interval."""
+    slots, service, watches = 8, 0.05, 300
+    a, b = JobServer(capacity=slots), JobServer()
+    try:
+        metrics_port = free_port()
+        paths_a = [f"/a/{n}" for n in range(watches)]
+        paths_b = [f"/b/{n}" for n in range(20)]
+        queued = Reply(200, {"status": "RUNNING"}, delay=service)
+        for n, path in enumerate(paths_a):
+            ns.create(f"a{n}", {"url": a.script(path, [queued]), **FLEET_SPEC})
+        for n, path in enumerate(paths_b):
+            ns.create(f"b{n}", {"url": b.script(path, [RUNNING]), **FLEET_SPEC})
+        start_operator(JOBWATCH_METRICS_PORT=str(metrics_port))
+        wait_for(polled(a, paths_a, 3), 60, "every watch of A polled 3 times")
+        start = time.monotonic()
+        time.sleep(MEASURE)  # a measuring window, not a wait for a state
+        end = time.monotonic()
+        to_a = polls_between(a, paths_a, start, end)
+        rate = len(to_a) / (end - start)
+        waiting = sorted(s.in_server for s in to_a)
+        median, p90 = waiting[len(waiting) // 2], waiting[int(len(waiting) * 0.9)]
+        share_b = on_time_share(b, paths_b, start, end, 1.1 + 0.25)
+        worst_b = on_time(b, paths_b)
+        print(
+            f"\nhost A ({slots} at a time, {service * 1000:.0f} ms each: {slots / service:.0f}/s): "
+            f"{rate:.1f} requests/s, at the host when one came: median {median}, p90 {p90}; "
+            f"host B: {share_b:.1%} of gaps on time, longest {worst_b:.2f} s"
+        )
+        assert rate >= 0.8 * slots / service
+        assert median <= 60 and p90 <= 80
+        assert share_b >= 0.95
+        exposed = scrape(metrics_port)
+        # Neither errors nor timeouts: the host was not pushed over.
+        assert not re.search(
+            r'jobwatch_polls_total\{reason="(TransientError|HTTPError)"\}', exposed
+        )
+        # The limit bound for A, and says so, per host; B was never held.
+        delayed = re.search(
+            rf'jobwatch_host_polls_delayed_total\{{host="http://127.0.0.1:{a.port}"\}} (\S+)',
+            exposed,
+        )
+        assert delayed and float(delayed[1]) > 0
+        assert f'host="http://127.0.0.1:{b.port}"' not in exposed
+    finally:
+        a.close()
+        b.close()

@@ -29,6 +29,7 @@ def test_gap_summary_counts_gaps_over_the_bound_and_its_percentiles() -> None:
     values = [5.0] * 97 + [5.6, 5.8, 9.0]
     summary = st.gap_summary(values, late_after=5.75)
     assert summary["count"] == 100
+    assert summary["mean_s"] == 5.054
     assert summary["p1_s"] == 5.0
     assert summary["p50_s"] == 5.0
     assert summary["p99_s"] == 5.8
@@ -40,6 +41,7 @@ def test_gap_summary_counts_gaps_over_the_bound_and_its_percentiles() -> None:
 def test_gap_summary_of_no_gaps_says_nothing() -> None:
     summary = st.gap_summary([], late_after=5.75)
     assert summary["count"] == 0
+    assert summary["mean_s"] is None
     assert summary["p99_s"] is None
     assert summary["late_share"] is None
 

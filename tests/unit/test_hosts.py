@@ -1,11 +1,15 @@
-"""Per-host politeness: the breaker's states, the rate limit, the in-flight cap and the
-Retry-After hold with a fake clock; their knobs; and what a watch sees of them."""
+"""Per-host politeness: the breaker's states, the adaptive in-flight limit, the rate cap
+and the Retry-After hold with a fake clock; their knobs; and what a watch sees of them."""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,6 +19,9 @@ from jobwatch import policy
 from jobwatch.config import Config, ConfigError
 from jobwatch.hosts import (
     MAX_LABELLED_HOSTS,
+    MIN_IN_FLIGHT,
+    RECHECK_SECONDS,
+    SHRINK,
     BreakerState,
     Held,
     HeldReason,
@@ -22,9 +29,12 @@ from jobwatch.hosts import (
     HostLimits,
     Hosts,
     HostSettings,
+    Limit,
     Probe,
     Ticket,
     Verdict,
+    adaptive,
+    fixed,
     host_key,
     parse_limits,
     verdict,
@@ -37,7 +47,7 @@ from jobwatch.runtime import Runtime
 A = ("ns", ("http", "jobs.test", 80))
 B = ("ns", ("https", "other.test", 443))
 SETTINGS = HostSettings(
-    limits=HostLimits(qps=10.0, max_in_flight=3),
+    limits=fixed(10.0, 3),
     breaker_failures=3,
     cooldown=5.0,
     max_cooldown=30.0,
@@ -202,7 +212,7 @@ def test_no_breaker_when_its_failures_are_zero() -> None:
     assert state(hosts, A) is BreakerState.CLOSED
 
 
-# --- rate limit, in-flight cap, Retry-After ----------------------------------------------
+# --- rate cap, fixed in-flight cap, Retry-After ------------------------------------------
 
 
 def test_a_crowd_is_spread_by_the_rate_limit_with_a_slot_kept_for_each() -> None:
@@ -222,11 +232,14 @@ def test_a_crowd_is_spread_by_the_rate_limit_with_a_slot_kept_for_each() -> None
 
 
 def test_the_in_flight_cap_holds_until_a_request_ends() -> None:
-    hosts = table(HostSettings(limits=HostLimits(qps=1000.0, max_in_flight=3)))
+    hosts = table(HostSettings(limits=fixed(None, 3)))
     out = [ticket(hosts, A, n * 0.01) for n in range(3)]
     wait = held(hosts, A, 0.05)
     assert wait.reason is HeldReason.RATE_LIMITED and not wait.slot
-    assert "3 in flight" in wait.message
+    assert "in flight to http://jobs.test:80 from this namespace's JobWatches: 3, at its " in (
+        wait.message
+    )
+    assert "limit of 3 (fixed)" in wait.message
     assert 0.05 < wait.until <= 1.05
     hosts.done(out[0], Verdict.ANSWERED, 0.06, None)
     ticket(hosts, A, 0.07)
@@ -292,14 +305,275 @@ def test_one_namespace_cannot_hold_anothers_watches_of_a_shared_host() -> None:
     assert isinstance(hosts.admit(("tenant-d", A[1]), 3.0), Host)
 
 
-def test_per_host_overrides_apply() -> None:
-    overrides = parse_limits("jobs.test:80=2/1, [::1]:9000=0.5/4")
-    assert overrides == {"jobs.test:80": HostLimits(2.0, 1), "::1:9000": HostLimits(0.5, 4)}
+def test_per_host_overrides_apply_and_are_fixed() -> None:
+    overrides = parse_limits("jobs.test:80=2/1, [::1]:9000=0.5/4, other.test:443=0/50")
+    assert overrides == {
+        "jobs.test:80": HostLimits(2.0, 1, 1),
+        "::1:9000": HostLimits(0.5, 4, 4),
+        "other.test:443": HostLimits(None, 50, 50),  # 0: no rate cap
+    }
     hosts = table(HostSettings(overrides=overrides))
     ticket(hosts, A, 0.0)
-    assert "1 in flight" in held(hosts, A, 0.0).message
+    assert "at its limit of 1 (fixed)" in held(hosts, A, 0.0).message
     host = hosts.get(A)
-    assert host is not None and host.limits == HostLimits(2.0, 1)
+    assert host is not None and host.limits == HostLimits(2.0, 1, 1)
+    # No rate cap, and 50 in flight however slow the answers: a known quota is not adapted.
+    out = [ticket(hosts, B, 0.0) for _ in range(50)]
+    assert held(hosts, B, 0.0).reason is HeldReason.RATE_LIMITED
+    for n in range(500):
+        hosts.done(out.pop(), Verdict.ANSWERED, n * 0.1, None, latency=n * 0.1)
+        out.append(ticket(hosts, B, n * 0.1))
+    other = hosts.get(B)
+    assert other is not None and other.limit.allowed == 50
+
+
+# --- the adaptive in-flight limit -----------------------------------------------------------
+
+
+def window(
+    limit: Limit,
+    now: float,
+    answered: float | None,
+    in_flight: int,
+    *,
+    overloads: int = 0,
+    n: int = 10,
+) -> float:
+    """Exchanges until `limit` revises itself once: `in_flight` out at once, `n` or so
+    ending in each half second, each answered in `answered` seconds (None: no answer), the
+    first `overloads` of them failures or Retry-After answers. Returns the time after."""
+    limit.sent(in_flight)
+    ended = 0
+    while True:
+        now += 0.5 / n
+        limit.ended(now, answered, ended < overloads, in_flight)
+        ended += 1
+        if limit.exchanges == 0:
+            return now
+
+
+def grown(to: int) -> tuple[Limit, float]:
+    """A limit that grew to `to` at answers of 20 ms."""
+    limit, now = Limit(MIN_IN_FLIGHT, 200), 0.0
+    while limit.allowed < to:
+        now = window(limit, now, 0.02, limit.allowed)
+    return limit, now
+
+
+def test_the_limit_grows_while_the_host_answers_as_fast_as_usual_up_to_its_ceiling() -> None:
+    limit, now = Limit(MIN_IN_FLIGHT, 200), 0.0
+    assert limit.allowed == MIN_IN_FLIGHT
+    seen = []
+    for _ in range(40):
+        now = window(limit, now, 0.02, in_flight=limit.allowed)  # the watches press on it
+        seen.append(limit.allowed)
+    assert seen == sorted(seen)
+    assert seen[0] > MIN_IN_FLIGHT
+    assert seen.index(200) < 25  # from 20 to 200 within 25 windows (12.5 s at high rates)
+    assert seen[-1] == 200
+
+
+def test_the_limit_does_not_grow_for_watches_that_do_not_need_it() -> None:
+    limit, now = Limit(MIN_IN_FLIGHT, 200), 0.0
+    for _ in range(40):
+        now = window(limit, now, 0.02, in_flight=MIN_IN_FLIGHT // 2 - 1)
+    assert limit.allowed == MIN_IN_FLIGHT
+
+
+def test_slower_answers_shrink_it_step_by_step_down_to_the_floor() -> None:
+    limit, now = grown(150)
+    usual = limit.usual
+    steps = [limit.value]
+    for _ in range(20):
+        now = window(limit, now, 0.5, in_flight=limit.allowed)  # every answer 25 times slower
+        steps.append(limit.value)
+    assert all(SHRINK * a - 1e-9 <= b < a for a, b in itertools.pairwise(steps[:8]))
+    assert steps[-1] == MIN_IN_FLIGHT  # and no lower
+    # A queue the watches press on does not become the usual answer time.
+    assert limit.usual == usual
+
+
+def test_answers_slower_within_the_tolerance_are_no_reason_to_shrink() -> None:
+    limit, now = grown(60)
+    before = limit.allowed
+    now = window(limit, now, 0.02 * 2 + 0.09, in_flight=limit.allowed)  # usual x 2 + 90 ms
+    assert limit.allowed > before
+
+
+def test_one_slow_window_costs_little_and_the_limit_grows_back() -> None:
+    # A pause of this process (GC, a busy event loop) delays the answers of one window.
+    limit, now = grown(120)
+    before = limit.value
+    now = window(limit, now, 1.0, in_flight=limit.allowed)
+    assert limit.value >= before * SHRINK
+    for _ in range(5):
+        now = window(limit, now, 0.02, in_flight=limit.allowed)
+    assert limit.value > before
+
+
+def test_failures_or_retry_after_from_a_tenth_of_a_window_halve_it() -> None:
+    limit, now = grown(160)
+    before = limit.value
+    now = window(limit, now, 0.02, in_flight=limit.allowed, overloads=1, n=100)
+    assert limit.value > before  # one failure in 100: a broken job, not the host
+    before = limit.value
+    now = window(limit, now, 0.02, in_flight=limit.allowed, overloads=12, n=100)
+    assert limit.value == pytest.approx(before / 2)
+    window(limit, now, None, in_flight=limit.allowed, overloads=12)  # timeouts only
+    assert limit.value == pytest.approx(before / 4)
+
+
+def test_the_hosts_failures_and_retry_after_reach_its_limit() -> None:
+    hosts = table(HostSettings(limits=adaptive(200), breaker_failures=0))
+    out = [ticket(hosts, A, 0.0) for _ in range(MIN_IN_FLIGHT)]
+    host = hosts.get(A)
+    assert host is not None
+    host.limit.value = 100.0
+    for n, sent in enumerate(out):  # 429s with Retry-After: 1
+        hosts.done(sent, Verdict.ANSWERED, 0.05 * (n + 1), 1.0, latency=0.01)
+    assert host.limit.value == pytest.approx(50.0)
+
+
+def test_the_breaker_opening_sets_the_limit_back_to_its_floor() -> None:
+    hosts = table(HostSettings(limits=adaptive(200), breaker_failures=3))
+    host = hosts.admit(A, 0.0)
+    assert isinstance(host, Host)
+    hosts.done(host, Verdict.ANSWERED, 0.0, None, latency=0.01)
+    host.limit.value = 150.0
+    fail(hosts, A, 1.0, 3)
+    assert host.state is BreakerState.OPEN
+    assert host.limit.allowed == MIN_IN_FLIGHT
+
+
+def test_a_fixed_limit_never_moves() -> None:
+    limit, now = Limit(7, 7), 0.0
+    for answered in (0.01, 5.0, None):
+        now = window(limit, now, answered, in_flight=7, overloads=10)
+        assert limit.allowed == 7
+
+
+@dataclass
+class Served:
+    rate: float  # requests per second the host got, over the second half
+    in_flight: list[int]  # requests in flight to it at each request sent, second half
+    slowest: float  # the slowest answer, second half
+    holds: int  # polls held, second half
+
+
+def serve(
+    limits: HostLimits,
+    watches: int,
+    interval: float,
+    *,
+    slots: int,
+    service: float,
+    seconds: float = 60.0,
+    in_order: bool = True,
+) -> Served:
+    """`watches` poll a host that answers `slots` requests at a time, in `service`
+    seconds each (±20 %), and queues the rest, first come first served or (`in_order`
+    false) in any order, as a worker pool's lock does; each polls again `interval` (±10 %)
+    after its answer, and a held poll looks again when its hold says. All through `Hosts`
+    on a fake clock: what the runtime does, without the runtime."""
+    rnd = random.Random(7)
+    hosts = Hosts(HostSettings(limits=limits), rand=rnd.random)
+    plan: list[tuple[float, int, str, Ticket | None, float]] = []  # time, seq, what, ...
+    seq = 0
+
+    def at(time: float, what: str, sent: Ticket | None = None, start: float = 0.0) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(plan, (time, seq, what, sent, start))
+
+    for n in range(watches):  # the operator spreads the first round at 1,000/s
+        at(n / 1000.0, "due")
+    busy, queue = 0, []
+    half = seconds / 2
+    sent_at: list[float] = []
+    in_flight: list[int] = []
+    slowest, holds = 0.0, 0
+    while plan:
+        now, _, what, sent, start = heapq.heappop(plan)
+        if now > seconds:
+            break
+        if what == "due":
+            admitted = hosts.admit(A, now)
+            if isinstance(admitted, Held):
+                holds += now > half
+                at(admitted.until, "due")
+                continue
+            if now > half:
+                sent_at.append(now)
+                in_flight.append(admitted.in_flight if isinstance(admitted, Host) else 1)
+            if busy < slots:
+                busy += 1
+                at(now + service * rnd.uniform(0.8, 1.2), "answer", admitted, now)
+            else:
+                queue.append((admitted, now))
+        else:
+            assert sent is not None
+            hosts.done(sent, Verdict.ANSWERED, now, None, latency=now - start)
+            if now > half:
+                slowest = max(slowest, now - start)
+            at(now + interval * rnd.uniform(0.9, 1.1), "due")
+            if queue:
+                waiting, since = queue.pop(0 if in_order else rnd.randrange(len(queue)))
+                at(now + service * rnd.uniform(0.8, 1.2), "answer", waiting, since)
+            else:
+                busy -= 1
+    return Served(len(sent_at) / half, in_flight, slowest, holds)
+
+
+def median(values: list[int]) -> int:
+    return sorted(values)[len(values) // 2]
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_a_host_that_queues_gets_its_capacity_without_a_pile_up(in_order: bool) -> None:
+    # 300 watches at 1 s ask 300/s of a host that serves 8 at a time in 50 ms: 160/s.
+    served = serve(adaptive(200), 300, 1.0, slots=8, service=0.05, in_order=in_order)
+    assert served.rate >= 0.95 * 160
+    assert median(served.in_flight) <= 2.5 * MIN_IN_FLIGHT
+    if not in_order:
+        return  # some answers wait long, whatever the limit
+    assert served.slowest < 0.5
+    # The same with a fixed cap as high: as many polls, but a queue of a hundred and more
+    # at the host, and answers four times slower.
+    piled = serve(fixed(None, 200), 300, 1.0, slots=8, service=0.05)
+    assert piled.rate == pytest.approx(served.rate, rel=0.05)
+    assert median(piled.in_flight) > 100
+    assert piled.slowest > 2 * served.slowest
+
+
+def test_a_slow_but_healthy_host_gets_every_poll() -> None:
+    # Answers in 150 ms, any number at once: 300 watches at 1 s need about 40 in flight.
+    served = serve(adaptive(200), 300, 1.0, slots=10_000, service=0.15)
+    assert served.rate >= 0.97 * 300 / 1.15
+    assert served.holds == 0  # once the limit has grown, nothing waits for it
+    # The fixed cap of 20 before it adapted: about 133 of the 260 polls/s.
+    capped = serve(fixed(None, MIN_IN_FLIGHT), 300, 1.0, slots=10_000, service=0.15)
+    assert capped.rate < 0.6 * served.rate
+
+
+def test_a_host_that_serves_two_at_a_time_is_offered_about_the_floor() -> None:
+    # Its usual answer time is learnt at up to 20 in flight, already a queue of 18.
+    served = serve(adaptive(200), 300, 1.0, slots=2, service=0.05)
+    assert served.rate >= 0.95 * 40
+    assert max(served.in_flight) <= 1.5 * MIN_IN_FLIGHT
+
+
+def test_delays_are_counted_per_host_under_a_bounded_set_of_labels() -> None:
+    hosts = table()
+    for n in range(MAX_LABELLED_HOSTS + 5):
+        hosts.delayed(("ns", ("http", f"h{n}.test", 80)), 0.5)
+    hosts.delayed(("other-ns", ("http", "h0.test", 80)), 1.0)  # same origin: same series
+    delays = hosts.delays()
+    assert len(delays) == MAX_LABELLED_HOSTS + 1
+    assert delays["http://h0.test:80"] == (2, 1.5)
+    assert delays["other"] == (5, 2.5)
+    # A label once given stays, so that no counter moves between series.
+    hosts.delayed(("ns", ("http", f"h{MAX_LABELLED_HOSTS + 1}.test", 80)), 0.5)
+    assert hosts.delays()["other"] == (6, 3.0)
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -307,7 +581,9 @@ def test_per_host_overrides_apply() -> None:
 
 def test_host_defaults() -> None:
     settings = Config.from_env({}).hosts
-    assert settings.limits == HostLimits(qps=50.0, max_in_flight=20)
+    # No rate cap; in flight adaptive from 20 up to the process's own cap.
+    assert settings.limits == HostLimits(qps=None, max_in_flight=200, min_in_flight=20)
+    assert Config.from_env({"JOBWATCH_MAX_IN_FLIGHT": "500"}).hosts.limits == adaptive(500)
     assert settings.breaker_failures == 10
     assert (settings.cooldown, settings.max_cooldown) == (5.0, 300.0)
     assert settings.overrides == {}
@@ -324,15 +600,18 @@ def test_host_values_are_read() -> None:
             "JOBWATCH_HOST_LIMITS": "Jobs.Test:8080=100/50",
         }
     ).hosts
-    assert settings.limits == HostLimits(5.0, 2)
+    # A ceiling below the floor is the floor too: a fixed limit.
+    assert settings.limits == HostLimits(5.0, 2, 2)
     assert (settings.breaker_failures, settings.cooldown, settings.max_cooldown) == (0, 1, 60)
-    assert settings.overrides == {"jobs.test:8080": HostLimits(100.0, 50)}
+    assert settings.overrides == {"jobs.test:8080": fixed(100.0, 50)}
+    assert Config.from_env({"JOBWATCH_HOST_QPS": "0"}).hosts.limits.qps is None
 
 
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
-        ("JOBWATCH_HOST_QPS", "0"),
+        ("JOBWATCH_HOST_QPS", "-1"),
+        ("JOBWATCH_HOST_QPS", "0.001"),
         ("JOBWATCH_HOST_QPS", "inf"),
         ("JOBWATCH_HOST_QPS", "nan"),
         ("JOBWATCH_HOST_MAX_IN_FLIGHT", "0"),
@@ -342,7 +621,7 @@ def test_host_values_are_read() -> None:
         ("JOBWATCH_HOST_BREAKER_MAX_COOLDOWN", "5"),
         ("JOBWATCH_HOST_LIMITS", "jobs.test=5/1"),
         ("JOBWATCH_HOST_LIMITS", "jobs.test:80=5"),
-        ("JOBWATCH_HOST_LIMITS", "jobs.test:80=0/1"),
+        ("JOBWATCH_HOST_LIMITS", "jobs.test:80=-1/1"),
         ("JOBWATCH_HOST_LIMITS", "jobs.test:80=5/0"),
         ("JOBWATCH_HOST_LIMITS", "jobs.test:99999=5/1"),
     ],
@@ -500,3 +779,112 @@ async def test_retry_after_holds_the_host_no_longer_than_the_watch_that_got_it(
     )
     resumed = min(at for at, url in http.log if at > limited + 0.05)
     assert limited + 1 - 0.01 <= resumed < limited + 2
+
+
+async def test_a_poll_its_hosts_limit_delays_is_counted_with_how_long_and_shown() -> None:
+    api, http = FakeApi(), DownHttp()
+    config = Config.from_env(
+        {
+            "JOBWATCH_STATUS_QPS": "1000",
+            "JOBWATCH_STATUS_BURST": "1000",
+            "JOBWATCH_HOST_LIMITS": "up.test:80=0/1",
+        }
+    )
+    metrics = Metrics()
+    runtime = Runtime(config, api, http, metrics)  # type: ignore[arg-type]
+    answer = http.send
+
+    async def slow(request: Request) -> Outcome:
+        await asyncio.sleep(0.2)
+        return await answer(request)
+
+    http.send = slow  # type: ignore[method-assign]
+    runtime.start()
+    runtime.start_polling()
+    try:
+        spec = {"interval": "200ms", "timeout": "1m"}
+        for n in range(3):
+            runtime.observe("ADDED", jobwatch(f"w{n}", url=f"http://up.test/{n}", **spec))
+        labels = {"host": "http://up.test:80"}
+
+        def delayed() -> float:
+            return (
+                metrics.registry.get_sample_value("jobwatch_host_polls_delayed_total", labels) or 0
+            )
+
+        await until(lambda: delayed() >= 6, timeout=10)
+        seconds = metrics.registry.get_sample_value(
+            "jobwatch_host_poll_delay_seconds_total", labels
+        )
+        # Each waited for another's request of 0.2 s to end, and went as soon as it did:
+        # not after its hold's own time (RECHECK_SECONDS at least).
+        assert seconds is not None
+        assert 0.05 < seconds / delayed() < RECHECK_SECONDS
+        # Held longer than its interval: the watch says so.
+        messages = [
+            s["message"]
+            for n in range(3)
+            for s in api.statuses.get(f"w{n}", [])
+            if s.get("reason") == "HostRateLimited"
+        ]
+        assert messages and "in flight to http://up.test:80" in messages[0]
+        assert "at its limit of 1 (fixed)" in messages[0]
+        assert_invariant(runtime)
+    finally:
+        await runtime.shutdown(1.0)
+
+
+async def test_a_poll_waiting_for_a_slot_goes_when_one_frees_unless_planned_anew() -> None:
+    api, gate = FakeApi(), asyncio.Event()
+    log: list[tuple[float, str]] = []
+
+    class GatedHttp:
+        async def send(self, request: Request) -> Outcome:
+            log.append((time.monotonic(), request.url))
+            if request.url.endswith("/slow") and not gate.is_set():
+                await gate.wait()
+            return Response(200, {}, '{"status": "RUNNING"}', 1)
+
+    config = Config.from_env(
+        {
+            "JOBWATCH_STATUS_QPS": "1000",
+            "JOBWATCH_STATUS_BURST": "1000",
+            "JOBWATCH_HOST_LIMITS": "up.test:80=0/1",
+        }
+    )
+    runtime = Runtime(config, api, GatedHttp(), Metrics())  # type: ignore[arg-type]
+    runtime.start()
+    runtime.start_polling()
+    try:
+        # An interval shorter than the wait: the watches say they wait (HostRateLimited).
+        spec = {"interval": "200ms", "timeout": "1m"}
+        runtime.observe("ADDED", jobwatch("slow", url="http://up.test/slow", **spec))
+        await until(lambda: len(log) == 1)  # its request holds the host's one slot
+        waiting = {n: jobwatch(n, url=f"http://up.test/{n}", **spec) for n in ("a", "b")}
+        for body in waiting.values():
+            runtime.observe("ADDED", body)
+        await until(lambda: {"a", "b"} <= {s["name"] for s in held_by_limit(api)})
+        # b is suspended while it waits: its poll is planned anew, for its deadline.
+        body = waiting["b"]
+        body = {**body, "metadata": {**body["metadata"], "generation": 2}}
+        runtime.observe("MODIFIED", {**body, "spec": {**body["spec"], "suspend": True}})
+        freed = time.monotonic()
+        gate.set()
+        await until(lambda: any(url.endswith("/a") for _, url in log))
+        went = next(at for at, url in log if url.endswith("/a"))
+        assert went - freed < RECHECK_SECONDS  # at once, not at its hold's own time
+        # a polls every 200 ms: six polls outlast any hold b had (at most 2 x RECHECK).
+        await until(lambda: sum(url.endswith("/a") for _, url in log) >= 6, timeout=10)
+        assert not any(url.endswith("/b") for _, url in log)
+        assert_invariant(runtime)
+    finally:
+        await runtime.shutdown(1.0)
+
+
+def held_by_limit(api: FakeApi) -> list[dict[str, Any]]:
+    return [
+        {"name": name, **status}
+        for name, statuses in api.statuses.items()
+        for status in statuses
+        if status.get("reason") == "HostRateLimited"
+    ]
