@@ -46,9 +46,14 @@ async def startup(memo: Operator, settings: kopf.OperatorSettings, **_: Any) -> 
     # No scanning of CRDs and namespaces: it would need cluster-wide list/watch on
     # both, and kopf watches no resource for us anyway.
     settings.scanning.disabled = True
-    memo.running = await build(
-        memo.config, settings, memo.metrics_listener, functools.partial(_on_signal, memo)
-    )
+    try:
+        memo.running = await build(
+            memo.config, settings, memo.metrics_listener, functools.partial(_on_signal, memo)
+        )
+    except kopf.LoginError as exc:
+        # Credentials that can never work (a server URL that is not http(s), a CA that
+        # cannot be loaded): retrying every minute would hide it behind a live process.
+        raise kopf.PermanentError(f"cannot use the cluster's credentials: {exc}") from None
 
 
 def _on_signal(operator: Operator, signum: int) -> None:

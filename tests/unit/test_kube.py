@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -619,3 +622,38 @@ async def test_the_environments_proxy_counts_only_when_trusted(
         finally:
             await api.aclose()
         assert len(server.seen) - before == (1 if reaches else 0)
+
+
+def test_an_unusable_server_url_stops_the_operator_naming_the_field(tmp_path: Path) -> None:
+    # No cluster is needed: the login is refused before any connection is made.
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "ftp://127.0.0.1:6443"}}],
+                "users": [{"name": "u", "user": {"token": "s3cret-token"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(config),
+        "JOBWATCH_HEALTH_PORT": "0",
+        "JOBWATCH_METRICS_PORT": "0",
+    }
+    ran = subprocess.run(
+        [sys.executable, "-m", "jobwatch"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode != 0
+    assert "failed permanently: cannot use the cluster's credentials" in ran.stderr
+    assert "kubeconfig `server`" in ran.stderr
+    assert "s3cret-token" not in ran.stderr
