@@ -43,7 +43,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
-from urllib.parse import urlsplit
+
+from yarl import URL
 
 from .outcome import FailureKind, Outcome, Response
 
@@ -164,9 +165,14 @@ def host_key(namespace: str, url: str) -> HostKey:
 
 @functools.lru_cache(maxsize=16384)
 def _origin(url: str) -> Origin:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, parts.hostname or "", parts.port or _DEFAULT_PORTS.get(scheme, 0)
+    # Parsed as the HTTP client parses it (yarl), so that the host a watch counts for is
+    # the host its requests go to.
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):  # never requested either: the client refuses it
+        return "", "", 0
+    scheme = parsed.scheme
+    return scheme, parsed.host or "", parsed.port or _DEFAULT_PORTS.get(scheme, 0)
 
 
 def origin(key: HostKey) -> str:
