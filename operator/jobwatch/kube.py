@@ -376,6 +376,7 @@ class KubeApi:
         self._credentials = credentials
         self._deadline = deadline
         self._session = _session(credentials())
+        self._login = asyncio.Lock()  # one re-login at a time
         # Retired sessions being closed, held so that the loop keeps the tasks alive.
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -450,7 +451,7 @@ class KubeApi:
             status = response.status_code
             if status == 401 and relogin:
                 relogin = False
-                self._relogin(session)
+                await self._relogin(session)
                 continue
             wait = _retry_after(response) if status == 429 and throttled else None
             if wait is not None:
@@ -461,13 +462,15 @@ class KubeApi:
                 continue
             return status, response.content
 
-    def _relogin(self, used: _Session) -> None:
+    async def _relogin(self, used: _Session) -> None:
         # A rotated ServiceAccount token, for one: load the credentials again, once for
         # all the requests that were refused with the old ones. Requests in flight go
-        # on with the old clients, which close once the last has ended.
-        if self._session is not used:
-            return
-        self._session = _session(self._credentials())
+        # on with the old clients, which close once the last has ended. Loading reads
+        # files (and may run a kubeconfig's exec plugin): on a thread, not the loop.
+        async with self._login:
+            if self._session is not used:
+                return
+            self._session = await asyncio.to_thread(lambda: _session(self._credentials()))
         used.retire(self._close)
 
     async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
@@ -588,7 +591,7 @@ class KubeApi:
                             return
                 except httpx.RequestError as exc:
                     raise _unreachable(exc) from None
-            self._relogin(session)
+            await self._relogin(session)
         raise AssertionError("unreachable")
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
