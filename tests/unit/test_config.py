@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -105,9 +106,17 @@ def taken_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
+# `python -m jobwatch` and the console script pyproject declares start the same process.
+COMMANDS = {
+    "python -m jobwatch": [sys.executable, "-m", "jobwatch"],
+    "jobwatch-operator": [str(Path(sys.executable).with_name("jobwatch-operator"))],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
 @pytest.mark.parametrize("variable", ["JOBWATCH_HEALTH_PORT", "JOBWATCH_METRICS_PORT"])
 def test_a_taken_port_stops_the_operator_at_once_with_one_line(
-    variable: str, taken_port: int
+    variable: str, taken_port: int, command: list[str]
 ) -> None:
     # No cluster is needed: the ports are bound before kopf starts, so the process
     # exits before it would even look for credentials; a line of kopf's in stderr
@@ -120,7 +129,7 @@ def test_a_taken_port_stops_the_operator_at_once_with_one_line(
         "KUBECONFIG": "/nonexistent",
     }
     ran = subprocess.run(
-        [sys.executable, "-m", "jobwatch"],
+        command,
         env=env,
         capture_output=True,
         text=True,
