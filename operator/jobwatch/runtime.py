@@ -303,10 +303,15 @@ class Runtime:
         refs = [self.watches[key].ref for key in keys if key in self.watches]
         await self.writer.settle(refs, max(0.0, deadline - self._clock()))
         handed: dict[tuple[str, str], Handed] = {}
+        now = self._wall()
         for key in keys:
             watch = self.watches.get(key)
             if watch is not None and not watch.finished:
-                handed[key] = Handed(watch.last_end, watch.next_poll_time, watch.attempts)
+                # A request still out when the budget ran out ends later than anything
+                # known here: the next holder's timing floor counts from now, not from
+                # the request before it (which would let it poll right after this one).
+                last_end = now if self.scheduler.running(key) else watch.last_end
+                handed[key] = Handed(last_end, watch.next_poll_time, watch.attempts)
             self._forget(key)
         return handed
 

@@ -81,6 +81,10 @@ class Scheduler(Generic[K]):
             self._run_ended.clear()
             await self._run_ended.wait()
 
+    def running(self, key: K) -> bool:
+        """Whether `key`'s work is under way now."""
+        return key in self._running
+
     def planned(self, key: K) -> bool:
         """Whether `key` has a run ahead: planned, due and waiting for a worker, or running."""
         return key in self._live or key in self._released or key in self._running

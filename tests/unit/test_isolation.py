@@ -24,6 +24,7 @@ from jobwatch.config import Config
 from jobwatch.expressions import CompiledWatch
 from jobwatch.httpclient import Request
 from jobwatch.kube import ApiError, ObjectRef, Secret
+from jobwatch.leases import LeaseSettings, Ownership
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import Outcome, Response
 from jobwatch.runtime import Runtime
@@ -430,3 +431,43 @@ async def test_an_edit_during_a_request_waits_the_floor_after_it(env: Env) -> No
     release.set()
     await until(lambda: len(started) == 2, env)
     assert started[1] - ended[0] >= 0.45, started[1] - ended[0]
+
+
+async def test_a_handover_whose_request_is_still_out_floors_the_next_holder_from_now() -> None:
+    # The handover waits only so long for polls in flight. A request still out then ends
+    # after anything this replica knows, so the next holder must count its timing floor
+    # from the handover, not from the request before (it polled 2.15 s after this one,
+    # interval 3 s, when it did).
+    class Slow(FakeHttp):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out, self.go = asyncio.Event(), asyncio.Event()
+
+        async def send(self, request: Request) -> Outcome:
+            if self.sent.get(request.url):  # the first poll answers; the second hangs
+                self.out.set()
+                await self.go.wait()
+            return await super().send(request)
+
+    settings = LeaseSettings("ops", "r0", buckets=1)
+    ownership = Ownership(settings, scopes=[None])
+    api, http = FakeApi(), Slow()
+    config = Config.from_env({"JOBWATCH_STATUS_QPS": "1000", "JOBWATCH_STATUS_BURST": "1000"})
+    runtime = Runtime(config, api, http, Metrics(), ownership=ownership)  # type: ignore[arg-type]
+    ownership.take(0, time.monotonic() + 60, {})
+    ownership.listing(None)
+    runtime.start()
+    runtime.start_polling()
+    try:
+        runtime.observe("ADDED", jobwatch("w"))
+        await asyncio.wait_for(http.out.wait(), 5)
+        first_end = runtime.watches[("ns", "w")].last_end
+        assert first_end is not None
+        ownership.releasing(0)
+        started = time.time()
+        handed = await runtime.hand_over(frozenset({0}), budget=0.05)
+        floor_from = handed[("ns", "w")].last_end
+        assert floor_from is not None and floor_from >= started > first_end
+    finally:
+        http.go.set()
+        await runtime.shutdown(1.0)
