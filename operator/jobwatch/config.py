@@ -185,13 +185,20 @@ class Config:
             max_cooldown=max_cooldown,
         )
 
+        namespaces = tuple(
+            part.strip() for part in text("JOBWATCH_NAMESPACES", "").split(",") if part.strip()
+        )
+        # What decides which replica owns a JobWatch besides the bucket count: replicas
+        # of one lease group must agree on it (leases.Elector refuses a mismatch).
+        scope = (
+            ("JOBWATCH_NAMESPACES", ",".join(sorted(namespaces)) or "*"),
+            ("JOBWATCH_LABEL_SELECTOR", ",".join(f"{k}={v}" for k, v in sorted(labels))),
+        )
         return cls(
             hosts=hosts,
-            leases=_leases(text, duration, number),
+            leases=_leases(text, duration, number, scope),
             labels=tuple(labels),
-            namespaces=tuple(
-                part.strip() for part in text("JOBWATCH_NAMESPACES", "").split(",") if part.strip()
-            ),
+            namespaces=namespaces,
             egress=EgressPolicy(deny=deny, allow=allow),
             max_body_bytes=int(number("JOBWATCH_MAX_BODY_BYTES", "1048576", 1024)),
             max_in_flight=max_in_flight,
@@ -213,6 +220,7 @@ def _leases(
     text: Callable[[str, str], str],
     duration: Callable[[str, str], float],
     number: Callable[[str, str, float], float],
+    scope: tuple[tuple[str, str], ...],
 ) -> LeaseSettings | None:
     """Bucketed ownership, on when JOBWATCH_LEASE_NAMESPACE names where the Leases live
     (in a pod: its own namespace, from the downward API)."""
@@ -227,6 +235,7 @@ def _leases(
         lease_duration=duration("JOBWATCH_LEASE_DURATION", "15s"),
         renew_deadline=duration("JOBWATCH_LEASE_RENEW_DEADLINE", "10s"),
         retry_period=duration("JOBWATCH_LEASE_RETRY_PERIOD", "2s"),
+        scope=scope,
     )
     # client-go's rule: a holder must give up (renew deadline) before others may take
     # over (lease duration), and try more than once (retry period, jittered ±10 %)

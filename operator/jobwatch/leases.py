@@ -37,13 +37,17 @@ import logging
 import math
 import random
 import re
+import time
 import zlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from .kube import ApiError
+from .kube import ApiError, Unreachable
 from .metrics import LeaseFigures
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,16 @@ HANDOVER_ANNOTATION = "jobwatch.dev/handover"
 # out and the next holder resumes from status alone (more buckets keep it small: about
 # 40 bytes per watch, so 4,000 watches a bucket).
 MAX_HANDOVER_BYTES = 160_000
+# On every Lease this replica writes: the settings that decide which replica owns a
+# JobWatch. Replicas that disagree on them would poll some JobWatches twice and some not
+# at all, so a replica that meets another value than the one in force takes nothing.
+AGREEMENT_ANNOTATION = "jobwatch.dev/agreement"
+# Each attempt of a Lease request may take this share of the renew deadline, and a
+# failed one (no answer, 429, 5xx) is tried again while within RETRY_SHARE of it: one
+# stalled connection then costs a retry, not the bucket.
+REQUEST_SHARE = 1 / 4
+RETRY_SHARE = 1 / 2
+RETRY_PAUSE_SHARE = 1 / 20
 
 
 def bucket_of(namespace: str, name: str, buckets: int) -> int:
@@ -80,6 +94,15 @@ class LeaseSettings:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
+    # The other settings replicas must agree on besides `buckets` (env name, value).
+    scope: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def agreement(self) -> str:
+        """What `AGREEMENT_ANNOTATION` says for this replica."""
+        return json.dumps(
+            {"JOBWATCH_BUCKETS": str(self.buckets), **dict(self.scope)}, sort_keys=True
+        )
 
     def bucket_lease(self, bucket: int) -> str:
         return f"{self.group}-bucket-{bucket:03d}"
@@ -113,33 +136,60 @@ class Handed:
     last_end: float | None
     next_poll: float | None
     attempts: int
+    # A request the previous holder cut at the handover (its socket closed): when it
+    # was sent. The job service may still be working on it, up to the request timeout.
+    in_flight_since: float | None = None
 
 
 class Ownership:
-    """Which watches this replica may take in and poll, asked per event and per poll.
+    """Which watches this replica may take in, poll and write, asked per event, per poll
+    and per write.
 
     A bucket taken becomes usable for a scope of the informer (a namespace, or all) only
     once that scope has started a fresh list after the taking: events of the stream
     before it could be older than the last status the previous holder wrote, and a
     watch adopted from them would repeat attempts, or poll sooner than its timing floor.
+
+    Polls and writes are bounded by the bucket's validity (renew deadline after the last
+    renewal sent), in time, not only in membership: a request still open when it ends is
+    cut, its socket closed (`guard`), whatever stage it is in (DNS, connecting, waiting
+    for the answer), and no status or Event is sent after it (`writable`). A bucket that
+    lapsed that way is parked: its watches stay in memory, unpolled, and come back as
+    they were if the same replica takes it again with no other holder in between.
     """
 
-    def __init__(self, settings: LeaseSettings, scopes: Iterable[str | None]) -> None:
+    def __init__(
+        self,
+        settings: LeaseSettings,
+        scopes: Iterable[str | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._buckets = settings.buckets
+        self._clock = clock
         self._per_namespace = None not in scopes
-        self._valid_until: dict[int, float] = {}  # held buckets: use by (monotonic)
+        self._valid_until: dict[int, float] = {}  # held and releasing buckets (monotonic)
         self._releasing: set[int] = set()  # given up, their last status still to write
+        self._parked: dict[int, int] = {}  # lapsed -> their Lease's transitions then
         self._taken_at: dict[int, int] = {}  # bucket -> sequence number of its taking
         self._listed_at: dict[str | None, int] = {}  # scope -> sequence at its last list
         self._sequence = 0
         self._handed: dict[tuple[str, str], Handed] = {}  # from the Leases taken
+        # Buckets taken after their holder vanished (no release): the wall time by
+        # which it had stopped sending, as seen here.
+        self._vanished: dict[int, float] = {}
+        self._open: dict[int, set[asyncio.Timeout]] = {}  # requests in flight, per bucket
+        self._timers: dict[int, asyncio.TimerHandle] = {}
 
     def bucket(self, namespace: str, name: str) -> int:
         return bucket_of(namespace, name, self._buckets)
 
     @property
     def held(self) -> frozenset[int]:
-        return frozenset(self._valid_until)
+        return frozenset(b for b in self._valid_until if b not in self._releasing)
+
+    @property
+    def parked(self) -> frozenset[int]:
+        return frozenset(self._parked)
 
     def owns(self, namespace: str, name: str) -> bool:
         """May an event of this object be taken in?"""
@@ -156,28 +206,60 @@ class Ownership:
         return self.valid_at(bucket, now) and self.owns(namespace, name)
 
     def valid_at(self, bucket: int, now: float) -> bool:
+        return bucket not in self._releasing and now < self._valid_until.get(bucket, -math.inf)
+
+    def writable(self, namespace: str, name: str, now: float) -> bool:
+        """May this watch's status (or an Event about it) be sent now: its bucket held or
+        being handed over, and within its validity."""
+        bucket = bucket_of(namespace, name, self._buckets)
         return now < self._valid_until.get(bucket, -math.inf)
 
-    def writable(self, namespace: str, name: str) -> bool:
-        """May this watch's status still be written: held, or being handed over."""
-        bucket = bucket_of(namespace, name, self._buckets)
-        return bucket in self._valid_until or bucket in self._releasing
+    def kept(self, namespace: str, name: str) -> bool:
+        """Parked: not to be polled now, but not to be forgotten either."""
+        return bucket_of(namespace, name, self._buckets) in self._parked
 
     def listing(self, scope: str | None) -> None:
         """The informer starts a list of `scope` (its stream is closed)."""
         self._listed_at[scope] = self._sequence
 
     def take(
-        self, bucket: int, valid_until: float, handed: Mapping[tuple[str, str], Handed]
+        self,
+        bucket: int,
+        valid_until: float,
+        handed: Mapping[tuple[str, str], Handed],
+        vanished: float | None = None,
     ) -> None:
+        self._parked.pop(bucket, None)
         self._sequence += 1
         self._taken_at[bucket] = self._sequence
         self._valid_until[bucket] = valid_until
         self._handed.update(handed)
+        if vanished is not None:
+            self._vanished[bucket] = vanished
+
+    def resume(self, bucket: int, valid_until: float) -> None:
+        """A parked bucket taken again with no other holder since: as it was."""
+        del self._parked[bucket]
+        self._valid_until[bucket] = valid_until
+
+    def park(self, bucket: int, transitions: int) -> None:
+        """Lapsed (not renewed in time): no poll, no write, requests in flight cut."""
+        self._valid_until.pop(bucket, None)
+        self._parked[bucket] = transitions
+        self.cut(frozenset({bucket}))
+
+    def parked_at(self, bucket: int) -> int | None:
+        """The Lease's transitions when `bucket` was parked (None: not parked)."""
+        return self._parked.get(bucket)
 
     def handed(self, namespace: str, name: str) -> Handed | None:
         """What the previous holder left for this watch (once: adopting consumes it)."""
         return self._handed.pop((namespace, name), None)
+
+    def vanished(self, namespace: str, name: str) -> float | None:
+        """When this watch's previous holder stopped at the latest, if it vanished
+        without a handover (wall clock): it may have left a request open until then."""
+        return self._vanished.get(bucket_of(namespace, name, self._buckets))
 
     def renewed(self, bucket: int, valid_until: float) -> None:
         if bucket in self._valid_until:
@@ -185,7 +267,7 @@ class Ownership:
 
     def releasing(self, bucket: int) -> None:
         """Handing it over: no event taken in, no poll sent, the last status written."""
-        if self._valid_until.pop(bucket, None) is not None:
+        if bucket in self._valid_until:
             self._releasing.add(bucket)
         self._taken_at.pop(bucket, None)
 
@@ -193,8 +275,57 @@ class Ownership:
         self._valid_until.pop(bucket, None)
         self._taken_at.pop(bucket, None)
         self._releasing.discard(bucket)
+        self._parked.pop(bucket, None)
+        self._vanished.pop(bucket, None)
+        self.cut(frozenset({bucket}))
         for key in [k for k in self._handed if self.bucket(*k) == bucket]:
             del self._handed[key]  # never adopted: its object is gone
+
+    # --- requests in flight ----------------------------------------------
+
+    def guard(self, namespace: str, name: str, request: asyncio.Timeout) -> int:
+        """Cuts `request` (an entered `asyncio.timeout(None)` around it) the moment its
+        bucket's validity ends; returns the bucket, for `unguard`."""
+        bucket = bucket_of(namespace, name, self._buckets)
+        self._open.setdefault(bucket, set()).add(request)
+        if bucket not in self._timers:
+            self._arm(bucket)
+        return bucket
+
+    def unguard(self, bucket: int, request: asyncio.Timeout) -> None:
+        requests = self._open.get(bucket)
+        if requests is not None:
+            requests.discard(request)
+            if not requests:
+                del self._open[bucket]
+                timer = self._timers.pop(bucket, None)
+                if timer is not None:
+                    timer.cancel()
+
+    def cut(self, buckets: frozenset[int]) -> None:
+        """Ends the requests in flight of `buckets` now (their sockets are closed)."""
+        for bucket in buckets:
+            timer = self._timers.pop(bucket, None)
+            if timer is not None:
+                timer.cancel()
+            for request in self._open.pop(bucket, ()):
+                if not request.expired():
+                    request.reschedule(0)  # in the past: at the next turn of the loop
+
+    def _arm(self, bucket: int) -> None:
+        left = self._valid_until.get(bucket, -math.inf) - self._clock()
+        if left <= 0:
+            self.cut(frozenset({bucket}))
+            return
+        loop = asyncio.get_running_loop()
+        self._timers[bucket] = loop.call_later(left, self._lapse, bucket)
+
+    def _lapse(self, bucket: int) -> None:
+        """The validity `bucket` had when its timer was set has ended: renewed since, the
+        timer is set again; else its requests are cut."""
+        del self._timers[bucket]
+        if self._open.get(bucket):
+            self._arm(bucket)
 
 
 @dataclass(slots=True)
@@ -208,6 +339,8 @@ class _Seen:
     version: str
     since: float
     body: dict[str, Any] = field(repr=False)
+    transitions: int = 0
+    agreement: str | None = None  # AGREEMENT_ANNOTATION; None from older versions
 
     def expired(self, now: float) -> bool:
         return not self.holder or now - self.since >= self.duration
@@ -243,10 +376,15 @@ def plan(
     """The buckets to try to take and to give back: pure, from one listing. `absent`:
     buckets without a Lease yet, and since when this replica has seen them so."""
     me = settings.identity
+    mine = settings.agreement
     members = {
         lease.holder
         for lease in seen.values()
-        if lease.role == MEMBER and lease.holder and not lease.expired(now)
+        if lease.role == MEMBER
+        and lease.holder
+        and not lease.expired(now)
+        # One that disagrees takes nothing: sharing with it would leave buckets unheld.
+        and lease.agreement in (None, mine)
     }
     members.add(me)
     live = len(members)
@@ -286,8 +424,12 @@ def plan(
 class Handover(Protocol):
     """What the elector asks of the runtime."""
 
-    def adopt(self) -> None:
-        """Buckets were taken: list again, adopting their watches."""
+    def adopt(self, buckets: frozenset[int]) -> None:
+        """Buckets were taken: take in their watches, from reads made after the taking."""
+
+    def resume(self, buckets: frozenset[int]) -> None:
+        """Parked buckets were taken again with no other holder between: poll their
+        watches again, as they were."""
 
     def drop(self, buckets: frozenset[int]) -> None:
         """Buckets were lost: forget their watches now, write nothing more for them."""
@@ -296,8 +438,9 @@ class Handover(Protocol):
         self, buckets: frozenset[int], budget: float
     ) -> Mapping[tuple[str, str], Handed]:
         """Buckets are given up: stop their polls, wait for those in flight, write their
-        phase and reason changes, within `budget` seconds; then the timing of each of
-        their watches, which goes to the next holder with the Lease."""
+        phase and reason changes, within `budget` seconds, and cut the requests still
+        open; then the timing of each of their watches, which goes to the next holder
+        with the Lease."""
 
 
 class Elector:
@@ -326,6 +469,8 @@ class Elector:
         # could write it, not because its holder died (see `round`).
         self._blind = False
         self.last_plan: Plan | None = None
+        # Why this replica takes no bucket: its settings differ from those in force.
+        self.disagreement: str | None = None
 
     def figures(self) -> LeaseFigures:
         last = self.last_plan
@@ -345,9 +490,9 @@ class Elector:
                 await self.round()
             except Exception as exc:
                 # The API server away or refusing: what is held stays held until its
-                # renew deadline (checked below), and is then dropped.
+                # renew deadline (checked below), and is then parked.
                 self._blind = True
-                log.warning("lease round failed (%s)", exc or type(exc).__name__)
+                log.warning("lease round failed (%s)", _why(exc))
             self._expire_unrenewed()
             period = self._settings.retry_period * (0.9 + 0.2 * self._rand.random())
             await self._sleep(min(period, self._until_expiry()))
@@ -369,7 +514,9 @@ class Elector:
     async def round(self) -> None:
         settings = self._settings
         self._rounds += 1
-        listed = await self._store.list_leases(settings.namespace, self.selector)
+        listed = await self._retrying(
+            lambda: self._store.list_leases(settings.namespace, self.selector)
+        )
         now = self._clock()
         if self._blind:
             # After an outage every Lease looks unchanged for as long as it lasted: its
@@ -378,11 +525,19 @@ class Elector:
             self._seen = {}
             self._blind = False
         self._observe(listed, now)
-        await self._renew_member(now)
+        try:
+            await self._renew_member()
+        except Exception as exc:  # its buckets' own renewals are what keep them
+            log.warning("could not renew member lease (%s)", _why(exc))
+        self._forget_taken()
         await self._renew_held()
         # The first round only announces this replica: taking before the others are
         # known would grab every bucket and then give most of them back.
         if self._rounds == 1:
+            return
+        if self._disagrees(self._clock()):
+            if self._ownership.held:
+                await self._give(self._ownership.held)
             return
         current = plan(
             settings,
@@ -393,13 +548,7 @@ class Elector:
             rand=self._rand,
         )
         self.last_plan = current
-        won = await asyncio.gather(*(self._take(bucket) for bucket in current.take))
-        taken = [bucket for bucket, ok in zip(current.take, won, strict=True) if ok]
-        if taken:
-            log.info(
-                "took buckets %s (share %d of %d replicas)", taken, current.share, current.live
-            )
-            self._handover.adopt()
+        await self._take_all(current)
         if current.give:
             await self._give(frozenset(current.give))
         await self._collect_garbage()
@@ -414,6 +563,28 @@ class Elector:
         except Exception as exc:
             log.warning("could not delete member lease (%s)", exc)
 
+    async def _retrying(self, request: Callable[[], Awaitable[T]]) -> T:
+        """One Lease request: each attempt bounded by REQUEST_SHARE of the renew deadline,
+        and one that got no answer, a 429 or a 5xx tried again while within RETRY_SHARE
+        of it. A write sent again after an answer was lost meets a 409 (its own first
+        attempt changed the Lease): the next listing says whose it is."""
+        settings = self._settings
+        end = self._clock() + settings.renew_deadline * RETRY_SHARE
+        pause = settings.renew_deadline * RETRY_PAUSE_SHARE
+        while True:
+            try:
+                async with asyncio.timeout(settings.renew_deadline * REQUEST_SHARE):
+                    return await request()
+            except ApiError as exc:
+                if exc.status != 429 and exc.status < 500:
+                    raise
+                failure: Exception = exc
+            except (TimeoutError, Unreachable) as exc:
+                failure = exc
+            if self._clock() + pause >= end:
+                raise failure
+            await self._sleep(pause)
+
     def _observe(self, listed: list[dict[str, Any]], now: float) -> None:
         seen: dict[str, _Seen] = {}
         for body in listed:
@@ -422,6 +593,8 @@ class Elector:
             name = str(meta.get("name"))
             version = str(meta.get("resourceVersion"))
             before = self._seen.get(name)
+            transitions = spec.get("leaseTransitions")
+            agreement = (meta.get("annotations") or {}).get(AGREEMENT_ANNOTATION)
             seen[name] = _Seen(
                 name=name,
                 role=str((meta.get("labels") or {}).get(ROLE_LABEL, "")),
@@ -430,6 +603,8 @@ class Elector:
                 version=version,
                 since=before.since if before is not None and before.version == version else now,
                 body=body,
+                transitions=transitions if isinstance(transitions, int) else 0,
+                agreement=agreement if isinstance(agreement, str) else None,
             )
         self._seen = seen
         for bucket in range(self._settings.buckets):
@@ -437,6 +612,30 @@ class Elector:
                 self._absent.pop(bucket, None)
             else:
                 self._absent.setdefault(bucket, now)
+
+    def _disagrees(self, now: float) -> bool:
+        """Whether the settings in force in the group (those on the most live bucket
+        Leases; ties go to the same value everywhere) are not this replica's. If so it
+        takes nothing and gives back what it holds, and says why (`disagreement`)."""
+        mine = self._settings.agreement
+        counts: Counter[str] = Counter()
+        holders: dict[str, str] = {}
+        for lease in self._seen.values():
+            if lease.role == BUCKET and lease.agreement and not lease.expired(now):
+                counts[lease.agreement] += 1
+                holders.setdefault(lease.agreement, lease.holder)
+        if not counts:
+            self.disagreement = None
+            return False
+        in_force = max(counts, key=lambda text: (counts[text], text))
+        if in_force == mine:
+            self.disagreement = None
+            return False
+        message = _disagreement(self._settings, holders[in_force], in_force)
+        if message != self.disagreement:
+            log.error("%s", message)
+        self.disagreement = message
+        return True
 
     def _body(self, name: str, role: str, holder: str, duration: float) -> dict[str, Any]:
         settings = self._settings
@@ -454,6 +653,7 @@ class Elector:
         }
         if before is None:
             spec.update(acquireTime=stamp, leaseTransitions=0)
+            metadata["annotations"] = {AGREEMENT_ANNOTATION: settings.agreement}
             return {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -461,7 +661,7 @@ class Elector:
                 "spec": spec,
             }
         old = before.body.get("spec") or {}
-        transitions = int(old.get("leaseTransitions") or 0)
+        transitions = before.transitions
         if before.holder != holder:
             if holder:
                 transitions += 1
@@ -474,6 +674,7 @@ class Elector:
         # the first write after that.
         annotations = dict(before.body["metadata"].get("annotations") or {})
         annotations.pop(HANDOVER_ANNOTATION, None)
+        annotations[AGREEMENT_ANNOTATION] = settings.agreement
         metadata["annotations"] = annotations
         return {**before.body, "metadata": {**before.body["metadata"], **metadata}, "spec": spec}
 
@@ -491,57 +692,125 @@ class Elector:
         others = [lease.body for name, lease in self._seen.items() if name != _name(body)]
         self._observe([*others, body], now)
 
-    async def _renew_member(self, now: float) -> None:
+    async def _renew_member(self) -> None:
         settings = self._settings
         name = settings.member_lease
-        body = self._body(name, MEMBER, settings.identity, settings.lease_duration)
-        await self._write(name, body)
 
-    async def _renew_held(self) -> None:
+        async def attempt() -> None:
+            body = self._body(name, MEMBER, settings.identity, settings.lease_duration)
+            await self._write(name, body)
+
+        await self._retrying(attempt)
+
+    def _forget_taken(self) -> None:
+        """Held or parked buckets whose Lease another replica holds now (or nobody, or
+        deleted): lost; their watches are dropped, the new holder adopts them."""
         settings = self._settings
-        held = sorted(self._ownership.held)
+        ownership = self._ownership
         lost = {
             bucket
-            for bucket in held
+            for bucket in ownership.held | ownership.parked
             if (lease := self._seen.get(settings.bucket_lease(bucket))) is None
-            or lease.holder != settings.identity  # taken over (too late) or deleted
+            or lease.holder != settings.identity
         }
         if lost:
             self._lose(frozenset(lost), "taken by another replica")
-        # At once, not one after another: a round must end well within the renew
-        # deadline however many buckets this replica holds.
-        renewing = [bucket for bucket in held if bucket not in lost]
-        results = await asyncio.gather(*(self._hold(b) for b in renewing))
-        for bucket, valid_until in zip(renewing, results, strict=True):
-            # None: written meanwhile (409); the next listing says by whom.
-            if valid_until is not None:
-                self._ownership.renewed(bucket, valid_until)
 
-    async def _take(self, bucket: int) -> bool:
-        before = self._seen.get(self._settings.bucket_lease(bucket))
+    async def _renew_held(self) -> None:
+        # At once, and each on its own: a round must end well within the renew deadline
+        # however many buckets this replica holds, and one that fails costs only its own
+        # bucket (it lapses at its renew deadline unless a later round renews it).
+        renewing = sorted(self._ownership.held)
+        results = await asyncio.gather(
+            *(self._hold(bucket) for bucket in renewing), return_exceptions=True
+        )
+        for bucket, result in zip(renewing, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result
+                log.warning("could not renew bucket %d (%s)", bucket, _why(result))
+            elif result is not None:  # None: written meanwhile (409); the next listing says
+                self._ownership.renewed(bucket, result)
+
+    async def _take_all(self, current: Plan) -> None:
+        """Tries each bucket of the plan on its own: those won are adopted (or resumed,
+        if parked here and nobody held them since) whatever happened to the others."""
+        results = await asyncio.gather(
+            *(self._take(bucket) for bucket in current.take), return_exceptions=True
+        )
+        taken: set[int] = set()
+        resumed: set[int] = set()
+        for bucket, result in zip(current.take, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result
+                log.warning("could not take bucket %d (%s)", bucket, _why(result))
+            elif result == "resumed":
+                resumed.add(bucket)
+            elif result == "taken":
+                taken.add(bucket)
+        if taken or resumed:
+            log.info(
+                "took buckets %s (share %d of %d replicas)",
+                sorted(taken | resumed),
+                current.share,
+                current.live,
+            )
+        if resumed:
+            self._handover.resume(frozenset(resumed))
+        if taken:
+            self._handover.adopt(frozenset(taken))
+
+    async def _take(self, bucket: int) -> str | None:
+        """ "taken", "resumed" (parked here, nobody held it since), or None (another
+        replica was first)."""
+        settings = self._settings
+        before = self._seen.get(settings.bucket_lease(bucket))
         handed = _decode_handover(before.body if before is not None else {})
+        parked = self._ownership.parked_at(bucket)
+        same_term = (
+            parked is not None
+            and before is not None
+            and before.holder == settings.identity
+            and before.transitions == parked
+        )
+        vanished = None
+        if before is not None and before.holder not in ("", settings.identity):
+            # It expired: its holder stopped sending by its renew deadline after the
+            # renewal seen last, at the latest (converted to the wall clock).
+            since_wall = self._wall() - (self._clock() - before.since)
+            vanished = since_wall + settings.renew_deadline
         valid_until = await self._hold(bucket)
         if valid_until is None:
-            return False  # another replica was first
-        self._ownership.take(bucket, valid_until, handed)
-        return True
+            return None
+        if same_term:
+            self._ownership.resume(bucket, valid_until)
+            return "resumed"
+        if parked is not None:
+            self._lose(frozenset({bucket}), "held by another replica meanwhile")
+        self._ownership.take(bucket, valid_until, handed, vanished)
+        return "taken"
 
     async def _hold(self, bucket: int) -> float | None:
         """Writes this replica into the bucket's Lease: until when it may use the bucket
-        (renew deadline from when the write was sent), or None when someone else wrote
-        the Lease since it was listed."""
+        (renew deadline from when the write that succeeded was sent), or None when
+        someone else wrote the Lease since it was listed."""
         settings = self._settings
         name = settings.bucket_lease(bucket)
-        sent = self._clock()
-        try:
+
+        async def attempt() -> float:
+            sent = self._clock()
             await self._write(
                 name, self._body(name, BUCKET, settings.identity, settings.lease_duration)
             )
+            return sent + settings.renew_deadline
+
+        try:
+            return await self._retrying(attempt)
         except ApiError as exc:
             if exc.status == 409:
                 return None
             raise
-        return sent + settings.renew_deadline
 
     async def _give(self, buckets: frozenset[int], budget: float | None = None) -> None:
         settings = self._settings
@@ -563,21 +832,25 @@ class Elector:
     async def _release(self, bucket: int, handed: Mapping[tuple[str, str], Handed]) -> None:
         name = self._settings.bucket_lease(bucket)
         body = self._body(name, BUCKET, "", 1.0)
-        text = _encode_handover(handed)
+        text = _encode_handover(handed, self._wall())
         if text is not None:
             body["metadata"].setdefault("annotations", {})[HANDOVER_ANNOTATION] = text
         try:
-            await self._write(name, body)
+            await self._retrying(lambda: self._write(name, body))
         except Exception as exc:  # it expires on its own
-            log.warning("could not release %s (%s)", name, exc or type(exc).__name__)
+            log.warning("could not release %s (%s)", name, _why(exc))
 
     def _expire_unrenewed(self) -> None:
+        """Held buckets past their validity are parked (see `Ownership`)."""
         now = self._clock()
-        gone = frozenset(
+        lapsed = sorted(
             bucket for bucket in self._ownership.held if not self._ownership.valid_at(bucket, now)
         )
-        if gone:
-            self._lose(gone, "not renewed within the renew deadline")
+        if lapsed:
+            log.warning("lost buckets %s: not renewed within the renew deadline", lapsed)
+        for bucket in lapsed:
+            lease = self._seen.get(self._settings.bucket_lease(bucket))
+            self._ownership.park(bucket, lease.transitions if lease is not None else -1)
 
     def _lose(self, buckets: frozenset[int], why: str) -> None:
         log.warning("lost buckets %s: %s", sorted(buckets), why)
@@ -598,6 +871,30 @@ class Elector:
                         raise
 
 
+def _disagreement(settings: LeaseSettings, holder: str, in_force: str) -> str:
+    """The log line and /healthz text: which setting differs, and what to do."""
+    try:
+        theirs = {str(k): str(v) for k, v in json.loads(in_force).items()}
+    except (ValueError, AttributeError):
+        theirs = {}
+    mine = json.loads(settings.agreement)
+    differ = [
+        key for key in sorted(mine.keys() | theirs.keys()) if mine.get(key) != theirs.get(key)
+    ]
+    what = ", ".join(f"{key}={theirs.get(key, '?')!r}" for key in differ)
+    here = ", ".join(f"{key}={mine.get(key, '?')!r}" for key in differ)
+    return (
+        f"lease group {settings.group}: replica {holder} runs with {what}, this one with "
+        f"{here}; this replica takes no bucket until they agree (docs/operations.md, "
+        '"Changing the bucket count")'
+    )
+
+
+def _why(exc: BaseException) -> str:
+    """An exception for the log: its message, or its type when it has none (a timeout)."""
+    return str(exc) or type(exc).__name__
+
+
 def _name(body: Mapping[str, Any]) -> str:
     return str((body.get("metadata") or {}).get("name"))
 
@@ -612,22 +909,27 @@ def _dns_label(text: str) -> str:
     return label or "replica"
 
 
-def _encode_handover(handed: Mapping[tuple[str, str], Handed]) -> str | None:
-    """`{"namespace/name": [last end, next poll, attempts]}`, times in ms since the epoch;
-    None when there is nothing, or too much, to hand over."""
+def _encode_handover(handed: Mapping[tuple[str, str], Handed], now: float) -> str | None:
+    """`{"t": now in ms since the epoch, "w": {namespace: {name: [last end, next poll,
+    attempts, in flight since]}}}`, times in tenths of a second from `t`, rounded up (a
+    watch's entry takes its name and about 15 bytes, so a bucket of 4,000 watches with
+    names of 20 characters takes about 150 KB); None when there is nothing, or too much,
+    to hand over."""
     if not handed:
         return None
+    base = round(now * 1000)
 
-    def ms(value: float | None) -> int | None:
-        return None if value is None else round(value * 1000)
+    def tenths(value: float | None) -> int | None:
+        # Up, never down: a floor or a plan brought forward would come too soon.
+        return None if value is None else math.ceil((value * 1000 - base) / 100)
 
-    text = json.dumps(
-        {
-            f"{ns}/{name}": [ms(h.last_end), ms(h.next_poll), h.attempts]
-            for (ns, name), h in handed.items()
-        },
-        separators=(",", ":"),
-    )
+    grouped: dict[str, dict[str, list[int | None]]] = {}
+    for (namespace, name), h in handed.items():
+        entry = [tenths(h.last_end), tenths(h.next_poll), h.attempts]
+        if h.in_flight_since is not None:
+            entry.append(tenths(h.in_flight_since))
+        grouped.setdefault(namespace, {})[name] = entry
+    text = json.dumps({"t": base, "w": grouped}, separators=(",", ":"))
     if len(text) > MAX_HANDOVER_BYTES:
         log.warning("handover of %d watches left out: %d bytes", len(handed), len(text))
         return None
@@ -643,20 +945,31 @@ def _decode_handover(body: Mapping[str, Any]) -> dict[tuple[str, str], Handed]:
     except ValueError:
         return {}
     handed: dict[tuple[str, str], Handed] = {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict) or not isinstance(raw.get("t"), int):
         return handed
-    for key, value in raw.items():
-        namespace, _, name = str(key).partition("/")
-        if not (isinstance(value, list) and len(value) == 3 and name):
-            continue
-        last_end, next_poll, attempts = value
-        if not all(v is None or isinstance(v, int) for v in (last_end, next_poll)):
-            continue
-        if not isinstance(attempts, int) or attempts < 0:
-            continue
-        handed[(namespace, name)] = Handed(
-            None if last_end is None else last_end / 1000,
-            None if next_poll is None else next_poll / 1000,
-            attempts,
-        )
+    base = raw["t"]
+    namespaces = raw.get("w")
+    for namespace, names in namespaces.items() if isinstance(namespaces, dict) else ():
+        for name, value in names.items() if isinstance(names, dict) else ():
+            timing = _handed(base, value)
+            if timing is not None and name:
+                handed[(str(namespace), str(name))] = timing
     return handed
+
+
+def _handed(base: int, value: object) -> Handed | None:
+    if not isinstance(value, list) or len(value) not in (3, 4):
+        return None
+    last_end, next_poll, attempts, *flight = value
+    times = (last_end, next_poll, *flight)
+    if not all(v is None or (isinstance(v, int) and abs(v) < 2**40) for v in times):
+        return None
+    if not isinstance(attempts, int) or attempts < 0:
+        return None
+
+    def seconds(v: int | None) -> float | None:
+        return None if v is None else (base + v * 100) / 1000
+
+    return Handed(
+        seconds(last_end), seconds(next_poll), attempts, seconds(flight[0]) if flight else None
+    )

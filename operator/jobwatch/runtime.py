@@ -23,7 +23,7 @@ from .kube import KubeApi, ObjectRef
 from .leases import Handed, Ownership
 from .logs import about
 from .metrics import FleetFigures, HostFigures, Metrics
-from .outcome import Response
+from .outcome import Outcome, Response
 from .policy import Decision, ErrorClass, LastError, Phase
 from .scheduler import Scheduler
 from .secrets import SecretCache, SecretUnavailable
@@ -45,6 +45,8 @@ FLOOR_SLACK = 0.002
 START_UP_POLLS_PER_SECOND = 1000.0
 # The reasons of a watch whose poll could not go out: at the deadline, its message says why.
 NOT_SENT_REASONS = frozenset({"SecretNotFound", "SecretNotAllowed", *HeldReason})
+# How long a handover waits for the polls it cut to unwind (a cut is immediate).
+CUT_WAIT = 1.0
 
 
 class SecretProblem(Exception):
@@ -262,16 +264,20 @@ class Runtime:
             self._forget(key)
 
     def _writable(self, ref: ObjectRef) -> bool:
-        return self._ownership is None or self._ownership.writable(ref.namespace, ref.name)
+        ownership = self._ownership
+        return ownership is None or ownership.writable(ref.namespace, ref.name, self._clock())
 
     def _ours(self, key: tuple[str, str]) -> bool:
         """Still this replica's to poll? Checked before anything is sent or written: a
         replica that could not renew its bucket's Lease in time (the API server away, the
         process stopped for a while) drops the watch before another may take it."""
         ownership = self._ownership
-        if ownership is None or ownership.valid(key[0], key[1], self._clock()):
+        now = self._clock()
+        if ownership is None or ownership.valid(key[0], key[1], now):
             return True
-        if not ownership.writable(*key):
+        if ownership.kept(*key):
+            return False  # parked: `resume` plans its polls again, `drop` forgets it
+        if not ownership.writable(key[0], key[1], now):
             self._forget(key)
         return False  # being handed over: `hand_over` writes its status, then forgets it
 
@@ -283,14 +289,26 @@ class Runtime:
         for key in [k for k in self.watches if ownership.bucket(*k) in buckets]:
             self._forget(key)
 
+    def resume(self, buckets: frozenset[int]) -> None:
+        """Parked buckets are this replica's again, nobody else's in between: their
+        watches, as they were, poll again (those due meanwhile at once)."""
+        ownership = self._ownership
+        assert ownership is not None
+        now = self._wall()
+        for key, watch in self.watches.items():
+            if ownership.bucket(*key) in buckets and not watch.finished and watch.spec:
+                due = watch.deadline if watch.suspended else max(now, watch.next_poll_time or now)
+                self._plan(key, watch, due)
+
     async def hand_over(
         self, buckets: frozenset[int], budget: float
     ) -> dict[tuple[str, str], Handed]:
         """Buckets given up: no new poll starts (the ownership says so already), the polls
         in flight end, and phase and reason changes are written, within `budget` seconds;
-        then the watches are forgotten. Returns when each last polled and was to poll
-        next, for the next holder (progress written only every progress interval would
-        be older)."""
+        requests still open then are cut (their sockets closed) and the watches are
+        forgotten. Returns when each last polled and was to poll next, and since when a
+        cut request was out, for the next holder (progress written only every progress
+        interval would be older)."""
         ownership = self._ownership
         assert ownership is not None
         keys = [k for k in self.watches if ownership.bucket(*k) in buckets]
@@ -300,18 +318,21 @@ class Runtime:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget):
                 await self.scheduler.wait_idle(keys)
+        cut = {key for key in keys if self.scheduler.running(key)}
+        if cut:
+            # Left open, such a request would overlap with the next holder's first one.
+            ownership.cut(buckets)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CUT_WAIT):
+                    await self.scheduler.wait_idle(cut)
         refs = [self.watches[key].ref for key in keys if key in self.watches]
         await self.writer.settle(refs, max(0.0, deadline - self._clock()))
         handed: dict[tuple[str, str], Handed] = {}
-        now = self._wall()
         for key in keys:
             watch = self.watches.get(key)
             if watch is not None and not watch.finished:
-                # A request still out when the budget ran out ends later than anything
-                # known here: the next holder's timing floor counts from now, not from
-                # the request before it (which would let it poll right after this one).
-                last_end = now if self.scheduler.running(key) else watch.last_end
-                handed[key] = Handed(last_end, watch.next_poll_time, watch.attempts)
+                since = watch.last_poll_time if key in cut else None
+                handed[key] = Handed(watch.last_end, watch.next_poll_time, watch.attempts, since)
             self._forget(key)
         return handed
 
@@ -370,11 +391,13 @@ class Runtime:
             watch = current
         elif resumed:
             watch.resume_from(stored)
-            self._take_handed(key, watch)
+            self._take_over(key, watch, resumed=True)
         elif current is not None:
             # A new watch of the same object (a spec edit): the same job service may be
             # polled, so the timing floor counts from the old watch's last request.
             watch.last_end = current.last_end
+        else:
+            self._take_over(key, watch, resumed=False)
         self.watches[key] = watch
 
         if problem is not None:
@@ -401,19 +424,31 @@ class Runtime:
             due = now
         self._plan(key, watch, due)
 
-    def _take_handed(self, key: tuple[str, str], watch: Watch) -> None:
+    def _take_over(self, key: tuple[str, str], watch: Watch, *, resumed: bool) -> None:
         """A watch taken over from another replica: its timing as that replica left it
         (newer than the status progress), so that the rhythm and the timing floor hold
-        across the handover."""
-        handed = self._ownership.handed(*key) if self._ownership is not None else None
-        if handed is None:
+        across the handover; and no request before one the previous holder may still
+        have open has ended, at the latest at its request timeout (one it cut at the
+        handover, or any it sent before it vanished without one)."""
+        ownership = self._ownership
+        if ownership is None:
             return
-        if handed.last_end is not None:
-            watch.last_end = max(watch.last_end or 0.0, handed.last_end)
-            watch.last_poll_time = max(watch.last_poll_time or 0.0, handed.last_end)
-        if handed.next_poll is not None:
-            watch.next_poll_time = max(watch.next_poll_time or 0.0, handed.next_poll)
-        watch.attempts = max(watch.attempts, handed.attempts)
+        handed = ownership.handed(*key)
+        busy_since = ownership.vanished(*key)
+        if handed is not None:
+            if resumed:
+                if handed.last_end is not None:
+                    watch.last_end = max(watch.last_end or 0.0, handed.last_end)
+                    watch.last_poll_time = max(watch.last_poll_time or 0.0, handed.last_end)
+                if handed.next_poll is not None:
+                    watch.next_poll_time = max(watch.next_poll_time or 0.0, handed.next_poll)
+                watch.attempts = max(watch.attempts, handed.attempts)
+            elif handed.last_end is not None:
+                watch.last_end = max(watch.last_end or 0.0, handed.last_end)
+            if handed.in_flight_since is not None:
+                busy_since = max(busy_since or 0.0, handed.in_flight_since)
+        if busy_since is not None and watch.spec is not None:
+            watch.last_end = max(watch.last_end or 0.0, busy_since + watch.spec.request_timeout)
 
     def _plan(self, key: tuple[str, str], watch: Watch, due_wall: float) -> None:
         """Plans the next poll. The one place that keeps the timing floor: whatever asked
@@ -522,13 +557,19 @@ class Runtime:
                 watch.last_poll_time = now
                 started = self._clock()
                 try:
-                    outcome = await self._http.send(request)
+                    outcome = await self._send(key, request)
                 finally:
                     latency = self._clock() - started
                     watch.last_end = self._wall()
                     successor = self.watches.get(key)
                     if successor is not None and successor is not watch:
                         successor.last_end = watch.last_end  # an edit replaced it meanwhile
+                if outcome is None:
+                    # Cut: not this replica's any more, or only for a handover. A poll
+                    # planned again finds out which (a bucket renewed late goes on).
+                    if self.watches.get(key) is watch and not watch.finished:
+                        self._plan(key, watch, self._wall())
+                    return
                 heard = verdict(outcome)
                 if isinstance(outcome, Response):
                     pause = policy.retry_after(outcome, watch.last_end)
@@ -569,6 +610,23 @@ class Runtime:
             self._apply(key, watch, decision, now, response)
         except Exception as exc:
             self._fault(key, watch, stage, exc)
+
+    async def _send(self, key: tuple[str, str], request: Request) -> Outcome | None:
+        """The request, cut (None) the moment this replica's hold on the watch's bucket
+        ends, whatever stage it is in: DNS, connecting, sending, waiting for the answer,
+        a redirect hop."""
+        ownership = self._ownership
+        if ownership is None:
+            return await self._http.send(request)
+        try:
+            async with asyncio.timeout(None) as hold:
+                bucket = ownership.guard(key[0], key[1], hold)
+                try:
+                    return await self._http.send(request)
+                finally:
+                    ownership.unguard(bucket, hold)
+        except TimeoutError:
+            return None
 
     def _hold(
         self, key: tuple[str, str], watch: Watch, host: HostKey, held: Held, now: float

@@ -55,6 +55,8 @@ class Running:
             return "the JobWatch informer has stopped"
         if self.electing is not None and self.electing.done():
             return "the lease elector has stopped"
+        if self.elector is not None and self.elector.disagreement is not None:
+            return self.elector.disagreement
         if self.runtime.writer_stopped:
             return "the status writer has stopped"
         return None
@@ -96,7 +98,9 @@ async def build(
     )
     ownership = None
     if config.leases is not None:
-        ownership = Ownership(config.leases, scopes=config.namespaces or (None,))
+        ownership = Ownership(
+            config.leases, scopes=config.namespaces or (None,), clock=time.monotonic
+        )
     runtime = Runtime(config, api, http, metrics, ownership=ownership)
     runtime.start()
     informer = Informer(
@@ -135,8 +139,11 @@ class _Handover:
     def __init__(self, runtime: Runtime, informer: Informer) -> None:
         self._runtime, self._informer = runtime, informer
 
-    def adopt(self) -> None:
+    def adopt(self, buckets: frozenset[int]) -> None:
         self._informer.relist()
+
+    def resume(self, buckets: frozenset[int]) -> None:
+        self._runtime.resume(buckets)
 
     def drop(self, buckets: frozenset[int]) -> None:
         self._runtime.drop(buckets)

@@ -10,6 +10,7 @@ tests/e2e/test_hostile_tenants.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from jobwatch.config import Config
 from jobwatch.expressions import CompiledWatch
 from jobwatch.httpclient import Request
 from jobwatch.kube import ApiError, ObjectRef, Secret
-from jobwatch.leases import LeaseSettings, Ownership
+from jobwatch.leases import Handed, LeaseSettings, Ownership
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import Outcome, Response
 from jobwatch.runtime import Runtime
@@ -433,41 +434,95 @@ async def test_an_edit_during_a_request_waits_the_floor_after_it(env: Env) -> No
     assert started[1] - ended[0] >= 0.45, started[1] - ended[0]
 
 
-async def test_a_handover_whose_request_is_still_out_floors_the_next_holder_from_now() -> None:
-    # The handover waits only so long for polls in flight. A request still out then ends
-    # after anything this replica knows, so the next holder must count its timing floor
-    # from the handover, not from the request before (it polled 2.15 s after this one,
-    # interval 3 s, when it did).
-    class Slow(FakeHttp):
-        def __init__(self) -> None:
-            super().__init__()
-            self.out, self.go = asyncio.Event(), asyncio.Event()
+class Slow(FakeHttp):
+    """The first poll of a watch answers; the next one hangs until `go` (or is cut)."""
 
-        async def send(self, request: Request) -> Outcome:
-            if self.sent.get(request.url):  # the first poll answers; the second hangs
-                self.out.set()
+    def __init__(self) -> None:
+        super().__init__()
+        self.out, self.go = asyncio.Event(), asyncio.Event()
+        self.cut = self.started = 0
+
+    async def send(self, request: Request) -> Outcome:
+        self.started += 1
+        if self.sent.get(request.url):
+            self.out.set()
+            try:
                 await self.go.wait()
-            return await super().send(request)
+            except asyncio.CancelledError:
+                self.cut += 1  # the client closes the request's socket here
+                raise
+        return await super().send(request)
 
+
+@contextlib.asynccontextmanager
+async def replica(http: FakeHttp, valid_for: float = 60.0) -> AsyncIterator[Runtime]:
+    """A runtime holding the one bucket of a one-bucket group."""
     settings = LeaseSettings("ops", "r0", buckets=1)
     ownership = Ownership(settings, scopes=[None])
-    api, http = FakeApi(), Slow()
     config = Config.from_env({"JOBWATCH_STATUS_QPS": "1000", "JOBWATCH_STATUS_BURST": "1000"})
-    runtime = Runtime(config, api, http, Metrics(), ownership=ownership)  # type: ignore[arg-type]
-    ownership.take(0, time.monotonic() + 60, {})
+    runtime = Runtime(config, FakeApi(), http, Metrics(), ownership=ownership)  # type: ignore[arg-type]
+    ownership.take(0, time.monotonic() + valid_for, {})
     ownership.listing(None)
     runtime.start()
     runtime.start_polling()
     try:
+        yield runtime
+    finally:
+        await runtime.shutdown(1.0)
+
+
+async def test_a_handover_cuts_the_request_still_out_and_hands_since_when() -> None:
+    # The handover waits only so long for polls in flight. A request still out then is
+    # cut (its socket closed): left open, the job service would be working on it while
+    # the next holder's first request arrives. Its start goes with the handover.
+    http = Slow()
+    async with replica(http) as runtime:
+        ownership = runtime._ownership
+        assert ownership is not None
         runtime.observe("ADDED", jobwatch("w"))
         await asyncio.wait_for(http.out.wait(), 5)
-        first_end = runtime.watches[("ns", "w")].last_end
-        assert first_end is not None
+        sent = runtime.watches[("ns", "w")].last_poll_time
         ownership.releasing(0)
         started = time.time()
         handed = await runtime.hand_over(frozenset({0}), budget=0.05)
-        floor_from = handed[("ns", "w")].last_end
-        assert floor_from is not None and floor_from >= started > first_end
-    finally:
-        http.go.set()
-        await runtime.shutdown(1.0)
+        assert http.cut == 1
+        timing = handed[("ns", "w")]
+        assert timing.in_flight_since == sent
+        assert timing.last_end is not None and timing.last_end >= started
+
+
+async def test_a_request_is_cut_when_the_hold_on_its_bucket_ends() -> None:
+    http = Slow()
+    async with replica(http, valid_for=0.5) as runtime:
+        runtime.observe("ADDED", jobwatch("w", requestTimeout="30s", timeout="1h"))
+        await asyncio.wait_for(http.out.wait(), 5)
+        started = time.monotonic()
+        await until(lambda: http.cut == 1, timeout=2.0)
+        assert time.monotonic() - started < 0.6
+        # Lapsed: no request since (the elector parks the bucket at its next round).
+        await asyncio.sleep(0.3)
+        assert http.started == 2
+
+
+async def test_the_taker_waits_for_a_request_the_previous_holder_may_still_have_open() -> None:
+    settings = LeaseSettings("ops", "r1", buckets=1)
+    ownership = Ownership(settings, scopes=[None])
+    config = Config.from_env({})
+    runtime = Runtime(config, FakeApi(), FakeHttp(), Metrics(), ownership=ownership)  # type: ignore[arg-type]
+    now = time.time()
+    handed = {("ns", "cut"): Handed(now - 0.5, now + 1, 3, in_flight_since=now - 0.5)}
+    ownership.take(0, time.monotonic() + 60, handed, vanished=None)
+    ownership.listing(None)
+    for name in ("cut", "new"):
+        runtime.observe("ADDED", jobwatch(name, requestTimeout="2s", interval="1s"))
+    # A cut request may run at the job service up to its request timeout; then the floor.
+    assert runtime.watches[("ns", "cut")].next_poll_time == pytest.approx(now + 1.5 + 0.9, 0.01)
+    assert runtime.watches[("ns", "new")].next_poll_time == pytest.approx(now, abs=0.5)
+    # A holder that vanished (kill -9, a freeze) may have left any request open.
+    gone = LeaseSettings("ops", "r2", buckets=1)
+    ownership = Ownership(gone, scopes=[None])
+    runtime = Runtime(config, FakeApi(), FakeHttp(), Metrics(), ownership=ownership)  # type: ignore[arg-type]
+    ownership.take(0, time.monotonic() + 60, {}, vanished=now - 1.0)
+    ownership.listing(None)
+    runtime.observe("ADDED", jobwatch("w", requestTimeout="2s", interval="1s"))
+    assert runtime.watches[("ns", "w")].next_poll_time == pytest.approx(now + 1.0 + 0.9, 0.01)

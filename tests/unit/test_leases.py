@@ -4,9 +4,11 @@ Lease store that has the API server's optimistic concurrency, and a fake clock."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import random
+import time
 import zlib
 from collections import Counter
 from collections.abc import Mapping
@@ -94,12 +96,18 @@ class Handover:
 
     def __init__(self) -> None:
         self.adopted = 0
+        self.adoptions: list[frozenset[int]] = []
+        self.resumed: list[frozenset[int]] = []
         self.dropped: list[frozenset[int]] = []
         self.handed: list[frozenset[int]] = []
         self.timing: dict[tuple[str, str], Handed] = {}
 
-    def adopt(self) -> None:
+    def adopt(self, buckets: frozenset[int]) -> None:
         self.adopted += 1
+        self.adoptions.append(buckets)
+
+    def resume(self, buckets: frozenset[int]) -> None:
+        self.resumed.append(buckets)
 
     def drop(self, buckets: frozenset[int]) -> None:
         self.dropped.append(buckets)
@@ -116,10 +124,16 @@ class Handover:
 
 
 class Replica:
-    def __init__(self, name: str, store: Store, clock: Clock, seed: int) -> None:
-        self.settings = LeaseSettings(namespace="ops", identity=name, buckets=BUCKETS)
-        self.ownership = Ownership(self.settings, scopes=(None,))
+    def __init__(
+        self, name: str, store: Store, clock: Clock, seed: int, buckets: int = BUCKETS
+    ) -> None:
+        self.settings = LeaseSettings(namespace="ops", identity=name, buckets=buckets)
+        self.ownership = Ownership(self.settings, scopes=(None,), clock=clock)
         self.handover = Handover()
+
+        async def sleep(seconds: float) -> None:  # a retry's pause, on the fake clock
+            clock.now += seconds
+
         self.elector = Elector(
             self.settings,
             store,
@@ -127,6 +141,7 @@ class Replica:
             self.handover,
             clock=clock,
             wall=clock,
+            sleep=sleep,
             rand=random.Random(seed),
         )
         self.alive = True
@@ -144,12 +159,12 @@ class Replica:
 
 
 class Fleet:
-    def __init__(self, names: list[str]) -> None:
-        self.clock, self.store = Clock(), Store()
+    def __init__(self, names: list[str], store: Store | None = None) -> None:
+        self.clock, self.store = Clock(), store or Store()
         self.replicas = {n: Replica(n, self.store, self.clock, i) for i, n in enumerate(names)}
 
-    def join(self, name: str) -> Replica:
-        replica = Replica(name, self.store, self.clock, len(self.replicas))
+    def join(self, name: str, buckets: int = BUCKETS) -> Replica:
+        replica = Replica(name, self.store, self.clock, len(self.replicas), buckets)
         self.replicas[name] = replica
         return replica
 
@@ -266,7 +281,8 @@ async def test_shutdown_hands_everything_over_and_leaves() -> None:
     names = [f"w{n}" for n in range(200)]
     theirs = [n for n in names if bucket_of("team", n, BUCKETS) in held]
     leaving.handover.timing = {
-        ("team", n): Handed(last_end=990.5, next_poll=995.25, attempts=7) for n in theirs
+        ("team", n): Handed(last_end=990.5, next_poll=995.25, attempts=7, in_flight_since=991.0)
+        for n in theirs
     }
     await leaving.elector.release(5.0)
     leaving.alive = False
@@ -276,7 +292,8 @@ async def test_shutdown_hands_everything_over_and_leaves() -> None:
     await fleet.rounds(2)  # released Leases are free at once; b's member is gone
     assert fleet.shares()["a"] == BUCKETS
     taker = fleet.replicas["a"].ownership
-    assert taker.handed("team", theirs[0]) == Handed(990.5, 995.25, 7)
+    # In tenths of a second, rounded up: never a plan or a floor brought forward.
+    assert taker.handed("team", theirs[0]) == Handed(990.5, 995.3, 7, 991.0)
     assert taker.handed("team", theirs[0]) is None  # taken once, by the adoption
     # Gone from the Leases with the taker's first write.
     assert not any(
@@ -287,7 +304,16 @@ async def test_shutdown_hands_everything_over_and_leaves() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ['{"team/w": [1, 2]}', '{"team/w": ["x", 2, 3]}', "[1]", "not json", '{"w": [1, 2, 3]}'],
+    [
+        '{"t": 1, "w": {"team": {"w": [1, 2]}}}',
+        '{"t": 1, "w": {"team": {"w": ["x", 2, 3]}}}',
+        '{"t": 1, "w": {"team": {"w": [1, 2, -3]}}}',
+        '{"t": "1", "w": {"team": {"w": [1, 2, 3]}}}',
+        '{"t": 1, "w": {"team": [1, 2, 3]}}',
+        "[1]",
+        "not json",
+        '{"team/w": [1, 2, 3]}',
+    ],
 )
 async def test_a_handover_that_cannot_be_read_is_left_out(text: str) -> None:
     fleet = Fleet(["a"])
@@ -314,19 +340,25 @@ async def test_api_server_away_every_replica_stops_then_all_resume() -> None:
     away = fleet.clock.now
     await fleet.rounds(int(2 * 15.0 / 2.0))
     assert set(fleet.shares().values()) == {0}
-    assert all(r.handover.dropped for r in fleet.replicas.values())
+    # Parked, not dropped: their watches stay, unpolled, for a retake by the same holder.
+    assert {name: r.ownership.parked for name, r in fleet.replicas.items()} == before
     stopped = fleet.clock.now - away
     assert stopped > 10.0  # the renew deadline
     fleet.store.down = False
     await fleet.rounds(1)
     # Each takes its own buckets back at once; none looks dead for having been unable
-    # to renew while the server was away.
+    # to renew while the server was away. Nobody held them in between: their watches go
+    # on as they were, with nothing to list again.
     assert {name: r.polling(fleet.clock.now) for name, r in fleet.replicas.items()} == before
+    for replica in fleet.replicas.values():
+        assert not replica.handover.dropped
+        assert replica.handover.adopted == 1  # the first taking only
+        assert frozenset().union(*replica.handover.resumed) == before[replica.settings.identity]
 
 
 def test_a_bucket_is_usable_only_after_a_list_that_follows_its_taking() -> None:
     settings = LeaseSettings(namespace="ops", identity="a", buckets=BUCKETS)
-    ownership = Ownership(settings, scopes=("team-a", "team-b"))
+    ownership = Ownership(settings, scopes=("team-a", "team-b"), clock=lambda: 0.0)
     bucket = bucket_of("team-a", "w", BUCKETS)
     ownership.listing("team-a")
     ownership.take(bucket, valid_until=100.0, handed={})
@@ -339,9 +371,10 @@ def test_a_bucket_is_usable_only_after_a_list_that_follows_its_taking() -> None:
     assert not ownership.valid("team-a", "w", 100.0)  # past its renew deadline
     ownership.releasing(bucket)
     assert not ownership.owns("team-a", "w")
-    assert ownership.writable("team-a", "w")
+    assert ownership.writable("team-a", "w", 99.0)
+    assert not ownership.writable("team-a", "w", 100.0)  # in time, not only membership
     ownership.give_up(bucket)
-    assert not ownership.writable("team-a", "w")
+    assert not ownership.writable("team-a", "w", 99.0)
 
 
 @pytest.mark.parametrize("identity", ["pod-7f9c_ab12", "UPPER.case", "---"])
@@ -349,3 +382,161 @@ def test_member_lease_names_are_valid(identity: str) -> None:
     name = LeaseSettings(namespace="ops", identity=identity).member_lease
     assert name.startswith("jobwatch-member-")
     assert all((c.isalnum() and c.islower()) or c.isdigit() or c == "-" for c in name)
+
+
+class RealClock(Clock):
+    """The monotonic clock, and a jump forward when a test adds to `now`."""
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+
+    @property  # type: ignore[override]
+    def now(self) -> float:
+        return time.monotonic() + self._offset
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self._offset += value - self.now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FlakyStore(Store):
+    """Writes of the named Leases refused, or never answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse: dict[str, Exception] = {}
+        self.stall: set[str] = set()
+
+    async def _fault(self, name: str) -> None:
+        if name in self.stall:
+            await asyncio.sleep(3600)
+        if name in self.refuse:
+            raise self.refuse[name]
+
+    async def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        await self._fault(body["metadata"]["name"])
+        return await super().create_lease(namespace, body)
+
+    async def replace_lease(
+        self, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        await self._fault(name)
+        return await super().replace_lease(namespace, name, body)
+
+
+@pytest.mark.parametrize(
+    "fault", [ApiError(429, "too many requests"), ApiError(500, "etcd"), ApiError(403, "no")]
+)
+async def test_a_take_that_fails_costs_only_its_own_bucket(fault: ApiError) -> None:
+    store = FlakyStore()
+    fleet = Fleet(["a"], store)
+    await fleet.rounds(1)  # announces
+    store.refuse["jobwatch-bucket-005"] = fault
+    await fleet.rounds(1)
+    a = fleet.replicas["a"]
+    # The others were taken and adopted (their watches listed), not left held but unpolled.
+    assert a.handover.adoptions == [frozenset(range(BUCKETS)) - {5}]
+    assert a.polling(fleet.clock.now) == frozenset(range(BUCKETS)) - {5}
+    del store.refuse["jobwatch-bucket-005"]
+    await fleet.rounds(1)
+    assert a.handover.adoptions[-1] == frozenset({5})
+    assert fleet.shares() == {"a": BUCKETS}
+
+
+async def test_a_stalled_renewal_costs_only_its_own_bucket() -> None:
+    store = FlakyStore()
+    clock = RealClock()  # the attempts' timeouts are the event loop's
+    settings = LeaseSettings(
+        namespace="ops", identity="a", lease_duration=1.5, renew_deadline=1.0, retry_period=0.3
+    )
+    ownership = Ownership(settings, scopes=(None,), clock=clock)
+    handover = Handover()
+    elector = Elector(settings, store, ownership, handover, clock=clock, wall=clock)
+    for _ in range(2):
+        await elector.round()
+        ownership.listing(None)
+    assert ownership.held == frozenset(range(BUCKETS))
+    store.stall.add("jobwatch-bucket-007")
+    clock.now += 0.3
+    renewed_at = clock.now
+    await elector.round()
+    # Each attempt is cut at a quarter of the renew deadline and tried again within half.
+    assert clock.now - renewed_at < settings.renew_deadline
+    clock.now = renewed_at + 0.9  # past bucket 7's validity, within the others' new one
+    elector._expire_unrenewed()
+    assert ownership.held == frozenset(range(BUCKETS)) - {7}
+    assert ownership.parked == frozenset({7})
+    assert not handover.dropped
+
+
+async def test_replicas_that_disagree_on_the_bucket_count_never_share() -> None:
+    fleet = Fleet(["old"])
+    await fleet.rounds(3)
+    assert fleet.shares() == {"old": BUCKETS}
+    new = fleet.join("new", buckets=128)
+    await fleet.rounds(5)
+    # The settings in force are those on the held Leases: the newcomer takes nothing.
+    assert new.ownership.held == frozenset()
+    assert fleet.shares()["old"] == BUCKETS
+    message = new.elector.disagreement
+    assert message is not None
+    assert "JOBWATCH_BUCKETS='32'" in message and "JOBWATCH_BUCKETS='128'" in message
+    assert "replica old" in message and "takes no bucket" in message
+    assert fleet.replicas["old"].elector.disagreement is None
+    # Once the old replica is gone (Recreate, or the last old pod stopped), it takes over.
+    await fleet.replicas["old"].elector.release(1.0)
+    fleet.replicas["old"].alive = False
+    await fleet.rounds(2)
+    assert new.ownership.held == frozenset(range(128))
+    assert new.elector.disagreement is None
+
+
+async def test_a_parked_bucket_another_replica_held_meanwhile_is_adopted_afresh() -> None:
+    fleet = Fleet(["a", "b"])
+    await fleet.rounds(4)
+    sleeper = fleet.replicas["b"]
+    held = sleeper.polling(fleet.clock.now)
+    sleeper.alive = False
+    await fleet.rounds(int(2 * sleeper.settings.lease_duration))
+    assert fleet.replicas["a"].polling(fleet.clock.now) == frozenset(range(BUCKETS))
+    sleeper.alive = True
+    await fleet.rounds(1)
+    assert sleeper.ownership.parked == frozenset()
+    assert held <= sleeper.handover.dropped[-1]  # its parked watches forgotten
+    assert not sleeper.handover.resumed
+
+
+async def test_requests_in_flight_are_cut_when_the_validity_ends_not_before() -> None:
+    settings = LeaseSettings(namespace="ops", identity="a")
+    ownership = Ownership(settings, scopes=(None,))
+    bucket = bucket_of("team", "w", BUCKETS)
+    start = time.monotonic()
+    ownership.take(bucket, valid_until=start + 0.2, handed={})
+
+    async def request(renew_to: float | None) -> float:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(None) as hold:
+                guarded = ownership.guard("team", "w", hold)
+                try:
+                    if renew_to is not None:
+                        ownership.renewed(bucket, start + renew_to)
+                    await asyncio.sleep(5)
+                finally:
+                    ownership.unguard(guarded, hold)
+        return time.monotonic() - start
+
+    assert 0.2 <= await request(None) < 0.6
+    ownership.renewed(bucket, start + 0.4)  # renewed in time: the request goes on
+    ownership.take(bucket, valid_until=time.monotonic() + 0.1, handed={})
+    start = time.monotonic()
+    assert 0.3 <= await request(0.3) < 0.7
+    # A handover cuts at once.
+    ownership.take(bucket, valid_until=time.monotonic() + 10, handed={})
+    start = time.monotonic()
+    task = asyncio.ensure_future(request(None))
+    await asyncio.sleep(0.05)
+    ownership.cut(frozenset({bucket}))
+    assert await task < 0.3
