@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +53,11 @@ class Informer:
         observe: Callable[[str, Mapping[str, Any]], None],
         keep_only: Callable[[str | None, set[Key]], None],
         listing: Callable[[str | None], None] | None = None,
+        before_listing: Callable[[], Awaitable[None]] | None = None,
         server_timeout: int = 300,
     ) -> None:
         self._api, self._labels = api, labels
+        self._before_listing = before_listing
         self._scopes: tuple[str | None, ...] = namespaces or (None,)
         self._observe, self._keep_only, self._listing = observe, keep_only, listing
         # Set by `relist`: the scope's stream is closed and it is listed again.
@@ -65,6 +67,8 @@ class Informer:
         self._listed: set[str | None] = set()
 
     async def run(self) -> None:
+        if self._before_listing is not None:
+            await self._before_listing()
         async with asyncio.TaskGroup() as group:
             for scope in self._scopes:
                 group.create_task(self._follow(scope), name=f"jobwatch-informer-{scope or '*'}")

@@ -594,6 +594,18 @@ class KubeApi:
             await self._relogin(session)
         raise AssertionError("unreachable")
 
+    async def get_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The JobWatch as stored now (a quorum read), or None when there is none."""
+        code, payload = await self._request(
+            "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+        )
+        if code == 404:
+            return None
+        if code >= 400:
+            raise _error(code, payload)
+        body: dict[str, Any] = json.loads(payload)
+        return body
+
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
         """The Secret, or None when it does not exist (or we may not read it)."""
         code, payload = await self._request("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")

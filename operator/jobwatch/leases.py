@@ -237,6 +237,12 @@ class Ownership:
         if vanished is not None:
             self._vanished[bucket] = vanished
 
+    def adopted(self, bucket: int) -> None:
+        """Every object of `bucket` was read after its taking (adoption.py): its events
+        are taken in from here on, with no list needed."""
+        if bucket in self._taken_at:
+            self._taken_at[bucket] = -1
+
     def resume(self, bucket: int, valid_until: float) -> None:
         """A parked bucket taken again with no other holder since: as it was."""
         del self._parked[bucket]
@@ -471,6 +477,8 @@ class Elector:
         self.last_plan: Plan | None = None
         # Why this replica takes no bucket: its settings differ from those in force.
         self.disagreement: str | None = None
+        # Set once the first round that may take buckets has ended, well or not.
+        self.first_takes = asyncio.Event()
 
     def figures(self) -> LeaseFigures:
         last = self.last_plan
@@ -493,6 +501,8 @@ class Elector:
                 # renew deadline (checked below), and is then parked.
                 self._blind = True
                 log.warning("lease round failed (%s)", _why(exc))
+            if self._rounds >= 2:
+                self.first_takes.set()
             self._expire_unrenewed()
             period = self._settings.retry_period * (0.9 + 0.2 * self._rand.random())
             await self._sleep(min(period, self._until_expiry()))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import policy
+from .adoption import Adoption
 from .config import Config
 from .expressions import CompiledWatch, ExpressionError, final_result
 from .hosts import Held, HeldReason, HostKey, Hosts, Verdict, host_key, verdict
@@ -74,6 +75,11 @@ class Runtime:
         # With replicas sharing the fleet: the watches of the buckets this one holds.
         # None: a single replica, which takes in and polls every JobWatch it sees.
         self._ownership = ownership
+        self.adoption = (
+            Adoption(ownership, api.get_jobwatch, self._take_in_adopted)
+            if ownership is not None
+            else None
+        )
         self._wall, self._clock, self._rand = wall, clock, rand
         self.watches: dict[tuple[str, str], Watch] = {}
         self.writer = StatusWriter(
@@ -107,6 +113,8 @@ class Runtime:
         self._waiting: dict[HostKey, dict[tuple[str, str], None]] = {}
         metrics.hosts.source = self._host_figures
         self._writer_task: asyncio.Task[None] | None = None
+        self._polling = False  # start_polling ran
+        self._next_slot = 0.0  # wall clock: see `_paced`
         # Reads of the Secrets that headers and CA bundles refer to: shared by every
         # watch that uses the same Secret, inside a fleet-wide budget of API reads.
         self._secrets = SecretCache(
@@ -163,6 +171,7 @@ class Runtime:
         for key, watch in due:
             assert watch.spec is not None
             self._plan(key, watch, now + self._rand() * min(spread, watch.spec.interval))
+        self._polling = True
         self.scheduler.start()
 
     async def stop_polling(self) -> None:
@@ -172,6 +181,8 @@ class Runtime:
     async def shutdown(self, budget: float) -> None:
         """Stops polling and flushes status within `budget` seconds."""
         await self.stop_polling()
+        if self.adoption is not None:
+            await self.adoption.aclose()
         if self._writer_task is not None:
             self._writer_task.cancel()
             await asyncio.gather(self._writer_task, return_exceptions=True)
@@ -194,16 +205,34 @@ class Runtime:
     def _observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
-        if self._ownership is not None and not self._ownership.owns(*key):
-            return  # another replica's (a bucket taken later is listed afresh)
+        if self.adoption is not None and not self.adoption.note(event_type, key, body):
+            return  # another replica's, or being read for an adoption
+        self._take_in(event_type, key, meta, body)
+
+    def _take_in_adopted(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """An object read (or an event held) for an adoption: taken in like an event."""
+        try:
+            meta = body.get("metadata") or {}
+            key = (str(meta.get("namespace")), str(meta.get("name")))
+            self._take_in(event_type, key, meta, body)
+        except Exception as exc:
+            self._adoption_fault(body, exc)
+
+    def _take_in(
+        self,
+        event_type: str | None,
+        key: tuple[str, str],
+        meta: Mapping[str, Any],
+        body: Mapping[str, Any],
+    ) -> None:
         current = self.watches.get(key)
         if event_type == "DELETED" or meta.get("deletionTimestamp"):
             self._forget(key)
             return
         generation = int(meta.get("generation") or 0)
         uid = str(meta.get("uid"))
-        if current is not None and current.ref.uid == uid and current.generation == generation:
-            return
+        if current is not None and current.ref.uid == uid and current.generation >= generation:
+            return  # our own status echo, or an event older than what was read
         if current is not None and current.ref.uid != uid:
             self._forget(key)
             current = None
@@ -262,6 +291,8 @@ class Runtime:
         ]
         for key in gone:
             self._forget(key)
+        if self.adoption is not None:
+            self.adoption.keep_only(namespace, keys)
 
     def _writable(self, ref: ObjectRef) -> bool:
         ownership = self._ownership
@@ -285,7 +316,8 @@ class Runtime:
         """Lost buckets: forget their watches at once; nothing more is written for them
         (their new holder adopts them from what was)."""
         ownership = self._ownership
-        assert ownership is not None
+        assert ownership is not None and self.adoption is not None
+        self.adoption.stop(buckets)
         for key in [k for k in self.watches if ownership.bucket(*k) in buckets]:
             self._forget(key)
 
@@ -297,7 +329,11 @@ class Runtime:
         now = self._wall()
         for key, watch in self.watches.items():
             if ownership.bucket(*key) in buckets and not watch.finished and watch.spec:
-                due = watch.deadline if watch.suspended else max(now, watch.next_poll_time or now)
+                due = (
+                    watch.deadline
+                    if watch.suspended
+                    else self._paced(watch.next_poll_time or now, watch)
+                )
                 self._plan(key, watch, due)
 
     async def hand_over(
@@ -310,7 +346,8 @@ class Runtime:
         cut request was out, for the next holder (progress written only every progress
         interval would be older)."""
         ownership = self._ownership
-        assert ownership is not None
+        assert ownership is not None and self.adoption is not None
+        self.adoption.stop(buckets)
         keys = [k for k in self.watches if ownership.bucket(*k) in buckets]
         for key in keys:
             self.scheduler.cancel(key)
@@ -419,10 +456,21 @@ class Runtime:
         if watch.suspended:
             due = watch.deadline  # only to time it out: the deadline keeps counting
         elif resumed and not same_watch and watch.next_poll_time:
-            due = watch.next_poll_time  # an operator restart: keep the planned rhythm
+            # An operator restart or a takeover: keep the planned rhythm.
+            due = self._paced(watch.next_poll_time, watch)
         else:
-            due = now
+            due = self._paced(now, watch)
         self._plan(key, watch, due)
+
+    def _paced(self, due: float, watch: Watch) -> float:
+        """`due`, or for a poll due already once polling runs (a bucket taken over, a burst
+        of new JobWatches) the next slot at START_UP_POLLS_PER_SECOND, within the watch's
+        own interval: the spread `start_polling` gives the fleet at start-up."""
+        now = self._wall()
+        if not self._polling or due > now or watch.spec is None:
+            return due
+        self._next_slot = max(self._next_slot, now) + 1 / START_UP_POLLS_PER_SECOND
+        return min(self._next_slot, now + watch.spec.interval)
 
     def _take_over(self, key: tuple[str, str], watch: Watch, *, resumed: bool) -> None:
         """A watch taken over from another replica: its timing as that replica left it

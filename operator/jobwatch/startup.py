@@ -10,6 +10,7 @@ client, the HTTP client, the runtime, the informer and the lease elector are mad
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # How long polling waits for the initial listing (a namespace the operator may not
 # list, for one, never completes it; its error is logged meanwhile).
 SYNC_TIMEOUT = 60
+# How long the first listing waits for the lease elector's first takes (two rounds, a
+# retry period apart, normally a few seconds) before it goes ahead anyway.
+FIRST_TAKES_WAIT = 15.0
 
 
 @dataclass
@@ -103,6 +107,17 @@ async def build(
         )
     runtime = Runtime(config, api, http, metrics, ownership=ownership)
     runtime.start()
+    elector: Elector | None = None
+
+    async def first_takes() -> None:
+        """With replicas: the first listing waits for this replica's first buckets, so
+        that it adopts their watches itself (one list, not a list and then reads or a
+        second list), before polling starts with its start-up spread."""
+        if elector is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FIRST_TAKES_WAIT):
+                    await elector.first_takes.wait()
+
     informer = Informer(
         api,
         config.namespaces,
@@ -110,9 +125,10 @@ async def build(
         observe=runtime.observe,
         keep_only=runtime.keep_only,
         listing=ownership.listing if ownership is not None else None,
+        before_listing=first_takes if ownership is not None else None,
     )
     informing = asyncio.create_task(informer.run(), name="jobwatch-informer")
-    elector = electing = None
+    electing = None
     if config.leases is not None and ownership is not None:
         elector = Elector(
             config.leases,
@@ -140,7 +156,10 @@ class _Handover:
         self._runtime, self._informer = runtime, informer
 
     def adopt(self, buckets: frozenset[int]) -> None:
-        self._informer.relist()
+        adoption = self._runtime.adoption
+        assert adoption is not None
+        if not adoption.adopt(buckets, listed=self._informer.synced.is_set()):
+            self._informer.relist()
 
     def resume(self, buckets: frozenset[int]) -> None:
         self._runtime.resume(buckets)

@@ -50,6 +50,9 @@ class FakeApi:
     async def create_event(self, ref: ObjectRef, **_: Any) -> None:
         pass
 
+    async def get_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return None
+
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
         assert self.secret is not None
         return await self.secret()
