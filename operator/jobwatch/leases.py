@@ -3,11 +3,12 @@ Lease, and a member Lease per replica so that each can tell its fair share.
 
 A JobWatch belongs to bucket `crc32(namespace/name) % B`. A replica polls only the
 watches of the buckets it holds. Every `retry_period` it lists the group's Leases (one
-request), renews its own (one update each) and then, knowing the live replicas:
+request), renews its own (one update each, each on its own: one that fails costs only
+its bucket) and then, knowing the live replicas:
 
 - takes free buckets while it holds fewer than its share, ceil(B / live replicas), and
-  any bucket that stayed free for a whole lease duration whatever its share (so none
-  stays unowned while replicas are missing);
+  any bucket that stayed free for ORPHAN_ROUNDS rounds whatever its share (so none
+  stays unowned while replicas are missing), and at once any the Leases say it holds;
 - gives one bucket back per round while it holds more than its share and another live
   replica holds less than the floor of it (a replica that joins gets its share within a
   few rounds, and a rebalance never moves more than it must).
@@ -18,14 +19,18 @@ this replica's own clock; so no one needs synchronised clocks. A holder counts a
 as its own only until `renew_deadline` after it sent the last renewal that succeeded:
 as others wait a whole `lease_duration` after they saw that renewal, a holder that
 cannot renew (an API server away, a process stopped with SIGSTOP) has stopped polling
-the bucket before anyone else may take it. Updates carry the resourceVersion they read,
-so two replicas taking one bucket at once cannot both succeed.
+and writing for the bucket before anyone else may take it; its requests still open
+then are cut (`Ownership.guard`). Updates carry the resourceVersion they read, so two
+replicas taking one bucket at once cannot both succeed. Each Lease request is bounded
+and retried within the renew deadline (REQUEST_SHARE, RETRY_SHARE).
 
 Giving a bucket up (a rebalance, SIGTERM) stops its polls, waits for those in flight,
-writes their last status and only then releases the Lease (no holder, duration 1 s, as
-client-go's ReleaseOnCancel does), so the next holder adopts from a fresh status
-within seconds, not after an expiry. Taking one makes the informer list again (see
-`Ownership`), which adopts the bucket's watches from their status as a restart does.
+cuts those still open, writes their last status and only then releases the Lease (no
+holder, duration 1 s, as client-go's ReleaseOnCancel does), with each watch's timing
+for the next holder (HANDOVER_ANNOTATION), so the next holder adopts within seconds, not
+after an expiry. Taking one adopts its watches from reads made after the taking
+(adoption.py). The settings that decide ownership are on every Lease
+(AGREEMENT_ANNOTATION): a replica whose settings are not those in force takes nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ BUCKET, MEMBER = "bucket", "member"
 # Buckets given back per round while holding more than the share: one keeps a
 # rebalance gentle (each handover costs a status flush and a list on the taker).
 RELEASES_PER_ROUND = 1
+# A bucket free for this many retry periods is taken by anyone, beyond its share too:
+# replicas short of their share would have taken it by then (a replica that died, or
+# the member Leases of those that did, still count in the shares for a lease duration).
+ORPHAN_ROUNDS = 3
 # Member Leases of replicas gone this many lease durations are deleted by anyone.
 MEMBER_GARBAGE_DURATIONS = 20
 # A round that waits for a Lease to expire comes this long after the moment.
@@ -398,27 +407,33 @@ def plan(
     floor = settings.buckets // live
     counts = dict.fromkeys(members, 0)
     free: list[tuple[int, float]] = []
+    mine: list[int] = []
     for bucket in range(settings.buckets):
         lease = seen.get(settings.bucket_lease(bucket))
         if lease is None:
             free.append((bucket, absent.get(bucket, now)))
             continue
-        since = lease.free_since(now)
         if lease.holder == me and bucket not in held:
-            since = lease.since  # ours on record, not in use: dropped after an outage
+            # Ours on record but not in use (parked after an outage, or a taking whose
+            # answer was lost): nobody else may take it before it expires, so it is
+            # taken back whatever the share (a rebalance gives back any excess).
+            mine.append(bucket)
+            continue
+        since = lease.free_since(now)
         if since is not None:
             if bucket not in held:
                 free.append((bucket, since))
         elif lease.holder in counts:
             counts[lease.holder] += 1
     counts[me] = len(held)
-    take: list[int] = []
+    take = list(mine)
     if free:
         rand.shuffle(free)  # replicas starting together then rarely want the same one
-        want = share - len(held)
+        want = share - len(held) - len(mine)
         for bucket, since in free:
-            # Beyond the share: only what nobody else took for a whole lease duration.
-            if want > 0 or now - since >= settings.lease_duration:
+            # Beyond the share: only what nobody else took for a few rounds (whoever is
+            # short of its share takes such a bucket at its next round).
+            if want > 0 or now - since >= ORPHAN_ROUNDS * settings.retry_period:
                 take.append(bucket)
                 want -= 1
     give: list[int] = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import random
 import time
 import zlib
@@ -15,8 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from lease_fakes import Clock, Handover, Store
 
-from jobwatch.kube import ApiError
+from jobwatch.kube import ApiError, Unreachable
 from jobwatch.leases import (
     HANDOVER_ANNOTATION,
     Elector,
@@ -29,107 +29,13 @@ from jobwatch.leases import (
 BUCKETS = 32
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Store:
-    """Leases with resourceVersions: a write carrying a stale one is a 409."""
-
-    def __init__(self) -> None:
-        self.leases: dict[str, dict[str, Any]] = {}
-        self.version = 0
-        self.down = False
-        self.writes = 0
-
-    def _check(self) -> None:
-        if self.down:
-            raise ConnectionError("the API server does not answer")
-
-    def _stored(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        self.version += 1
-        self.writes += 1
-        stored = copy.deepcopy(dict(body))
-        stored["metadata"]["resourceVersion"] = str(self.version)
-        self.leases[stored["metadata"]["name"]] = stored
-        return copy.deepcopy(stored)
-
-    async def list_leases(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        self._check()
-        key, _, value = selector.partition("=")
-        return [
-            copy.deepcopy(b) for b in self.leases.values() if b["metadata"]["labels"][key] == value
-        ]
-
-    async def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        self._check()
-        if body["metadata"]["name"] in self.leases:
-            raise ApiError(409, "already exists")
-        return self._stored(body)
-
-    async def replace_lease(
-        self, namespace: str, name: str, body: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        self._check()
-        current = self.leases.get(name)
-        if current is None:
-            raise ApiError(404, "not found")
-        if current["metadata"]["resourceVersion"] != body["metadata"].get("resourceVersion"):
-            raise ApiError(409, "the object has been modified")
-        return self._stored(body)
-
-    async def delete_lease(self, namespace: str, name: str) -> None:
-        self._check()
-        self.leases.pop(name, None)
-
-    def holder(self, bucket: int) -> str:
-        lease = self.leases.get(f"jobwatch-bucket-{bucket:03d}")
-        return str(lease["spec"]["holderIdentity"]) if lease else ""
-
-
-class Handover:
-    """The runtime's side: `timing` is what it hands over for each watch."""
-
-    def __init__(self) -> None:
-        self.adopted = 0
-        self.adoptions: list[frozenset[int]] = []
-        self.resumed: list[frozenset[int]] = []
-        self.dropped: list[frozenset[int]] = []
-        self.handed: list[frozenset[int]] = []
-        self.timing: dict[tuple[str, str], Handed] = {}
-
-    def adopt(self, buckets: frozenset[int]) -> None:
-        self.adopted += 1
-        self.adoptions.append(buckets)
-
-    def resume(self, buckets: frozenset[int]) -> None:
-        self.resumed.append(buckets)
-
-    def drop(self, buckets: frozenset[int]) -> None:
-        self.dropped.append(buckets)
-
-    async def hand_over(
-        self, buckets: frozenset[int], budget: float
-    ) -> dict[tuple[str, str], Handed]:
-        self.handed.append(buckets)
-        return {
-            key: timing
-            for key, timing in self.timing.items()
-            if bucket_of(*key, BUCKETS) in buckets
-        }
-
-
 class Replica:
     def __init__(
         self, name: str, store: Store, clock: Clock, seed: int, buckets: int = BUCKETS
     ) -> None:
         self.settings = LeaseSettings(namespace="ops", identity=name, buckets=buckets)
         self.ownership = Ownership(self.settings, scopes=(None,), clock=clock)
-        self.handover = Handover()
+        self.handover = Handover(buckets)
 
         async def sleep(seconds: float) -> None:  # a retry's pause, on the fake clock
             clock.now += seconds
@@ -148,7 +54,7 @@ class Replica:
 
     async def round(self) -> None:
         if self.alive:
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(Unreachable):
                 await self.elector.round()
             self.elector._expire_unrenewed()
             # The informer lists again when told to adopt: the buckets become usable.
@@ -453,7 +359,7 @@ async def test_a_stalled_renewal_costs_only_its_own_bucket() -> None:
         namespace="ops", identity="a", lease_duration=1.5, renew_deadline=1.0, retry_period=0.3
     )
     ownership = Ownership(settings, scopes=(None,), clock=clock)
-    handover = Handover()
+    handover = Handover(BUCKETS)
     elector = Elector(settings, store, ownership, handover, clock=clock, wall=clock)
     for _ in range(2):
         await elector.round()
