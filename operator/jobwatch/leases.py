@@ -407,7 +407,7 @@ def plan(
     floor = settings.buckets // live
     counts = dict.fromkeys(members, 0)
     free: list[tuple[int, float]] = []
-    mine: list[int] = []
+    ours: list[int] = []
     for bucket in range(settings.buckets):
         lease = seen.get(settings.bucket_lease(bucket))
         if lease is None:
@@ -417,7 +417,7 @@ def plan(
             # Ours on record but not in use (parked after an outage, or a taking whose
             # answer was lost): nobody else may take it before it expires, so it is
             # taken back whatever the share (a rebalance gives back any excess).
-            mine.append(bucket)
+            ours.append(bucket)
             continue
         since = lease.free_since(now)
         if since is not None:
@@ -426,10 +426,10 @@ def plan(
         elif lease.holder in counts:
             counts[lease.holder] += 1
     counts[me] = len(held)
-    take = list(mine)
+    take = list(ours)
     if free:
         rand.shuffle(free)  # replicas starting together then rarely want the same one
-        want = share - len(held) - len(mine)
+        want = share - len(held) - len(ours)
         for bucket, since in free:
             # Beyond the share: only what nobody else took for a few rounds (whoever is
             # short of its share takes such a bucket at its next round).
