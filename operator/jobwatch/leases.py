@@ -210,9 +210,9 @@ class Ownership:
         return self._listed_at.get(scope, -1) >= taken
 
     def valid(self, namespace: str, name: str, now: float) -> bool:
-        """May this watch be polled now (`now`: the loop's monotonic clock)?"""
-        bucket = bucket_of(namespace, name, self._buckets)
-        return self.valid_at(bucket, now) and self.owns(namespace, name)
+        """May this watch, taken in already, be polled now (`now`: the loop's monotonic
+        clock)? (What is taken in is decided by `owns` and adoption.py.)"""
+        return self.valid_at(bucket_of(namespace, name, self._buckets), now)
 
     def valid_at(self, bucket: int, now: float) -> bool:
         return bucket not in self._releasing and now < self._valid_until.get(bucket, -math.inf)

@@ -432,7 +432,7 @@ class Runtime:
         elif current is not None:
             # A new watch of the same object (a spec edit): the same job service may be
             # polled, so the timing floor counts from the old watch's last request.
-            watch.last_end = current.last_end
+            watch.last_end, watch.not_before = current.last_end, current.not_before
         else:
             self._take_over(key, watch, resumed=False)
         self.watches[key] = watch
@@ -496,15 +496,18 @@ class Runtime:
             if handed.in_flight_since is not None:
                 busy_since = max(busy_since or 0.0, handed.in_flight_since)
         if busy_since is not None and watch.spec is not None:
-            watch.last_end = max(watch.last_end or 0.0, busy_since + watch.spec.request_timeout)
+            watch.not_before = busy_since + watch.spec.request_timeout
 
     def _plan(self, key: tuple[str, str], watch: Watch, due_wall: float) -> None:
         """Plans the next poll. The one place that keeps the timing floor: whatever asked
         for it (a decision, a resume, an edit, a restart), no request starts sooner than
-        `policy.min_gap` after the watch's last one ended. Only the deadline comes sooner
-        (no request is sent at it)."""
+        `policy.min_gap` after the watch's last one ended, nor before `not_before` (one
+        another replica may still have open). Only the deadline comes sooner (no request
+        is sent at it)."""
         if watch.spec is not None and watch.last_end is not None:
             due_wall = max(due_wall, watch.last_end + policy.min_gap(watch.spec))
+        if watch.not_before is not None:
+            due_wall = max(due_wall, watch.not_before)
         due_wall = min(due_wall, watch.deadline + DEADLINE_SLACK)
         watch.next_poll_time = due_wall
         delay = max(0.0, due_wall - self._wall())
@@ -537,7 +540,7 @@ class Runtime:
             if (
                 watch.last_end is not None
                 and now < watch.last_end + policy.min_gap(spec) - FLOOR_SLACK
-            ):
+            ) or (watch.not_before is not None and now < watch.not_before - FLOOR_SLACK):
                 # Planned before the last request ended (a poll held while the replaced
                 # watch's request was out): the floor counts from that request's end.
                 self._plan(key, watch, now)

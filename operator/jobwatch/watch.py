@@ -68,6 +68,9 @@ class Watch:
     # When the last request ended (wall clock): the timing floor counts from it. Not in
     # `status`; after a restart `lastPollTime` (when it started) stands in for it.
     last_end: float | None = None
+    # No request before this (wall clock): a request another replica may still have
+    # open at the job service ends by then at the latest (see Runtime._take_over).
+    not_before: float | None = None
     next_poll_time: float | None = None
     completion_time: float | None = None
     last_response: dict[str, Any] | None = None

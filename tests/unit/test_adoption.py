@@ -138,3 +138,42 @@ def test_a_list_is_the_way_before_the_first_listing_or_for_a_large_share() -> No
     assert not adoption.adopt(frozenset({0}), listed=False)  # keys not all known yet
     # A quarter of the fleet is above the share: one list costs less than the reads.
     assert not adoption.adopt(frozenset({0}), listed=True)
+
+
+async def test_a_runtime_polls_the_watches_of_a_bucket_adopted_by_reads() -> None:
+    from test_isolation import FakeApi, FakeHttp, jobwatch  # the runtime's fakes
+
+    from jobwatch.config import Config
+    from jobwatch.metrics import Metrics
+    from jobwatch.runtime import Runtime
+
+    class Api(FakeApi):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stored: dict[tuple[str, str], dict[str, Any]] = {}
+
+        async def get_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
+            await asyncio.sleep(0.01)
+            return self.stored.get((namespace, name))
+
+    settings = LeaseSettings("ops", "r0", buckets=BUCKETS)
+    ownership = Ownership(settings, scopes=[None])
+    api, http = Api(), FakeHttp()
+    config = Config.from_env({"JOBWATCH_STATUS_QPS": "1000", "JOBWATCH_STATUS_BURST": "1000"})
+    runtime = Runtime(config, api, http, Metrics(), ownership=ownership)  # type: ignore[arg-type]
+    runtime.start()
+    ownership.listing(None)
+    names = [f"w{n}" for n in range(40)]
+    for name in names:
+        api.stored[("ns", name)] = jobwatch(name, interval="100ms", timeout="1h")
+        runtime.observe("ADDED", api.stored[("ns", name)])
+    runtime.start_polling()
+    try:
+        assert not runtime.watches
+        ownership.take(1, time.monotonic() + 60, {})
+        assert runtime.adoption is not None and runtime.adoption.adopt(frozenset({1}), listed=True)
+        mine = [n for n in names if bucket_of("ns", n, BUCKETS) == 1]
+        await until(lambda: all(http.sent.get(f"http://jobs.test/{n}", 0) >= 2 for n in mine))
+        assert {key[1] for key in runtime.watches} == set(mine)
+    finally:
+        await runtime.shutdown(1.0)
