@@ -84,7 +84,9 @@ class Runtime:
             progress_interval=config.progress_interval,
             wall=wall,
             clock=clock,
+            identity=config.leases.identity if config.leases else config.identity,
             may_write=self._writable,
+            on_foreign_end=self._ended_elsewhere,
         )
         self.scheduler: Scheduler[tuple[str, str]] = Scheduler(
             self.poll, workers=config.max_in_flight, metrics=metrics, clock=clock
@@ -315,6 +317,14 @@ class Runtime:
             self._forget(key)
         return handed
 
+    def _ended_elsewhere(self, body: Mapping[str, Any]) -> None:
+        """Another replica ended this watch while this one still had it (the writer's
+        fenced write was refused): that end stands. Taken in again from the object as
+        stored, the watch resumes as finished and writes nothing."""
+        meta = body.get("metadata") or {}
+        self._forget((str(meta.get("namespace")), str(meta.get("name"))))
+        self.observe(None, body)
+
     def _forget(self, key: tuple[str, str]) -> None:
         self._reserved.discard(key)
         self._release(key)
@@ -332,6 +342,7 @@ class Runtime:
         current: Watch | None,
     ) -> None:
         raw_spec = body.get("spec") or {}
+        self.writer.stored(ref, body.get("status"))
         stored = body.get("status") or {}
         now = self._wall()
         spec: WatchSpec | None = None

@@ -23,7 +23,7 @@ from jobwatch import status as status_module
 from jobwatch.config import Config
 from jobwatch.expressions import CompiledWatch
 from jobwatch.httpclient import Request
-from jobwatch.kube import ApiError, ObjectRef, Secret
+from jobwatch.kube import ApiError, Fence, ObjectRef, Secret
 from jobwatch.leases import LeaseSettings, Ownership
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import Outcome, Response
@@ -43,7 +43,9 @@ class FakeApi:
         self.statuses: dict[str, list[dict[str, Any]]] = {}
         self.secret: Callable[[], Awaitable[Secret | None]] | None = None
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         self.statuses.setdefault(ref.name, []).append(status)
 
     async def create_event(self, ref: ObjectRef, **_: Any) -> None:

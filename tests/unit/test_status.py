@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from jobwatch import kube, status
-from jobwatch.kube import ApiError, ObjectRef
+from jobwatch.kube import ApiError, Fence, ObjectRef
 from jobwatch.metrics import Metrics
 from jobwatch.policy import ErrorClass, LastError, Phase
 from jobwatch.status import EventRecorder, StatusWriter, TokenBucket, render
@@ -143,7 +143,9 @@ class FakeApi:
         # Each Event creation takes the next of these, if any: an error to raise.
         self.event_failures: list[Exception] = []
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None
             raise error
@@ -185,6 +187,7 @@ def make_writer(
         progress_interval=progress,
         wall=time.time,
         clock=clock,
+        identity="me",
     )
 
 
@@ -314,7 +317,9 @@ class SlowApi(FakeApi):
         self.peak = 0
         self.per_object: dict[str, int] = {}
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         self.concurrent += 1
         self.per_object[ref.name] = self.per_object.get(ref.name, 0) + 1
         assert self.per_object[ref.name] == 1, "one object written twice at once"
@@ -378,7 +383,9 @@ class FailingApi(FakeApi):
         self.error = error
         self.attempts: list[float] = []
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         self.attempts.append(time.monotonic())
         raise self.error
 
@@ -506,17 +513,23 @@ def test_render_writes_exactly_the_fields_the_writer_keeps_hashes_of() -> None:
 
 
 class WireApi(FakeApi):
-    """Records the JSON patch each write sends; fails the writes `refuse` says to."""
+    """Records the JSON patch each write sends: in `sent` what it writes, in `fences` the
+    tests of the status after the uid's; fails the writes `refuse` says to."""
 
     def __init__(self, refuse: Callable[[list[dict[str, Any]]], ApiError | None]) -> None:
         super().__init__()
         self.sent: list[list[dict[str, Any]]] = []
+        self.fences: list[list[dict[str, Any]]] = []
         self.refuse = refuse
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
-        ops = json.loads(kube.status_patch(ref.uid, status))
-        self.sent.append(ops)
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
+        ops = json.loads(kube.status_patch(ref.uid, status, fence))
         assert ops[0] == {"op": "test", "path": "/metadata/uid", "value": ref.uid}
+        self.fences.append([op for op in ops[1:] if op["op"] == "test"])
+        ops = [op for op in ops if op["op"] != "test"]
+        self.sent.append(ops)
         error = self.refuse(ops)
         if error is not None:
             raise error
@@ -524,7 +537,7 @@ class WireApi(FakeApi):
 
 
 def paths(ops: list[dict[str, Any]]) -> list[str]:
-    return [op["path"] for op in ops[1:]]
+    return [op["path"] for op in ops]
 
 
 async def write(writer: StatusWriter, watch: Watch) -> None:
@@ -547,8 +560,8 @@ async def test_a_write_sends_only_the_fields_that_changed_and_whole_when_one_goe
         ["/status/attempts", "/status/lastPollTime", "/status/lastResponse"],
         ["/status"],
     ]
-    assert api.sent[1][3]["value"] == {"code": 200, "latencyMs": 3, "body": "{}"}
-    assert "nextPollTime" not in api.sent[2][1]["value"]
+    assert api.sent[1][2]["value"] == {"code": 200, "latencyMs": 3, "body": "{}"}
+    assert "nextPollTime" not in api.sent[2][0]["value"]
 
 
 async def test_nulls_in_a_changed_result_stay() -> None:
@@ -558,12 +571,12 @@ async def test_nulls_in_a_changed_result_stay() -> None:
     await write(writer, watch)
     watch.result = {"a": None, "b": [None]}
     await write(writer, watch)
-    assert api.sent[1][1:] == [{"op": "add", "path": "/status/result", "value": watch.result}]
+    assert api.sent[1] == [{"op": "add", "path": "/status/result", "value": watch.result}]
 
 
 async def test_fields_the_object_cannot_take_are_written_whole_instead() -> None:
     # Its status was replaced by someone else meanwhile, say: the fields' parent is gone.
-    api = WireApi(lambda ops: ApiError(422, "doc is missing path") if len(ops) > 2 else None)
+    api = WireApi(lambda ops: ApiError(422, "doc is missing path") if len(ops) > 1 else None)
     writer = make_writer(api)
     watch = make_watch()
     await write(writer, watch)
@@ -574,13 +587,13 @@ async def test_fields_the_object_cannot_take_are_written_whole_instead() -> None
         ["/status/attempts", "/status/consecutiveErrors"],
         ["/status"],
     ]
-    assert api.sent[2][1]["value"]["attempts"] == 3
+    assert api.sent[2][0]["value"]["attempts"] == 3
     assert len(api.patches) == 2
 
 
 async def test_after_a_status_written_without_the_endpoints_parts_the_next_goes_whole() -> None:
     def refuse(ops: list[dict[str, Any]]) -> ApiError | None:
-        value = ops[1]["value"]
+        value = ops[0]["value"]
         too_big = isinstance(value, dict) and value.get("result") == "x" * 100
         return ApiError(422, "result: Too long") if too_big else None
 
@@ -591,7 +604,7 @@ async def test_after_a_status_written_without_the_endpoints_parts_the_next_goes_
     watch.attempts = 1
     await write(writer, watch)
     assert [paths(ops) for ops in api.sent] == [["/status"]] * 4
-    assert [("result" in ops[1]["value"]) for ops in api.sent] == [True, False, True, False]
+    assert [("result" in ops[0]["value"]) for ops in api.sent] == [True, False, True, False]
 
 
 async def test_a_forgotten_object_is_written_whole_again() -> None:
@@ -612,7 +625,9 @@ class TimedApi(FakeApi):
         super().__init__()
         self.sent: list[tuple[str, float]] = []
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         self.sent.append((ref.name, time.monotonic()))
         await super().patch_status(ref, status)
 
