@@ -13,7 +13,14 @@ The writer is polite to the API server at any fleet size:
   hold the latest `Watch` submitted for each object, never an older one;
 - a status the API server cannot take (not encodable, or refused as invalid) is written
   again without its result and last response, saying why, instead of being retried
-  forever.
+  forever;
+- every status says which replica wrote it (`holder`), every write is fenced by what the
+  writer last knew of the stored status (kube.Fence: the API server refuses it if the
+  holder or phase changed since), and a refused write reads the object once: an end
+  another replica wrote stands, anything else is written over whole (`_refused`);
+- whether the object is still this replica's (`may_write`) is asked right before each
+  request, status and Event alike: a write that waited must not go out after the
+  replica's lease ran out.
 
 Events (EventRecorder): every phase change is an occurrence of a kind, (namespace, type,
 reason). Events never delay a status write: they have a token bucket of their own
