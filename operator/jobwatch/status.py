@@ -68,6 +68,7 @@ from .watch import Watch, format_time, format_time_seconds
 log = logging.getLogger(__name__)
 
 _ACTIVE = (Phase.PENDING, Phase.POLLING)
+_END_PHASES = frozenset(phase.value for phase in END_PHASES)
 _STALLED = (Phase.FAILED, Phase.TIMED_OUT)
 RETRY_DELAY = 1.0
 # Events (see EventRecorder). Once the Event budget has run out, or right after an
@@ -252,7 +253,7 @@ def _end_stands(watch: Watch, stored: object) -> bool:
     undo: an end of the same generation, while `watch` has not ended."""
     if not isinstance(stored, dict) or watch.finished:
         return False
-    ended = stored.get("phase") in {phase.value for phase in END_PHASES}
+    ended = stored.get("phase") in _END_PHASES
     return ended and stored.get("observedGeneration") == watch.generation
 
 
