@@ -233,6 +233,7 @@ async def measure(args: argparse.Namespace, admin: Path, operator: Path) -> dict
         progress_interval=15.0,
         wall=time.time,
         clock=loop.time,
+        identity="bench",
     )
     tasks = [asyncio.create_task(informer.run()), asyncio.create_task(writer.run())]
     sampler = Sampler(0.002, Path(args.profile)) if args.profile else None

@@ -23,6 +23,8 @@ from .leases import LeaseSettings
 
 # Each bucket is a Lease renewed every retry period by its holder: API writes grow with it.
 MAX_BUCKETS = 256
+# status.holder's maxLength in the CRD.
+MAX_IDENTITY = 253
 # A per-host rate cap below this is a typo, not a quota (one request every 100 s).
 MIN_HOST_QPS = 0.01
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -30,6 +32,11 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 class ConfigError(ValueError):
     pass
+
+
+def process_identity() -> str:
+    """This process among the operator's replicas: the pod's name and a random suffix."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
 class LogFormat(enum.StrEnum):
@@ -87,6 +94,9 @@ class Config:
     hosts: HostSettings = field(default_factory=HostSettings)  # limits and breaker per host
     # Replicas sharing the fleet through Leases; None: one replica polls everything.
     leases: LeaseSettings | None = None
+    # This replica, in every status it writes (`status.holder`); the Lease holder identity
+    # when leases are on.
+    identity: str = field(default_factory=process_identity)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -194,9 +204,13 @@ class Config:
             ("JOBWATCH_NAMESPACES", ",".join(sorted(namespaces)) or "*"),
             ("JOBWATCH_LABEL_SELECTOR", ",".join(f"{k}={v}" for k, v in sorted(labels))),
         )
+        identity = text("JOBWATCH_IDENTITY", "") or process_identity()
+        if len(identity) > MAX_IDENTITY:  # status.holder would refuse every status write
+            raise ConfigError(f"JOBWATCH_IDENTITY is longer than {MAX_IDENTITY} characters")
         return cls(
             hosts=hosts,
-            leases=_leases(text, duration, number, scope),
+            leases=_leases(text, duration, number, identity, scope),
+            identity=identity,
             labels=tuple(labels),
             namespaces=namespaces,
             egress=EgressPolicy(deny=deny, allow=allow),
@@ -220,6 +234,7 @@ def _leases(
     text: Callable[[str, str], str],
     duration: Callable[[str, str], float],
     number: Callable[[str, str, float], float],
+    identity: str,
     scope: tuple[tuple[str, str], ...],
 ) -> LeaseSettings | None:
     """Bucketed ownership, on when JOBWATCH_LEASE_NAMESPACE names where the Leases live
@@ -229,7 +244,7 @@ def _leases(
         return None
     settings = LeaseSettings(
         namespace=namespace,
-        identity=text("JOBWATCH_IDENTITY", "") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
+        identity=identity,
         group=text("JOBWATCH_LEASE_GROUP", "jobwatch"),
         buckets=int(number("JOBWATCH_BUCKETS", "32", 1)),
         lease_duration=duration("JOBWATCH_LEASE_DURATION", "15s"),

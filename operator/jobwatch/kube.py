@@ -73,10 +73,18 @@ class Expired(Exception):
     """The resourceVersion to watch from is too old (410 Gone): list again."""
 
 
+# What kube-apiserver answers (422, reason Invalid, no details) when a JSON patch does not
+# apply to the object as stored: one of its `test`s failed (the uid, the status fence),
+# or a path it adds to is missing. A refusal by the schema names the object and the
+# fields instead. Measured on kube-apiserver 1.35 (tests/e2e/test_status_fence.py).
+PATCH_NOT_APPLIED = "the server rejected our request due to an error in our request"
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.message = message
 
     @property
     def gone(self) -> bool:
@@ -89,6 +97,12 @@ class ApiError(Exception):
         restarted API server answers until its authorizer has loaded the RBAC rules (a
         status write refused then would be lost for good, an end included)."""
         return self.status in (403, 429) or self.status >= 500
+
+    @property
+    def not_applied(self) -> bool:
+        """A JSON patch refused because it does not apply to the object as stored (a
+        `test` failed), not because of what it writes."""
+        return self.status == 422 and self.message == PATCH_NOT_APPLIED
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,18 +133,46 @@ class EncodedStatus(dict[str, Any]):
         self.texts, self.changed = texts, changed
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What a status write expects the object's stored status to hold: whether there is
+    one, who wrote it (`status.holder`) and its phase. The write is refused unless the
+    object still holds exactly that, so a replica that lost the object cannot undo what
+    the object's new holder wrote (see `status_patch`)."""
+
+    present: bool
+    holder: str | None
+    phase: str | None
+
+    @classmethod
+    def of(cls, status: object) -> Fence:
+        """The fence for a stored `status` (None: the object has none)."""
+        if not isinstance(status, Mapping):
+            return cls(status is not None, None, None)
+        holder, phase = status.get("holder"), status.get("phase")
+        return cls(
+            True,
+            holder if isinstance(holder, str) else None,
+            phase if isinstance(phase, str) else None,
+        )
+
+
 def _pointer(key: str) -> str:
     return "/status/" + key.replace("~", "~0").replace("/", "~1")
 
 
-def status_patch(uid: str, status: Mapping[str, Any]) -> bytes:
-    """The JSON patch that writes `status`, only on the object with this uid.
+def status_patch(uid: str, status: Mapping[str, Any], fence: Fence | None = None) -> bytes:
+    """The JSON patch that writes `status`, only on the object with this uid, and with a
+    `fence` only while its stored status is still what the fence says.
 
     A JSON patch rather than a merge patch: a merge patch reads null as "delete", and
     `status.result` may hold nulls that must stay. The `test` of the uid keeps a write
-    from landing on a re-created namesake. Written whole (`add /status`) unless the
-    status says which fields changed: then only those (`add /status/<field>`), so that
-    a progress write sends a few hundred bytes, not the whole status again.
+    from landing on a re-created namesake; the fence's tests (`/status` null, or
+    `/status/holder` and `/status/phase`, null matching an absent field) keep a replica
+    that lost the object from overwriting the status its new holder wrote. Written whole
+    (`add /status`) unless the status says which fields changed: then only those (`add
+    /status/<field>`), so that a progress write sends a few hundred bytes, not the whole
+    status again.
     """
     if isinstance(status, EncodedStatus):
         texts, changed = status.texts, status.changed
@@ -138,6 +180,8 @@ def status_patch(uid: str, status: Mapping[str, Any]) -> bytes:
         texts = {k: encode_json(v) for k, v in status.items() if v is not None}
         changed = None
     ops = [f'{{"op":"test","path":"/metadata/uid","value":{encode_json(uid)}}}']
+    if fence is not None:
+        ops += _fence_tests(fence)
     if changed is None:
         fields = ",".join(f"{encode_json(k)}:{text}" for k, text in texts.items())
         ops.append(f'{{"op":"add","path":"/status","value":{{{fields}}}}}')
@@ -146,6 +190,15 @@ def status_patch(uid: str, status: Mapping[str, Any]) -> bytes:
             f'{{"op":"add","path":{encode_json(_pointer(k))},"value":{texts[k]}}}' for k in changed
         ]
     return f"[{','.join(ops)}]".encode()
+
+
+def _fence_tests(fence: Fence) -> list[str]:
+    def test(path: str, value: str | None) -> str:
+        return f'{{"op":"test","path":"{path}","value":{encode_json(value)}}}'
+
+    if not fence.present:
+        return [test("/status", None)]
+    return [test("/status/holder", fence.holder), test("/status/phase", fence.phase)]
 
 
 def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
@@ -473,16 +526,28 @@ class KubeApi:
             self._session = await asyncio.to_thread(lambda: _session(self._credentials()))
         used.retire(self._close)
 
-    async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
-        """Writes `status` (see `status_patch`), only on the object with this uid."""
+    async def patch_status(
+        self, ref: ObjectRef, status: Mapping[str, Any], fence: Fence | None = None
+    ) -> None:
+        """Writes `status` (see `status_patch`), only on the object with this uid, and
+        with a `fence` only if its stored status is as the fence says (else an ApiError
+        that is `not_applied`)."""
         code, body = await self._request(
             "PATCH",
             f"/apis/{GROUP}/{VERSION}/namespaces/{ref.namespace}/{PLURAL}/{ref.name}/status",
-            body=status_patch(ref.uid, status),
+            body=status_patch(ref.uid, status, fence),
             content_type=JSON_PATCH,
         )
         if code >= 400:
             raise _error(code, body)
+
+    async def get_jobwatch(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """The object as stored, or None when it is gone (or is a namesake with another
+        uid)."""
+        found = await self.read_jobwatch(ref.namespace, ref.name)
+        if found is None or (found.get("metadata") or {}).get("uid") != ref.uid:
+            return None
+        return found
 
     @staticmethod
     def _collection(namespace: str | None) -> str:
@@ -594,7 +659,7 @@ class KubeApi:
             await self._relogin(session)
         raise AssertionError("unreachable")
 
-    async def get_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
+    async def read_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The JobWatch as stored now (a quorum read), or None when there is none."""
         code, payload = await self._request(
             "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
@@ -603,8 +668,8 @@ class KubeApi:
             return None
         if code >= 400:
             raise _error(code, payload)
-        body: dict[str, Any] = json.loads(payload)
-        return body
+        body = json.loads(payload)
+        return body if isinstance(body, dict) else None
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
         """The Secret, or None when it does not exist (or we may not read it)."""

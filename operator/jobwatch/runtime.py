@@ -76,7 +76,7 @@ class Runtime:
         # None: a single replica, which takes in and polls every JobWatch it sees.
         self._ownership = ownership
         self.adoption = (
-            Adoption(ownership, api.get_jobwatch, self._take_in_adopted)
+            Adoption(ownership, api.read_jobwatch, self._take_in_adopted)
             if ownership is not None
             else None
         )
@@ -92,7 +92,9 @@ class Runtime:
             progress_interval=config.progress_interval,
             wall=wall,
             clock=clock,
+            identity=config.leases.identity if config.leases else config.identity,
             may_write=self._writable,
+            on_foreign_end=self._ended_elsewhere,
         )
         self.scheduler: Scheduler[tuple[str, str]] = Scheduler(
             self.poll, workers=config.max_in_flight, metrics=metrics, clock=clock
@@ -323,12 +325,17 @@ class Runtime:
 
     def resume(self, buckets: frozenset[int]) -> None:
         """Parked buckets are this replica's again, nobody else's in between: their
-        watches, as they were, poll again (those due meanwhile at once)."""
+        watches, as they were, poll again (those due meanwhile paced), and what could
+        not be written meanwhile is written."""
         ownership = self._ownership
         assert ownership is not None
         now = self._wall()
         for key, watch in self.watches.items():
-            if ownership.bucket(*key) in buckets and not watch.finished and watch.spec:
+            if ownership.bucket(*key) not in buckets:
+                continue
+            # What could not be written while parked (an end above all) goes out now.
+            self.writer.submit(watch, urgent=True)
+            if not watch.finished and watch.spec:
                 due = (
                     watch.deadline
                     if watch.suspended
@@ -373,6 +380,14 @@ class Runtime:
             self._forget(key)
         return handed
 
+    def _ended_elsewhere(self, body: Mapping[str, Any]) -> None:
+        """Another replica ended this watch while this one still had it (the writer's
+        fenced write was refused): that end stands. Taken in again from the object as
+        stored, the watch resumes as finished and writes nothing."""
+        meta = body.get("metadata") or {}
+        self._forget((str(meta.get("namespace")), str(meta.get("name"))))
+        self.observe(None, body)
+
     def _forget(self, key: tuple[str, str]) -> None:
         self._reserved.discard(key)
         self._release(key)
@@ -390,6 +405,7 @@ class Runtime:
         current: Watch | None,
     ) -> None:
         raw_spec = body.get("spec") or {}
+        self.writer.stored(ref, body.get("status"))
         stored = body.get("status") or {}
         now = self._wall()
         spec: WatchSpec | None = None

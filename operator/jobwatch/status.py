@@ -13,7 +13,14 @@ The writer is polite to the API server at any fleet size:
   hold the latest `Watch` submitted for each object, never an older one;
 - a status the API server cannot take (not encodable, or refused as invalid) is written
   again without its result and last response, saying why, instead of being retried
-  forever.
+  forever;
+- every status says which replica wrote it (`holder`), every write is fenced by what the
+  writer last knew of the stored status (kube.Fence: the API server refuses it if the
+  holder or phase changed since), and a refused write reads the object once: an end
+  another replica wrote stands, anything else is written over whole (`_refused`);
+- whether the object is still this replica's (`may_write`) is asked right before each
+  request, status and Event alike: a write that waited must not go out after the
+  replica's lease ran out.
 
 Events (EventRecorder): every phase change is an occurrence of a kind, (namespace, type,
 reason). Events never delay a status write: they have a token bucket of their own
@@ -52,15 +59,16 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from .kube import ApiError, EncodedStatus, KubeApi, ObjectRef, encode_json
+from .kube import ApiError, EncodedStatus, Fence, KubeApi, ObjectRef, encode_json
 from .logs import about
 from .metrics import Metrics
-from .policy import Phase
+from .policy import END_PHASES, Phase
 from .watch import Watch, format_time, format_time_seconds
 
 log = logging.getLogger(__name__)
 
 _ACTIVE = (Phase.PENDING, Phase.POLLING)
+_END_PHASES = frozenset(phase.value for phase in END_PHASES)
 _STALLED = (Phase.FAILED, Phase.TIMED_OUT)
 RETRY_DELAY = 1.0
 # Events (see EventRecorder). Once the Event budget has run out, or right after an
@@ -111,6 +119,7 @@ FIELDS = (
     "result",
     "observedGeneration",
     "specHash",
+    "holder",
     "conditions",
 )
 # How a status that was not encodable is encoded once the endpoint's parts are out:
@@ -135,8 +144,9 @@ def _condition(
     }
 
 
-def render(watch: Watch, now: float) -> dict[str, Any]:
-    """The whole `status` for `watch`; a None value means the field is absent."""
+def render(watch: Watch, now: float, holder: str | None = None) -> dict[str, Any]:
+    """The whole `status` for `watch`, written by replica `holder`; a None value means the
+    field is absent."""
     phase, (reason, message) = watch.phase, watch.shown
     message = message[:MAX_MESSAGE]
     finished = watch.finished
@@ -175,11 +185,12 @@ def render(watch: Watch, now: float) -> dict[str, Any]:
         "result": watch.result,
         "observedGeneration": watch.generation,
         "specHash": watch.spec_hash,
+        "holder": holder,
         "conditions": conditions,
     }
 
 
-def _minimal(watch: Watch, exc: Exception) -> dict[str, Any]:
+def _minimal(watch: Watch, exc: Exception, holder: str) -> dict[str, Any]:
     """What is written when `render` fails: the phase and why the rest is missing."""
     return {
         "phase": watch.phase.value,
@@ -189,6 +200,7 @@ def _minimal(watch: Watch, exc: Exception) -> dict[str, Any]:
         "attempts": watch.attempts,
         "observedGeneration": watch.generation,
         "specHash": watch.spec_hash,
+        "holder": holder,
     }
 
 
@@ -230,6 +242,19 @@ class _Written:
     digest: array[int]
     at: float
     exact: bool
+
+
+class _NotOurs(Exception):
+    """The object is no longer this replica's to write (StatusWriter's `may_write`)."""
+
+
+def _end_stands(watch: Watch, stored: object) -> bool:
+    """Whether a stored status another writer left is an end that `watch` must not
+    undo: an end of the same generation, while `watch` has not ended."""
+    if not isinstance(stored, dict) or watch.finished:
+        return False
+    ended = stored.get("phase") in _END_PHASES
+    return ended and stored.get("observedGeneration") == watch.generation
 
 
 class TokenBucket:
@@ -316,9 +341,11 @@ class EventRecorder:
         burst: int,
         wall: Callable[[], float],
         clock: Callable[[], float],
+        may_write: Callable[[ObjectRef], bool] = lambda ref: True,
     ) -> None:
         self._api, self._metrics = api, metrics
         self._wall, self._clock = wall, clock
+        self._may_write = may_write  # as for status writes: see StatusWriter
         self._bucket = TokenBucket(qps, burst, clock)
         # Occurrences with a token of their own, oldest first: no more than the tokens.
         self._alone: deque[tuple[_EventKind, _Pending]] = deque()
@@ -418,6 +445,11 @@ class EventRecorder:
 
     async def _create(self, kind: _EventKind, pending: _Pending) -> None:
         ref, warning, reason = pending.ref, kind[1], kind[2]
+        if not self._may_write(ref):
+            # Asked at the moment of sending, as for status: a replica that lost the
+            # object (its lease ran out while this waited) must not report on it.
+            self._metrics.events_dropped.inc(pending.count)
+            return
         try:
             await self._api.create_event(
                 ref,
@@ -485,12 +517,25 @@ class StatusWriter:
         progress_interval: float,
         wall: Callable[[], float],
         clock: Callable[[], float],
+        identity: str,
         may_write: Callable[[ObjectRef], bool] = lambda ref: True,
+        on_foreign_end: Callable[[dict[str, Any]], None] = lambda body: None,
     ) -> None:
         self._api, self._metrics = api, metrics
         # With replicas: is the object's bucket still this one's? A replica that lost it
         # (renew deadline passed, taken over) must not overwrite the new holder's status.
+        # Asked right before each request: a write waits for a token, a retry, an answer.
         self._may_write = may_write
+        # Called with the object as stored when a write was refused because another
+        # replica ended the watch meanwhile: the end stands, the caller takes it in.
+        self._on_foreign_end = on_foreign_end
+        # Every status written says who wrote it (`status.holder`), and every write tests
+        # that the object still holds what this writer last knew of it (see Fence): the
+        # fence a write of each phase leaves, one object for all the objects.
+        self._identity = identity
+        self._own = {phase.value: Fence(True, identity, phase.value) for phase in Phase}
+        self._fences: dict[ObjectRef, Fence] = {}
+        self._repairs: set[ObjectRef] = set()  # rewritten whole after a refusal
         self._progress_interval = progress_interval
         self._grid = min(MAX_PROGRESS_GRID, progress_interval * PROGRESS_GRID_SHARE)
         self._step_room = max(1, int(qps * self._grid))
@@ -507,7 +552,13 @@ class StatusWriter:
         self._progress_due: list[tuple[float, int, ObjectRef]] = []
         self._seq = 0
         self._events = EventRecorder(
-            api, metrics, qps=event_qps, burst=event_burst, wall=wall, clock=clock
+            api,
+            metrics,
+            qps=event_qps,
+            burst=event_burst,
+            wall=wall,
+            clock=clock,
+            may_write=may_write,
         )
         self._written: dict[ObjectRef, _Written] = {}
         # The newest Watch submitted for each object: what any write of it sends. A spec
@@ -570,12 +621,22 @@ class StatusWriter:
             self._steps = {k: v for k, v in self._steps.items() if k >= past}
         return step * self._grid
 
+    def stored(self, ref: ObjectRef, status: object) -> None:
+        """The object's `status` as taken in (None: it has none): what its first write
+        expects to find. This writer's own writes since know better and are kept."""
+        self._fences.setdefault(ref, Fence.of(status))
+
     def forget(self, ref: ObjectRef) -> None:
+        self._unqueue(ref)
+        self._written.pop(ref, None)
+        self._latest.pop(ref, None)
+        self._fences.pop(ref, None)
+        self._repairs.discard(ref)
+
+    def _unqueue(self, ref: ObjectRef) -> None:
         self._final.pop(ref, None)
         self._urgent.pop(ref, None)
         self._progress.pop(ref, None)
-        self._written.pop(ref, None)
-        self._latest.pop(ref, None)
 
     @property
     def pending(self) -> int:
@@ -712,8 +773,6 @@ class StatusWriter:
         """Writes (the newest state of) a watch `_pop` marked in flight."""
         watch = self._latest.get(watch.ref, watch)
         try:
-            if not self._may_write(watch.ref):
-                return  # no longer this replica's to write
             await self._write_once(watch)
         except asyncio.CancelledError:
             self._resubmit(watch.ref)  # shutdown: the flush writes it
@@ -728,10 +787,11 @@ class StatusWriter:
         if latest is not None:  # not forgotten (deleted) meanwhile
             self.submit(latest, urgent=True)
 
-    async def _write_once(self, watch: Watch) -> None:
+    def _render(self, watch: Watch) -> tuple[dict[str, Any], dict[str, str]]:
+        """The status to write for `watch`, and the JSON text of each field."""
         ref = watch.ref
         try:
-            status = render(watch, self._wall())
+            status = render(watch, self._wall(), self._identity)
         except Exception as exc:  # a bug must not leave the object without any status
             self._metrics.internal_errors.labels("rendering status").inc()
             log.error(
@@ -741,15 +801,19 @@ class StatusWriter:
                 exc_info=exc,
                 extra=about(ref),
             )
-            status = _minimal(watch, exc)
+            status = _minimal(watch, exc, self._identity)
         try:
-            texts = _encode(status, encode_json)
+            return status, _encode(status, encode_json)
         except (TypeError, ValueError) as exc:  # NaN, a non-string key: never retry as is
             status = _without_endpoint_parts(status, f"not encodable as JSON ({exc})")
-            texts = _encode(status, _encode_leniently)
             log.error(
                 "status of %s/%s was not encodable", ref.namespace, ref.name, extra=about(ref)
             )
+            return status, _encode(status, _encode_leniently)
+
+    async def _write_once(self, watch: Watch) -> None:
+        ref = watch.ref
+        status, texts = self._render(watch)
         digest = _digest(texts)
         previous = self._written.get(ref)
         if previous is not None and previous.digest == digest:
@@ -758,9 +822,18 @@ class StatusWriter:
         changed = _changed(previous.digest, digest) if previous and previous.exact else None
         try:
             exact = await self._send(watch, status, texts, changed)
+        except _NotOurs:
+            # Its queued writes go; what is known of the object stays, for a bucket that
+            # lapsed and comes back (the runtime submits its watches again then).
+            self._metrics.status_writes.labels("not_ours").inc()
+            self._unqueue(ref)
+            return
         except ApiError as exc:
             if exc.gone:
                 self._metrics.status_writes.labels("gone").inc()
+                return
+            if exc.not_applied:
+                await self._refused(watch)
                 return
             self._metrics.status_writes.labels("error").inc()
             log.warning(
@@ -770,6 +843,8 @@ class StatusWriter:
                 await self._retry(watch)
             return
         except Exception as exc:
+            # No answer: the write may have been applied. The fence stays as it was; if
+            # it was applied, the next write is refused and reads what the object holds.
             self._metrics.status_writes.labels("error").inc()
             log.warning(
                 "status write for %s/%s failed: %s",
@@ -783,8 +858,20 @@ class StatusWriter:
             else:
                 self._unanswered()
             return
-        self._metrics.status_writes.labels("written").inc()
-        self._written[ref] = _Written(digest, self._clock(), exact)
+        repaired = ref in self._repairs
+        self._repairs.discard(ref)
+        self._metrics.status_writes.labels("repaired" if repaired else "written").inc()
+        if ref in self._latest:  # not forgotten while the write was out
+            self._written[ref] = _Written(digest, self._clock(), exact)
+            phase = str(status["phase"])
+            self._fences[ref] = self._own.get(phase) or Fence(True, self._identity, phase)
+
+    async def _patch(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+        """One PATCH of `status`, fenced; raises _NotOurs instead when the object is no
+        longer this replica's to write at this very moment."""
+        if not self._may_write(ref):
+            raise _NotOurs
+        await self._api.patch_status(ref, status, self._fences.get(ref))
 
     async def _send(
         self,
@@ -798,14 +885,14 @@ class StatusWriter:
         what came from the endpoint instead."""
         ref = watch.ref
         try:
-            await self._api.patch_status(ref, EncodedStatus(status, texts, changed))
+            await self._patch(ref, EncodedStatus(status, texts, changed))
             return True
         except ApiError as exc:
-            if exc.status not in (400, 422):
-                raise
+            if exc.status not in (400, 422) or exc.not_applied:
+                raise  # a fence refusal: _refused reads what the object holds
             if changed is not None:
-                # The fields could not be patched in (the object's status was replaced
-                # meanwhile, say, or the new values are refused): the status goes whole.
+                # The new values are refused as fields (they may be fine as a whole
+                # status): the status goes whole.
                 return await self._send(watch, status, texts, None)
             if not any(status.get(key) is not None for key in _FROM_ENDPOINT):
                 raise
@@ -820,8 +907,60 @@ class StatusWriter:
                 extra=about(ref),
             )
             reason = f"refused by the API server (HTTP {exc.status})"
-            await self._api.patch_status(ref, _without_endpoint_parts(status, reason))
+            await self._patch(ref, _without_endpoint_parts(status, reason))
             return False
+
+    async def _refused(self, watch: Watch) -> None:
+        """A write refused by its fence: someone else wrote the object's status since
+        this writer last knew it (another replica, or this one's own write whose answer
+        was lost). One GET says what it holds. An end of this generation stands when
+        ours is not an end: the watch is handed back to the runtime, which takes it in
+        as finished. Anything else is written over, whole, after the retry delay and
+        with a token like any write, so that two writers fighting cannot spin."""
+        ref = watch.ref
+        self._metrics.status_writes.labels("refused").inc()
+        try:
+            body = await self._api.get_jobwatch(ref)
+        except Exception as exc:
+            log.warning(
+                "status write for %s/%s refused, and reading the object failed: %s",
+                ref.namespace,
+                ref.name,
+                exc if isinstance(exc, ApiError) else type(exc).__name__,
+                extra=about(ref),
+            )
+            await self._retry(watch)  # refused again, it reads again
+            return
+        if body is None:
+            log.warning(
+                "status write for %s/%s refused: the object is gone",
+                ref.namespace,
+                ref.name,
+                extra=about(ref),
+            )
+            return
+        stored = body.get("status")
+        theirs = Fence.of(stored)
+        stands = _end_stands(watch, stored)
+        log.warning(
+            "status write for %s/%s refused: its status was written meanwhile by %s (phase %s)%s",
+            ref.namespace,
+            ref.name,
+            theirs.holder or "an unknown writer",
+            theirs.phase,
+            "; that end stands" if stands else "; writing ours again, whole",
+            extra=about(ref),
+        )
+        if stands:
+            self.forget(ref)
+            self._on_foreign_end(body)
+            return
+        if ref not in self._latest:
+            return  # forgotten while the GET was out
+        self._fences[ref] = theirs
+        self._written.pop(ref, None)  # what the object holds is not ours: the next is whole
+        self._repairs.add(ref)
+        await self._retry(watch)
 
     async def _retry(self, watch: Watch) -> None:
         if self._deadline is not None and self._clock() + RETRY_DELAY >= self._deadline:

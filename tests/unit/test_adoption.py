@@ -9,10 +9,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from test_isolation import FakeApi, FakeHttp, jobwatch  # the runtime's fakes
 
 from jobwatch import adoption as adoption_module
 from jobwatch.adoption import Adoption
+from jobwatch.config import Config
 from jobwatch.leases import LeaseSettings, Ownership, bucket_of
+from jobwatch.metrics import Metrics
+from jobwatch.runtime import Runtime
 
 BUCKETS = 4
 
@@ -141,18 +145,12 @@ def test_a_list_is_the_way_before_the_first_listing_or_for_a_large_share() -> No
 
 
 async def test_a_runtime_polls_the_watches_of_a_bucket_adopted_by_reads() -> None:
-    from test_isolation import FakeApi, FakeHttp, jobwatch  # the runtime's fakes
-
-    from jobwatch.config import Config
-    from jobwatch.metrics import Metrics
-    from jobwatch.runtime import Runtime
-
     class Api(FakeApi):
         def __init__(self) -> None:
             super().__init__()
             self.stored: dict[tuple[str, str], dict[str, Any]] = {}
 
-        async def get_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
+        async def read_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
             await asyncio.sleep(0.01)
             return self.stored.get((namespace, name))
 

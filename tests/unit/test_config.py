@@ -162,6 +162,18 @@ def test_one_replica_unless_a_lease_namespace_is_named() -> None:
     assert a is not None and b is not None and a.identity != b.identity
 
 
+def test_the_identity_in_status_is_the_lease_identity() -> None:
+    with_leases = Config.from_env({"JOBWATCH_LEASE_NAMESPACE": "ns"})
+    assert with_leases.leases is not None
+    assert with_leases.identity == with_leases.leases.identity
+    assert Config.from_env({"JOBWATCH_IDENTITY": "pod-a"}).identity == "pod-a"
+    # One replica without leases still says who wrote its status, and each process differs.
+    a, b = (Config.from_env({}).identity for _ in "ab")
+    assert a.startswith(socket.gethostname()) and a != b
+    with pytest.raises(ConfigError, match="JOBWATCH_IDENTITY"):
+        Config.from_env({"JOBWATCH_IDENTITY": "x" * 254})  # status.holder could not take it
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [

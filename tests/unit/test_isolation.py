@@ -24,7 +24,7 @@ from jobwatch import status as status_module
 from jobwatch.config import Config
 from jobwatch.expressions import CompiledWatch
 from jobwatch.httpclient import Request
-from jobwatch.kube import ApiError, ObjectRef, Secret
+from jobwatch.kube import ApiError, Fence, ObjectRef, Secret
 from jobwatch.leases import Handed, LeaseSettings, Ownership
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import Outcome, Response
@@ -44,13 +44,15 @@ class FakeApi:
         self.statuses: dict[str, list[dict[str, Any]]] = {}
         self.secret: Callable[[], Awaitable[Secret | None]] | None = None
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         self.statuses.setdefault(ref.name, []).append(status)
 
     async def create_event(self, ref: ObjectRef, **_: Any) -> None:
         pass
 
-    async def get_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
+    async def read_jobwatch(self, namespace: str, name: str) -> dict[str, Any] | None:
         return None
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:

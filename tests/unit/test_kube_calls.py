@@ -59,6 +59,71 @@ async def test_patch_status(mock: respx.MockRouter, api: KubeApi) -> None:
     ]
 
 
+async def test_a_fenced_patch_tests_the_stored_holder_and_phase(
+    mock: respx.MockRouter, api: KubeApi
+) -> None:
+    route = mock.patch(f"{JW}/namespaces/ns/jobwatches/build-1/status").respond(200, json={})
+    await api.patch_status(REF, {"phase": "Polling"}, kube.Fence(True, "replica-a", "Pending"))
+    await api.patch_status(REF, {"phase": "Polling"}, kube.Fence(True, None, None))
+    await api.patch_status(REF, {"phase": "Polling"}, kube.Fence(False, None, None))
+    bodies = [json.loads(call.request.content) for call in route.calls]
+    tests = [[op for op in ops if op["op"] == "test"] for ops in bodies]
+    uid = {"op": "test", "path": "/metadata/uid", "value": "uid-1"}
+    assert tests == [
+        [
+            uid,
+            {"op": "test", "path": "/status/holder", "value": "replica-a"},
+            {"op": "test", "path": "/status/phase", "value": "Pending"},
+        ],
+        [
+            uid,
+            {"op": "test", "path": "/status/holder", "value": None},
+            {"op": "test", "path": "/status/phase", "value": None},
+        ],
+        [uid, {"op": "test", "path": "/status", "value": None}],
+    ]
+
+
+async def test_a_patch_refused_by_a_test_is_told_from_one_refused_by_the_schema(
+    mock: respx.MockRouter, api: KubeApi
+) -> None:
+    # The answers of kube-apiserver 1.35 (tests/e2e/test_status_fence.py).
+    failed_test = {"kind": "Status", "code": 422, "reason": "Invalid", "details": {}}
+    failed_test["message"] = "the server rejected our request due to an error in our request"
+    schema = {
+        "kind": "Status",
+        "code": 422,
+        "reason": "Invalid",
+        "message": 'JobWatch.jobwatch.dev "build-1" is invalid: status.phase: Unsupported value',
+        "details": {"name": "build-1", "causes": [{"field": "status.phase"}]},
+    }
+    route = mock.patch(f"{JW}/namespaces/ns/jobwatches/build-1/status")
+    route.side_effect = [httpx.Response(422, json=failed_test), httpx.Response(422, json=schema)]
+    refusals = []
+    for _ in range(2):
+        with pytest.raises(ApiError) as refused:
+            await api.patch_status(REF, {"phase": "Polling"}, kube.Fence(True, "a", "Polling"))
+        refusals.append((refused.value.status, refused.value.not_applied))
+    assert refusals == [(422, True), (422, False)]
+
+
+@pytest.mark.parametrize(
+    ("code", "body", "found"),
+    [
+        (200, {"metadata": {"uid": "uid-1"}, "status": {"phase": "Succeeded"}}, True),
+        (200, {"metadata": {"uid": "uid-2"}, "status": {"phase": "Succeeded"}}, False),
+        (404, {"kind": "Status", "code": 404}, False),
+    ],
+)
+async def test_get_jobwatch(
+    mock: respx.MockRouter, api: KubeApi, code: int, body: dict[str, Any], found: bool
+) -> None:
+    route = mock.get(f"{JW}/namespaces/ns/jobwatches/build-1").respond(code, json=body)
+    got = await api.get_jobwatch(REF)
+    assert got == (body if found else None)  # a namesake with another uid is not it
+    common_headers(sent(route))
+
+
 async def test_get_secret(mock: respx.MockRouter, api: KubeApi) -> None:
     data = {"token": base64.b64encode(b"v").decode()}
     body = {"metadata": {"labels": {"a": "b"}}, "data": data}

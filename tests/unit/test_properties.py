@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from jobwatch import policy
 from jobwatch.expressions import CompiledWatch, EvaluationError, ExpressionError, final_result
-from jobwatch.kube import ObjectRef
+from jobwatch.kube import Fence, ObjectRef
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import FailureKind, RequestFailure, Response
 from jobwatch.policy import ErrorClass, LastError, Phase
@@ -208,7 +208,9 @@ class EncodingApi:
     def __init__(self) -> None:
         self.sent: list[str] = []
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         # The wire form: what the API server receives. Raises on NaN, Infinity.
         self.sent.append(json.dumps(status, allow_nan=False))
 
@@ -253,6 +255,7 @@ def test_every_status_written_is_encodable(
         progress_interval=1,
         wall=lambda: NOW,
         clock=lambda: 0.0,
+        identity="me",
     )
     writer.submit(watch, urgent=True)
     asyncio.run(writer.flush(1.0))

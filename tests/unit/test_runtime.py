@@ -1,10 +1,12 @@
-"""When polling starts: the first round after start-up is spread, not one burst.
+"""When polling starts: the first round after start-up is spread, not one burst; an
+end another replica wrote is taken in, not written over.
 
 Everything else the runtime does is seen by users and tested end to end (tests/e2e).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 from jobwatch.config import Config
 from jobwatch.egress import EgressPolicy
 from jobwatch.httpclient import HttpClient
-from jobwatch.kube import KubeApi
+from jobwatch.kube import PATCH_NOT_APPLIED, ApiError, Fence, KubeApi, ObjectRef
 from jobwatch.metrics import Metrics
 from jobwatch.runtime import START_UP_POLLS_PER_SECOND, Runtime
 from jobwatch.spec import spec_hash
@@ -112,3 +114,53 @@ async def test_a_resumed_watch_keeps_its_planned_poll(make_runtime: MakeRuntime)
         runtime.observe("ADDED", jobwatch(n))
     runtime.start_polling()
     assert runtime.watches[("ns", "w0")].next_poll_time == pytest.approx(NOW + 3.5, abs=0.001)
+
+
+class EndedElsewhere:
+    """The API server once another replica has ended the JobWatch: a fenced write is
+    refused as kube-apiserver refuses it, and a read shows the end."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body, self.patches, self.gets = body, 0, 0
+
+    async def patch_status(self, ref: ObjectRef, status: Any, fence: Fence | None = None) -> None:
+        self.patches += 1
+        raise ApiError(422, PATCH_NOT_APPLIED)
+
+    async def get_jobwatch(self, ref: ObjectRef) -> dict[str, Any]:
+        self.gets += 1
+        return self.body
+
+    async def create_event(self, ref: ObjectRef, **_: Any) -> None:
+        pass
+
+
+async def test_an_end_another_replica_wrote_is_taken_in_and_nothing_more_is_written() -> None:
+    end = {
+        "phase": "Succeeded",
+        "reason": "SuccessConditionMet",
+        "specHash": spec_hash(SPEC),
+        "startTime": format_time(NOW - 60),
+        "deadline": format_time(NOW + 540),
+        "completionTime": format_time(NOW - 1),
+        "observedGeneration": 1,
+        "holder": "replica-b",
+    }
+    api = EndedElsewhere(jobwatch(0, status=end))
+    http = HttpClient(EgressPolicy())
+    runtime = Runtime(Config.from_env({}), api, http, Metrics(), wall=lambda: NOW)  # type: ignore[arg-type]
+    runtime.observe("ADDED", jobwatch(0))  # as listed before the other replica ended it
+    runtime.start()
+    try:
+        async with asyncio.timeout(5):
+            while not runtime.watches[("ns", "w0")].finished:
+                await asyncio.sleep(0.005)
+        watch = runtime.watches[("ns", "w0")]
+        assert (watch.phase.value, watch.reason) == ("Succeeded", "SuccessConditionMet")
+        assert not runtime.scheduler.planned(("ns", "w0"))
+        assert runtime.writer.pending == 0
+        assert (api.patches, api.gets) == (1, 1)
+    finally:
+        await runtime.shutdown(1.0)
+        await http.aclose()
+    assert api.patches == 1  # not even at shutdown

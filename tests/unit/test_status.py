@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from jobwatch import kube, status
-from jobwatch.kube import ApiError, ObjectRef
+from jobwatch.kube import ApiError, Fence, ObjectRef
 from jobwatch.metrics import Metrics
 from jobwatch.policy import ErrorClass, LastError, Phase
 from jobwatch.status import EventRecorder, StatusWriter, TokenBucket, render
@@ -143,7 +143,9 @@ class FakeApi:
         # Each Event creation takes the next of these, if any: an error to raise.
         self.event_failures: list[Exception] = []
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None
             raise error
@@ -185,6 +187,7 @@ def make_writer(
         progress_interval=progress,
         wall=time.time,
         clock=clock,
+        identity="me",
     )
 
 
@@ -314,7 +317,9 @@ class SlowApi(FakeApi):
         self.peak = 0
         self.per_object: dict[str, int] = {}
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         self.concurrent += 1
         self.per_object[ref.name] = self.per_object.get(ref.name, 0) + 1
         assert self.per_object[ref.name] == 1, "one object written twice at once"
@@ -378,7 +383,9 @@ class FailingApi(FakeApi):
         self.error = error
         self.attempts: list[float] = []
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         self.attempts.append(time.monotonic())
         raise self.error
 
@@ -506,17 +513,23 @@ def test_render_writes_exactly_the_fields_the_writer_keeps_hashes_of() -> None:
 
 
 class WireApi(FakeApi):
-    """Records the JSON patch each write sends; fails the writes `refuse` says to."""
+    """Records the JSON patch each write sends: in `sent` what it writes, in `fences` the
+    tests of the status after the uid's; fails the writes `refuse` says to."""
 
     def __init__(self, refuse: Callable[[list[dict[str, Any]]], ApiError | None]) -> None:
         super().__init__()
         self.sent: list[list[dict[str, Any]]] = []
+        self.fences: list[list[dict[str, Any]]] = []
         self.refuse = refuse
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
-        ops = json.loads(kube.status_patch(ref.uid, status))
-        self.sent.append(ops)
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
+        ops = json.loads(kube.status_patch(ref.uid, status, fence))
         assert ops[0] == {"op": "test", "path": "/metadata/uid", "value": ref.uid}
+        self.fences.append([op for op in ops[1:] if op["op"] == "test"])
+        ops = [op for op in ops if op["op"] != "test"]
+        self.sent.append(ops)
         error = self.refuse(ops)
         if error is not None:
             raise error
@@ -524,7 +537,7 @@ class WireApi(FakeApi):
 
 
 def paths(ops: list[dict[str, Any]]) -> list[str]:
-    return [op["path"] for op in ops[1:]]
+    return [op["path"] for op in ops]
 
 
 async def write(writer: StatusWriter, watch: Watch) -> None:
@@ -547,8 +560,8 @@ async def test_a_write_sends_only_the_fields_that_changed_and_whole_when_one_goe
         ["/status/attempts", "/status/lastPollTime", "/status/lastResponse"],
         ["/status"],
     ]
-    assert api.sent[1][3]["value"] == {"code": 200, "latencyMs": 3, "body": "{}"}
-    assert "nextPollTime" not in api.sent[2][1]["value"]
+    assert api.sent[1][2]["value"] == {"code": 200, "latencyMs": 3, "body": "{}"}
+    assert "nextPollTime" not in api.sent[2][0]["value"]
 
 
 async def test_nulls_in_a_changed_result_stay() -> None:
@@ -558,12 +571,12 @@ async def test_nulls_in_a_changed_result_stay() -> None:
     await write(writer, watch)
     watch.result = {"a": None, "b": [None]}
     await write(writer, watch)
-    assert api.sent[1][1:] == [{"op": "add", "path": "/status/result", "value": watch.result}]
+    assert api.sent[1] == [{"op": "add", "path": "/status/result", "value": watch.result}]
 
 
 async def test_fields_the_object_cannot_take_are_written_whole_instead() -> None:
-    # Its status was replaced by someone else meanwhile, say: the fields' parent is gone.
-    api = WireApi(lambda ops: ApiError(422, "doc is missing path") if len(ops) > 2 else None)
+    # The new values are refused as fields (by the schema), not by a test of the patch.
+    api = WireApi(lambda ops: ApiError(422, "doc is missing path") if len(ops) > 1 else None)
     writer = make_writer(api)
     watch = make_watch()
     await write(writer, watch)
@@ -574,13 +587,13 @@ async def test_fields_the_object_cannot_take_are_written_whole_instead() -> None
         ["/status/attempts", "/status/consecutiveErrors"],
         ["/status"],
     ]
-    assert api.sent[2][1]["value"]["attempts"] == 3
+    assert api.sent[2][0]["value"]["attempts"] == 3
     assert len(api.patches) == 2
 
 
 async def test_after_a_status_written_without_the_endpoints_parts_the_next_goes_whole() -> None:
     def refuse(ops: list[dict[str, Any]]) -> ApiError | None:
-        value = ops[1]["value"]
+        value = ops[0]["value"]
         too_big = isinstance(value, dict) and value.get("result") == "x" * 100
         return ApiError(422, "result: Too long") if too_big else None
 
@@ -591,7 +604,7 @@ async def test_after_a_status_written_without_the_endpoints_parts_the_next_goes_
     watch.attempts = 1
     await write(writer, watch)
     assert [paths(ops) for ops in api.sent] == [["/status"]] * 4
-    assert [("result" in ops[1]["value"]) for ops in api.sent] == [True, False, True, False]
+    assert [("result" in ops[0]["value"]) for ops in api.sent] == [True, False, True, False]
 
 
 async def test_a_forgotten_object_is_written_whole_again() -> None:
@@ -612,7 +625,9 @@ class TimedApi(FakeApi):
         super().__init__()
         self.sent: list[tuple[str, float]] = []
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
         self.sent.append((ref.name, time.monotonic()))
         await super().patch_status(ref, status)
 
@@ -916,3 +931,216 @@ async def test_a_flush_sends_gathered_events_at_once() -> None:
     await writer.flush(5.0)
     assert time.monotonic() - started < 1.0
     assert [e.count for e in api.events] == [1, 3]
+
+
+# --- The fence: status.holder, a JSON-patch test, repair on refusal, the lease gate -----
+
+
+class StoredApi(FakeApi):
+    """One JobWatch's stored status, patched as kube-apiserver patches it: the patch's
+    `test`s are checked (a missing field is null), and one failing refuses the whole
+    patch with the answer the real server gives (422, PATCH_NOT_APPLIED)."""
+
+    def __init__(self, ref: ObjectRef, stored: dict[str, Any], generation: int = 1) -> None:
+        super().__init__()
+        self.ref, self.stored, self.generation = ref, stored, generation
+        self.gets = 0
+        self.sent: list[list[dict[str, Any]]] = []
+
+    async def patch_status(
+        self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
+    ) -> None:
+        ops = json.loads(kube.status_patch(ref.uid, status, fence))
+        self.sent.append(ops)
+        for op in ops:
+            if op["op"] == "test" and op["path"] != "/metadata/uid":
+                key = op["path"].removeprefix("/status").removeprefix("/")
+                held = self.stored.get(key) if key else self.stored
+                if held != op["value"]:
+                    raise ApiError(422, kube.PATCH_NOT_APPLIED)
+        for op in ops:
+            if op["op"] == "add" and op["path"] == "/status":
+                self.stored = op["value"]
+            elif op["op"] == "add":
+                self.stored[op["path"].removeprefix("/status/")] = op["value"]
+        self.patches.append((ref, status))
+
+    async def get_jobwatch(self, ref: ObjectRef) -> dict[str, Any] | None:
+        self.gets += 1
+        meta = {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid}
+        return {"metadata": {**meta, "generation": self.generation}, "status": self.stored}
+
+
+def results(metrics: Metrics, *names: str) -> dict[str, float]:
+    return {
+        name: metrics.registry.get_sample_value("jobwatch_status_writes_total", {"result": name})
+        or 0.0
+        for name in names
+    }
+
+
+async def test_every_status_says_who_wrote_it_and_tests_what_its_writer_last_knew() -> None:
+    watch = make_watch(phase=Phase.PENDING)
+    api = StoredApi(watch.ref, {"observedGeneration": 0})  # never written: the CRD default
+    writer = make_writer(api)
+    writer.stored(watch.ref, api.stored)
+    await write(writer, watch)
+    watch.phase = Phase.POLLING
+    await write(writer, watch)
+    fences = [[op for op in ops[1:] if op["op"] == "test"] for ops in api.sent]
+    assert fences == [
+        [
+            {"op": "test", "path": "/status/holder", "value": None},
+            {"op": "test", "path": "/status/phase", "value": None},
+        ],
+        [
+            {"op": "test", "path": "/status/holder", "value": "me"},
+            {"op": "test", "path": "/status/phase", "value": "Pending"},
+        ],
+    ]
+    assert (api.stored["holder"], api.stored["phase"]) == ("me", "Polling")
+
+
+async def test_a_write_refused_by_its_fence_reads_the_object_once_and_writes_whole_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    watch = make_watch(phase=Phase.POLLING, attempts=3)
+    api = StoredApi(watch.ref, {"observedGeneration": 0})
+    writer = make_writer(api, metrics=metrics)
+    writer.stored(watch.ref, api.stored)
+    await write(writer, watch)
+    # Another replica writes meanwhile (it took the object over, say): not an end.
+    api.stored = {**api.stored, "holder": "replica-b", "attempts": 4}
+    watch.attempts = 5
+    writer.submit(watch, urgent=True)
+    await writer.flush(status.RETRY_DELAY + 1)  # the rewrite comes after the retry delay
+    assert api.gets == 1
+    assert len(api.sent) == 3  # written, refused, written again
+    refused, again = api.sent[1], api.sent[2]
+    assert [op["path"] for op in refused if op["op"] == "add"] == ["/status/attempts"]
+    assert [op for op in again if op["op"] != "add"][1:] == [
+        {"op": "test", "path": "/status/holder", "value": "replica-b"},
+        {"op": "test", "path": "/status/phase", "value": "Polling"},
+    ]
+    assert [op["path"] for op in again if op["op"] == "add"] == ["/status"]  # whole
+    assert (api.stored["holder"], api.stored["attempts"]) == ("me", 5)
+    assert results(metrics, "written", "refused", "repaired") == {
+        "written": 1,
+        "refused": 1,
+        "repaired": 1,
+    }
+    assert caplog.text.count("refused: its status was written meanwhile by replica-b") == 1
+
+
+async def test_an_end_another_replica_wrote_stands_and_goes_to_the_runtime() -> None:
+    metrics = Metrics()
+    watch = make_watch(phase=Phase.POLLING)
+    api = StoredApi(watch.ref, {"observedGeneration": 0})
+    ended: list[dict[str, Any]] = []
+    writer = StatusWriter(
+        api,  # type: ignore[arg-type]
+        metrics,
+        qps=1000,
+        burst=1000,
+        event_qps=1000,
+        event_burst=1000,
+        progress_interval=60,
+        wall=time.time,
+        clock=time.monotonic,
+        identity="me",
+        on_foreign_end=ended.append,
+    )
+    writer.stored(watch.ref, api.stored)
+    await write(writer, watch)
+    end = {"holder": "replica-b", "phase": "Succeeded", "observedGeneration": 1}
+    api.stored = dict(end)
+    watch.attempts = 1  # this replica, stale, still has progress to write
+    await write(writer, watch)
+    await asyncio.sleep(status.RETRY_DELAY + 0.3)  # no rewrite comes, not even later
+    assert api.stored == end
+    assert api.gets == 1
+    assert [body["status"] for body in ended] == [end]
+    assert len(api.patches) == 1
+    assert writer.pending == 0
+
+
+async def test_the_gate_is_asked_at_the_moment_of_sending() -> None:
+    """A write that waited for its token, for a retry, or for the answer to its first
+    request (refused as invalid, it goes again whole) sends nothing once the object is
+    no longer this replica's."""
+    metrics = Metrics()
+    now = [0.0]
+    ours = {"token", "retry"}
+    api = WireApi(lambda ops: ApiError(503, "unavailable"))
+    writer = StatusWriter(
+        api,  # type: ignore[arg-type]
+        metrics,
+        qps=10,
+        burst=1,
+        event_qps=1000,
+        event_burst=1000,
+        progress_interval=60,
+        wall=time.time,
+        clock=lambda: now[0],
+        identity="me",
+        may_write=lambda ref: ref.name in ours,
+    )
+    task = asyncio.create_task(writer.run())
+    writer.submit(make_watch("retry"), urgent=True)  # the burst's token; refused: 503
+    await until(lambda: len(api.sent) == 1)
+    writer.submit(make_watch("token"), urgent=True)  # waits for a token
+    await asyncio.sleep(0.05)
+    ours.clear()
+    now[0] += 10  # a token, for "token"
+    await until(lambda: results(metrics, "not_ours")["not_ours"] == 1)
+    await until(lambda: writer.pending == 1, timeout=RETRY_WAIT + 1)  # "retry" is back
+    now[0] += 10  # a token for it
+    await until(lambda: results(metrics, "not_ours")["not_ours"] == 2)
+    task.cancel()
+    assert len(api.sent) == 1
+    assert results(metrics, "not_ours") == {"not_ours": 2}
+    assert writer.pending == 0
+
+
+async def test_the_gate_is_asked_again_before_a_write_goes_whole() -> None:
+    metrics = Metrics()
+    ours = {"w"}
+
+    def refuse(ops: list[dict[str, Any]]) -> ApiError | None:
+        if ops[0]["path"] == "/status":
+            return None
+        ours.clear()  # the lease ran out while the field patch was out
+        return ApiError(422, 'JobWatch "w" is invalid: status.attempts')
+
+    api = WireApi(refuse)
+    writer = make_writer(api, metrics=metrics)
+    writer._may_write = lambda ref: ref.name in ours  # type: ignore[method-assign]
+    watch = make_watch()
+    await write(writer, watch)
+    watch.attempts = 1
+    await write(writer, watch)
+    assert [paths(ops) for ops in api.sent] == [["/status"], ["/status/attempts"]]
+    assert results(metrics, "not_ours") == {"not_ours": 1}
+
+
+async def test_events_of_an_object_no_longer_writable_are_not_created() -> None:
+    api, clock, metrics = FakeApi(), FakeTime(), Metrics()
+    lost: set[str] = set()
+    recorder = EventRecorder(
+        api,  # type: ignore[arg-type]
+        metrics,
+        qps=1,
+        burst=5,
+        wall=clock,
+        clock=clock,
+        may_write=lambda ref: ref.name not in lost,
+    )
+    occur(recorder, "ns", "kept")
+    occur(recorder, "ns", "lost")
+    lost.add("lost")  # while its Event waited to be created
+    await send_what_the_tokens_allow(recorder, clock)
+    clock.now += 10
+    await send_what_the_tokens_allow(recorder, clock)  # and never tried again
+    assert [e.ref.name for e in api.events] == ["kept"]
+    assert sample(metrics, "jobwatch_events_dropped_total") == 1
