@@ -223,9 +223,13 @@ class Ownership:
         bucket = bucket_of(namespace, name, self._buckets)
         return now < self._valid_until.get(bucket, -math.inf)
 
-    def kept(self, namespace: str, name: str) -> bool:
-        """Parked: not to be polled now, but not to be forgotten either."""
-        return bucket_of(namespace, name, self._buckets) in self._parked
+    def kept(self, namespace: str, name: str, now: float) -> bool:
+        """Parked, or held but lapsed (parked at the elector's next round): not to be
+        polled now, but not to be forgotten either (`Handover.resume` plans it again)."""
+        bucket = bucket_of(namespace, name, self._buckets)
+        return bucket in self._parked or (
+            bucket not in self._releasing and now >= self._valid_until.get(bucket, math.inf)
+        )
 
     def listing(self, scope: str | None) -> None:
         """The informer starts a list of `scope` (its stream is closed)."""
@@ -277,8 +281,11 @@ class Ownership:
         return self._vanished.get(bucket_of(namespace, name, self._buckets))
 
     def renewed(self, bucket: int, valid_until: float) -> None:
-        if bucket in self._valid_until:
-            self._valid_until[bucket] = max(self._valid_until[bucket], valid_until)
+        # A renewal answered after the validity ended does not revive the bucket: polls
+        # skipped meanwhile have no plan; it is parked, then resumed, which plans them.
+        until = self._valid_until.get(bucket)
+        if until is not None and self._clock() < until:
+            self._valid_until[bucket] = max(until, valid_until)
 
     def releasing(self, bucket: int) -> None:
         """Handing it over: no event taken in, no poll sent, the last status written."""
@@ -855,13 +862,31 @@ class Elector:
         log.info("gave buckets %s back", sorted(buckets))
 
     async def _release(self, bucket: int, handed: Mapping[tuple[str, str], Handed]) -> None:
-        name = self._settings.bucket_lease(bucket)
-        body = self._body(name, BUCKET, "", 1.0)
+        settings = self._settings
+        name = settings.bucket_lease(bucket)
         text = _encode_handover(handed, self._wall())
-        if text is not None:
-            body["metadata"].setdefault("annotations", {})[HANDOVER_ANNOTATION] = text
+
+        async def attempt() -> None:
+            body = self._body(name, BUCKET, "", 1.0)
+            if text is not None:
+                body["metadata"].setdefault("annotations", {})[HANDOVER_ANNOTATION] = text
+            await self._write(name, body)
+
         try:
-            await self._retrying(lambda: self._write(name, body))
+            try:
+                await self._retrying(attempt)
+            except ApiError as exc:
+                # Changed since listed: most often by this replica's own renewal whose
+                # answer was lost (a round cut short by SIGTERM). Still ours: again.
+                if exc.status != 409:
+                    raise
+                self._observe(
+                    await self._store.list_leases(settings.namespace, self.selector), self._clock()
+                )
+                lease = self._seen.get(name)
+                if lease is None or lease.holder != settings.identity:
+                    return
+                await self._retrying(attempt)
         except Exception as exc:  # it expires on its own
             log.warning("could not release %s (%s)", name, _why(exc))
 

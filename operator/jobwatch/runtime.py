@@ -308,7 +308,7 @@ class Runtime:
         now = self._clock()
         if ownership is None or ownership.valid(key[0], key[1], now):
             return True
-        if ownership.kept(*key):
+        if ownership.kept(key[0], key[1], now):
             return False  # parked: `resume` plans its polls again, `drop` forgets it
         if not ownership.writable(key[0], key[1], now):
             self._forget(key)

@@ -446,3 +446,20 @@ async def test_requests_in_flight_are_cut_when_the_validity_ends_not_before() ->
     await asyncio.sleep(0.05)
     ownership.cut(frozenset({bucket}))
     assert await task < 0.3
+
+
+def test_a_renewal_answered_after_the_validity_ended_does_not_revive_the_bucket() -> None:
+    # Polls skipped in between have no plan: the bucket is parked, then resumed (which
+    # plans them), never silently valid again.
+    clock = Clock()
+    ownership = Ownership(LeaseSettings("ops", "a", buckets=BUCKETS), scopes=(None,), clock=clock)
+    bucket = bucket_of("team", "w", BUCKETS)
+    ownership.take(bucket, valid_until=clock.now + 3, handed={})
+    clock.now += 3.5
+    assert ownership.kept("team", "w", clock.now)  # lapsed: kept for a resume
+    ownership.renewed(bucket, valid_until=clock.now + 2.5)
+    assert not ownership.valid("team", "w", clock.now)
+    ownership.park(bucket, transitions=0)
+    assert ownership.kept("team", "w", clock.now)
+    ownership.resume(bucket, valid_until=clock.now + 3)
+    assert ownership.valid("team", "w", clock.now)
