@@ -25,11 +25,11 @@ token, child processes, the job API of bench/jobapi.py) in this order:
 
 --slow N (default 0) makes the jobs of the watches w00000 ... w(N-1) answer in
 --slow-seconds (10): longer than a replica's handover waits for its polls in flight
-(issue #20). For each phase (the steady window, the kill -9, the SIGTERM) the results
-tell how many jobs had two requests in flight at once, from the job service's records
-(a request is in flight from its arrival until its answer is written or its client
-closed the connection), and the longest such overlap; it should be 0 with or without
---slow.
+(issue #20). For each phase (settling, the steady window, the kill -9, the SIGTERM)
+the results tell how many jobs had two requests in flight at once, from the job
+service's records (a request is in flight from its arrival until its answer is written
+or its client closed the connection), and the longest such overlap; it should be 0
+with or without --slow.
 
 Every figure is measured from outside the replicas wherever possible: gaps and polls at
 the job service (the time between two requests for one job; a gap under 0.9 x interval
@@ -786,6 +786,9 @@ async def measure(ctx: Context, count: int, largest: bool) -> dict[str, Any]:
             window = window_figures(stage, start, end, settle["lease_mode"])
             window["gaps"] = gap_figures(requests, start.wall, end.wall, opts.interval)
             window["in_flight_twice"] = in_flight_twice(spans, start.wall, end.wall, time.time())
+            # From the replicas' start to the window: the buckets change hands as they
+            # settle (replicas started together take more than their share at first).
+            settle["in_flight_twice"] = in_flight_twice(spans, started, start.wall, time.time())
             events, _ = await ctx.kube.list_all(scale.EVENTS_PATH)
             # Whole seconds: Event times have no fractions.
             window["events_by_reason"] = events_by_reason(
@@ -962,7 +965,8 @@ def table(result: dict[str, Any]) -> str:
             f"{_sum(writes, 'POST events')}; reads/s {w['apiserver_reads_per_s']}"
         )
         lines.append(
-            f"    two requests of one job in flight at once: {_twice(w['in_flight_twice'])}"
+            f"    two requests of one job in flight at once: while settling "
+            f"{_twice(run['settle']['in_flight_twice'])}; steady {_twice(w['in_flight_twice'])}"
         )
         top = list(w.get("events_by_reason", {}).items())[:4]
         lines.append(f"    Events in the window by reason: {dict(top) or 'none'}")

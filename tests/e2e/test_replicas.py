@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 from conftest import OPERATOR_NAMESPACE
 from harness import (
     GROUP,
@@ -465,7 +466,8 @@ def test_slow_jobs_one_request_in_flight_through_every_change(
     print(
         f"\nslow jobs ({SLOW_ANSWER:g} s answers), r3 exited {took:.1f} s after SIGTERM; "
         f"watches with two requests in flight at once, by phase: "
-        f"{ {phase: len(found) for phase, found in twice.items()} }"
+        f"{ {phase: len(found) for phase, found in twice.items()} }; phases with jobs not "
+        f"polled again in time: {sorted(late)}"
     )
     assert not any(twice.values()), f"two requests of one job in flight at once: {twice}"
     assert not late, f"jobs not polled again after a change: {late}"
@@ -544,35 +546,48 @@ class StatusWatch:
     order: a write that is undone a moment later is seen too."""
 
     def __init__(self, ns: Namespace) -> None:
+        self._ns = ns
         listed = ns.cluster.custom.list_namespaced_custom_object(GROUP, VERSION, ns.name, PLURAL)
         self._watch = k8s_watch.Watch()
         self._seen: list[tuple[str, dict[str, Any]]] = []
         self._lock = threading.Lock()
-        stream = self._watch.stream(
-            ns.cluster.custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            ns.name,
-            PLURAL,
-            resource_version=listed["metadata"]["resourceVersion"],
-            timeout_seconds=120,
-        )
-        self._broken: BaseException | None = None
+        self._broken: object = None
         self._stopped = False
         # A daemon: after stop() it ends at the next event or the watch's timeout.
-        self._thread = threading.Thread(target=self._follow, args=(stream,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._follow, args=(listed["metadata"]["resourceVersion"],), daemon=True
+        )
         self._thread.start()
 
-    def _follow(self, stream: Iterator[dict[str, Any]]) -> None:
-        try:
-            for event in stream:
-                obj = event["object"]
-                with self._lock:
-                    self._seen.append((obj["metadata"]["name"], dict(obj.get("status") or {})))
-        except Exception as exc:  # stop() tells it, unless it came after stop()
-            with self._lock:
-                if not self._stopped:
-                    self._broken = exc
+    def _follow(self, version: str) -> None:
+        while not self._stopped:
+            try:
+                for event in self._watch.stream(
+                    self._ns.cluster.custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self._ns.name,
+                    PLURAL,
+                    resource_version=version,
+                    timeout_seconds=120,
+                ):
+                    obj = event["object"]
+                    if event["type"] == "ERROR":  # too old a version: writes were missed
+                        self._break(obj)
+                        return
+                    version = obj["metadata"]["resourceVersion"]
+                    with self._lock:
+                        self._seen.append((obj["metadata"]["name"], dict(obj.get("status") or {})))
+            except urllib3.exceptions.ProtocolError:
+                continue  # the connection broke: resume from the last version seen
+            except Exception as exc:  # stop() tells it, unless it came after stop()
+                self._break(exc)
+                return
+
+    def _break(self, why: object) -> None:
+        with self._lock:
+            if not self._stopped:
+                self._broken = why
 
     def stop(self) -> list[tuple[str, dict[str, Any]]]:
         """The statuses seen; fails if the watch broke before (it may have missed some)."""
