@@ -25,11 +25,12 @@ token, child processes, the job API of bench/jobapi.py) in this order:
 
 --slow N (default 0) makes the jobs of the watches w00000 ... w(N-1) answer in
 --slow-seconds (10): longer than a replica's handover waits for its polls in flight
-(issue #20). For each phase (settling, the steady window, the kill -9, the SIGTERM)
-the results tell how many jobs had two requests in flight at once, from the job
-service's records (a request is in flight from its arrival until its answer is written
-or its client closed the connection), and the longest such overlap; it should be 0
-with or without --slow.
+(issue #20). A replica then also joins after the window, before the kill (a rebalance:
+the others hand it buckets while slow polls are out). For each phase (settling, the
+steady window, the join, the kill -9, the SIGTERM) the results tell how many jobs had
+two requests in flight at once, from the job service's records (a request is in flight
+from its arrival until its answer is written or its client closed the connection), and
+the longest such overlap; it should be 0 with or without --slow.
 
 Every figure is measured from outside the replicas wherever possible: gaps and polls at
 the job service (the time between two requests for one job; a gap under 0.9 x interval
@@ -700,10 +701,40 @@ async def stop_replica(
     }
 
 
+async def join(stage: Stage) -> dict[str, Any]:
+    """A replica joins: the others hand it its share, bucket by bucket, each handover
+    waiting a while for the polls in flight; the slow jobs' outlast that wait."""
+    opts = stage.opts
+    at = time.time()
+    newcomer = start_replica(stage, len(stage.replicas))
+    stage.replicas.append(newcomer)
+    log(f"{newcomer.identity} joins")
+    settle = await wait_settled(stage, opts.settle_limit)
+    # Then an interval and an answer: a taker's first request of a slow job is in them.
+    await stage.sleep(opts.interval + opts.slow_seconds)
+    spans = await stage.jobs.request_spans()
+    found = {
+        "how": "join",
+        "replica": newcomer.identity,
+        "settled": settle["settled"],
+        "settled_after_s": settle["after_s"],
+        "measured_until_s": round(time.time() - at, 1),
+        "in_flight_twice": in_flight_twice(spans, at, time.time(), time.time()),
+    }
+    log(
+        f"  join {newcomer.identity}: settled {settle['settled']} after {settle['after_s']}s, "
+        f"in flight twice {_twice(found['in_flight_twice'])}"
+    )
+    return found
+
+
 async def failover(stage: Stage) -> dict[str, Any]:
     opts = stage.opts
+    found: dict[str, Any] = {}
+    if opts.slow:
+        found["join"] = await join(stage)
     first, second, *rest = stage.replicas
-    found: dict[str, Any] = {"kill": await stop_replica(stage, first, "kill", [second, *rest])}
+    found["kill"] = await stop_replica(stage, first, "kill", [second, *rest])
     log(_takeover_line(found["kill"]))
     settle = await wait_settled(stage, opts.settle_limit)
     found["settled_after_kill"] = settle
@@ -979,6 +1010,12 @@ def table(result: dict[str, Any]) -> str:
         )
         fo = run.get("failover")
         if isinstance(fo, dict):
+            if "join" in fo:
+                j = fo["join"]
+                lines.append(
+                    f"    join     {j['replica']}: settled {j['settled']} after "
+                    f"{j['settled_after_s']}s, in flight twice {_twice(j['in_flight_twice'])}"
+                )
             for key in ("kill", "sigterm"):
                 f = fo[key]
                 if isinstance(f, dict):
