@@ -7,6 +7,8 @@
     GET /stats/requests       -> per job: the wall-clock time of every request, in order
     GET /stats/delays         -> per job, with --latency: each request's answer delay, s
                                  (-1: never answered), in the same order
+    GET /stats/spans          -> per job: [arrival, end] of every request, in order (wall
+                                 clock; end None: still in flight)
 
 The answers have the seed service's shape (demo/jobservice.py); each job's fate is
 drawn once from an RNG seeded with (--seed, id). With probability --pending-fraction
@@ -23,6 +25,15 @@ draws each delay from a log-normal distribution with that median and 99th percen
 and leaves the given share of requests unanswered for good (the client's timeout ends
 them, as with a hung service). The delays are timers on the event loop, never a blocked
 thread, so thousands of answers can be pending at once.
+
+--slow N makes the jobs j0 ... j(N-1) (the watches w00000 ... of bench/scale.py and
+bench/replicas.py poll them) answer every request in --slow-seconds (10), whatever
+--latency says: longer than an operator's handover waits for its polls in flight.
+
+A request is in flight from its arrival until its answer is written or, before that,
+its client closes the connection (a client that gives a request up no longer waits for
+it); /stats/spans tells both ends, so that a harness can find two requests of one job in
+flight at once.
 
 Ids starting with "x-" are probes for the HTTP client comparison: always pending, never
 delayed, and counted apart, so they never dilute the operator's per-poll figures.
@@ -57,6 +68,8 @@ PROBE = "x-"
 
 Z_99 = 2.3263478740408408  # the standard normal's 99th percentile
 HUNG = -1.0  # the delay recorded for a request never answered
+OPEN = -1.0  # the end recorded for a request still in flight
+Ticket = tuple[str, int]  # a job and the index of one of its requests
 
 
 @dataclass(frozen=True)
@@ -142,16 +155,20 @@ class Jobs:
         *,
         mean_seconds: float | None = None,
         latency: Latency | None = None,
+        slow: frozenset[str] = frozenset(),
+        slow_seconds: float = 10.0,
     ) -> None:
         self.seed, self.pending_fraction = seed, pending_fraction
         self.mean_seconds = mean_seconds
         self.latency = latency
+        self.slow, self.slow_seconds = slow, slow_seconds
         self.latency_rng = random.Random(f"{seed}/latency")
         # Geometric on {1, 2, ...} with mean M has success probability 1/M per poll.
         self._log_q = math.log1p(-1.0 / mean_polls) if mean_polls > 1 else None
         self.jobs: dict[str, Job] = {}
         self.arrivals: dict[str, array[float]] = {}  # wall clock of every poll, per job
         self.delays: dict[str, array[float]] = {}  # with --latency: each one's delay, -1: hung
+        self.ends: dict[str, array[float]] = {}  # per poll, when it left flight; OPEN: not yet
         self.polls = 0
         self.probe_polls = 0
         self.after_completion = 0  # polls of a job after it answered COMPLETED: should be 0
@@ -182,11 +199,13 @@ class Jobs:
         if job is None:
             job = self.jobs[job_id] = Job(*self._fate(job_id, now), now)
             self.arrivals[job_id] = array("d")
+            self.ends[job_id] = array("d")
             self.first_poll = self.first_poll or now
             self.last_first_poll = now
         self.polls += 1
         job.polls += 1
         self.arrivals[job_id].append(now)
+        self.ends[job_id].append(OPEN)
         ended = (job.target is not None and job.polls >= job.target) or (
             job.ends_at is not None and now >= job.ends_at
         )
@@ -203,8 +222,22 @@ class Jobs:
             f'"resultLink": "https://reports.example.com/results/{job_id}.pdf"}}'
         ).encode()
 
+    def ticket(self, job_id: str) -> Ticket:
+        """The job's latest request, to tell when it leaves flight (`ended`)."""
+        return job_id, len(self.ends[job_id]) - 1
+
+    def ended(self, ticket: Ticket) -> None:
+        """The request was answered or its client left; only the first end counts."""
+        job_id, index = ticket
+        ends = self.ends[job_id]
+        if ends[index] == OPEN:
+            ends[index] = time.time()
+
     def delay(self, job_id: str) -> float | None:
         """Seconds to hold the answer to this request; None: never answer it."""
+        if job_id in self.slow:
+            self.delayed += 1
+            return self.slow_seconds
         if self.latency is None or job_id.startswith(PROBE):
             return 0.0
         drawn = self.latency.draw(self.latency_rng)
@@ -250,6 +283,15 @@ class Jobs:
     def request_delays(self) -> dict[str, list[float]]:
         return {job_id: delays.tolist() for job_id, delays in self.delays.items()}
 
+    def request_spans(self) -> dict[str, list[list[float | None]]]:
+        return {
+            job_id: [
+                [arrival, None if end == OPEN else end]
+                for arrival, end in zip(arrivals, self.ends[job_id], strict=True)
+            ]
+            for job_id, arrivals in self.arrivals.items()
+        }
+
 
 def _pending(job_id: str, polls: int) -> bytes:
     # Built by hand: json.dumps costs more than the rest of the request handling.
@@ -274,10 +316,17 @@ class HttpProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._held = False  # a request got no answer: neither does anything after it
         self._due = 0.0  # loop time of the last delayed answer: later ones keep the order
+        self._open: set[Ticket] = set()  # job polls of this connection not answered yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The client closed (or the server): nobody waits for these answers any more.
+        for ticket in self._open:
+            self._jobs.ended(ticket)
+        self._open.clear()
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
@@ -287,6 +336,7 @@ class HttpProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         buffer = self._buffer + data if self._buffer else data
         replies: list[bytes] = []
+        answered: list[Ticket] = []  # job polls among `replies`
         close = False
         while buffer and not close:
             if self._skip:
@@ -318,30 +368,51 @@ class HttpProtocol(asyncio.Protocol):
             path = target.decode("latin-1")
             routed = self._route(method, path)
             delay = self._delay(method, path) if routed is not None else 0.0
+            ticket = self._ticket(method, path)
             if routed is None or delay is None:  # held: the client's timeout ends this connection
+                if ticket is not None:
+                    self._open.add(ticket)
                 self._held = True
                 break
             reply = _reply(routed[0], routed[1], close)
             now = loop.time()
             if delay <= 0 and self._due <= now:
                 replies.append(reply)
+                if ticket is not None:
+                    answered.append(ticket)
                 continue
             # Pipelined answers go out in order: none before the one delayed ahead of it.
             self._due = max(now + delay, self._due)
-            loop.call_at(self._due, self._send, reply, close)
+            if ticket is not None:
+                self._open.add(ticket)
+            loop.call_at(self._due, self._send, reply, close, ticket)
         self._buffer = buffer
         if replies:
             transport.write(b"".join(replies))
+            for ticket in answered:
+                self._jobs.ended(ticket)
         if close and self._due <= loop.time():
             transport.close()
 
-    def _send(self, reply: bytes, close: bool) -> None:
+    def _send(self, reply: bytes, close: bool, ticket: Ticket | None) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         transport.write(reply)
+        if ticket is not None:
+            self._open.discard(ticket)
+            self._jobs.ended(ticket)
         if close:
             transport.close()
+
+    def _ticket(self, method: bytes, target: str) -> Ticket | None:
+        """The job poll this request is (see `_route`), None for anything else."""
+        path = target.partition("?")[0]
+        if method == b"GET" and path.startswith(PREFIX) and path.endswith(SUFFIX):
+            job_id = path[len(PREFIX) : -len(SUFFIX)]
+            if not job_id.startswith(PROBE):
+                return self._jobs.ticket(job_id)
+        return None
 
     def _delay(self, method: bytes, target: str) -> float | None:
         path = target.partition("?")[0]
@@ -365,6 +436,8 @@ class HttpProtocol(asyncio.Protocol):
             return 200, json.dumps(self._jobs.request_times()).encode()
         if path == "/stats/delays":
             return 200, json.dumps(self._jobs.request_delays()).encode()
+        if path == "/stats/spans":
+            return 200, json.dumps(self._jobs.request_spans()).encode()
         return 404, b'{"error": "no such path"}'
 
 
@@ -422,6 +495,12 @@ def main() -> None:
     )
     parser.add_argument("--pending-fraction", type=float, default=0.2)
     parser.add_argument("--latency", default="none", help="e.g. lognormal:median=50ms,p99=1s")
+    parser.add_argument(
+        "--slow", type=int, default=0, metavar="N", help="jobs j0 ... j(N-1) answer slowly (0)"
+    )
+    parser.add_argument(
+        "--slow-seconds", type=float, default=10.0, help="their answer time, s (10)"
+    )
     args = parser.parse_args()
     try:
         latency = parse_latency(args.latency)
@@ -433,6 +512,8 @@ def main() -> None:
         args.pending_fraction,
         mean_seconds=args.mean_seconds,
         latency=latency,
+        slow=frozenset(f"j{k}" for k in range(args.slow)),
+        slow_seconds=args.slow_seconds,
     )
     uvloop.run(serve(args.host, args.port or [0], jobs))
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/replicas.py                   # 3,000 watches; 1, 2, 3 replicas
     .venv/bin/python bench/replicas.py --watches 600 --replicas 1,2 --window 20
     .venv/bin/python bench/replicas.py --kubeconfig .cache/test-cluster/admin.kubeconfig ...
+    .venv/bin/python bench/replicas.py --slow 20 --slow-seconds 10   # issue #20
 
 The pieces of bench/scale.py (control plane, CRD and RBAC, the operator's ServiceAccount
 token, child processes, the job API of bench/jobapi.py) in this order:
@@ -21,6 +22,15 @@ token, child processes, the job API of bench/jobapi.py) in this order:
    then, once the others have settled, SIGTERM of another; for each, from the job
    service's records, how long until every job of its buckets was polled again, the
    longest gap of those jobs across the change, and whether any job was polled twice.
+
+--slow N (default 0) makes the jobs of the watches w00000 ... w(N-1) answer in
+--slow-seconds (10): longer than a replica's handover waits for its polls in flight
+(issue #20). A replica then also joins after the window, before the kill (a rebalance:
+the others hand it buckets while slow polls are out). For each phase (settling, the
+steady window, the join, the kill -9, the SIGTERM) the results tell how many jobs had
+two requests in flight at once, from the job service's records (a request is in flight
+from its arrival until its answer is written or its client closed the connection), and
+the longest such overlap; it should be 0 with or without --slow.
 
 Every figure is measured from outside the replicas wherever possible: gaps and polls at
 the job service (the time between two requests for one job; a gap under 0.9 x interval
@@ -41,6 +51,7 @@ import argparse
 import asyncio
 import datetime
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -92,6 +103,8 @@ class Options:
     results_dir: Path
     settle_limit: float  # seconds to wait for settled buckets, per run and after a kill
     operator_env: dict[str, str] = field(default_factory=dict)
+    slow: int = 0  # jobs j0 ... j(slow-1) answer in slow_seconds (bench/jobapi.py --slow)
+    slow_seconds: float = 10.0
 
 
 log = scale.log
@@ -132,6 +145,35 @@ def duplicates(
     """Gaps (whose later request falls in [start, end)) shorter than 0.9 x interval."""
     floor = DUPLICATE_SHARE * interval
     return sum(1 for g in st.gaps(requests, start, end) if g < floor)
+
+
+def in_flight_twice(
+    spans: Mapping[str, Sequence[tuple[float, float | None]]],
+    start: float,
+    end: float,
+    now: float,
+) -> dict[str, Any]:
+    """Jobs with two requests in flight at once, the later one arriving in [start, end).
+
+    `spans`: per job, [arrival, end] of each request (bench/jobapi.py /stats/spans); a
+    request is in flight from its arrival until its end, its answer written or its client
+    gone; an end of None is still in flight at `now`. The overlap of a request is how
+    long it was in flight together with the earlier one that was out the longest.
+    """
+    overlap: dict[str, float] = {}
+    for job, requests in spans.items():
+        out_until = -math.inf  # the latest end of the job's requests so far
+        for arrival, finish in sorted((a, now if e is None else e) for a, e in requests):
+            if start <= arrival < end and out_until > arrival:
+                together = min(out_until, finish) - arrival
+                overlap[job] = max(overlap.get(job, 0.0), together)
+            out_until = max(out_until, finish)
+    worst = sorted(overlap.items(), key=lambda kv: -kv[1])
+    return {
+        "jobs": len(overlap),
+        "max_overlap_s": st.rounded(worst[0][1]) if worst else 0.0,
+        "examples": {job: st.rounded(s) for job, s in worst[:5]},
+    }
 
 
 def takeover(
@@ -638,6 +680,7 @@ async def stop_replica(
     await stage.sleep(opts.interval)
     until = time.time()
     requests = await stage.jobs.request_times()
+    spans = await stage.jobs.request_spans()
     figures = takeover(
         requests, jobs, at=at, survivors_from=survivors_from, until=until, interval=opts.interval
     )
@@ -652,13 +695,46 @@ async def stop_replica(
         "measured_until_s": round(until - at, 1),
         **figures,
         "duplicates_whole_fleet": duplicates(requests, at, until, opts.interval),
+        # The whole fleet: a request of the stopped replica's still out when a survivor
+        # polls the same job, or a survivor's two.
+        "in_flight_twice": in_flight_twice(spans, at, until, time.time()),
     }
+
+
+async def join(stage: Stage) -> dict[str, Any]:
+    """A replica joins: the others hand it its share, bucket by bucket, each handover
+    waiting a while for the polls in flight; the slow jobs' outlast that wait."""
+    opts = stage.opts
+    at = time.time()
+    newcomer = start_replica(stage, len(stage.replicas))
+    stage.replicas.append(newcomer)
+    log(f"{newcomer.identity} joins")
+    settle = await wait_settled(stage, opts.settle_limit)
+    # Then an interval and an answer: a taker's first request of a slow job is in them.
+    await stage.sleep(opts.interval + opts.slow_seconds)
+    spans = await stage.jobs.request_spans()
+    found = {
+        "how": "join",
+        "replica": newcomer.identity,
+        "settled": settle["settled"],
+        "settled_after_s": settle["after_s"],
+        "measured_until_s": round(time.time() - at, 1),
+        "in_flight_twice": in_flight_twice(spans, at, time.time(), time.time()),
+    }
+    log(
+        f"  join {newcomer.identity}: settled {settle['settled']} after {settle['after_s']}s, "
+        f"in flight twice {_twice(found['in_flight_twice'])}"
+    )
+    return found
 
 
 async def failover(stage: Stage) -> dict[str, Any]:
     opts = stage.opts
+    found: dict[str, Any] = {}
+    if opts.slow:
+        found["join"] = await join(stage)
     first, second, *rest = stage.replicas
-    found: dict[str, Any] = {"kill": await stop_replica(stage, first, "kill", [second, *rest])}
+    found["kill"] = await stop_replica(stage, first, "kill", [second, *rest])
     log(_takeover_line(found["kill"]))
     settle = await wait_settled(stage, opts.settle_limit)
     found["settled_after_kill"] = settle
@@ -677,8 +753,13 @@ def _takeover_line(f: dict[str, Any]) -> str:
     return (
         f"  {f['how']} {f['replica']}: {f['repolled']}/{f['jobs']} repolled, all after "
         f"{f['all_repolled_s']}s, longest gap {f['longest_gap_s']}s, duplicates "
-        f"{f['duplicates']} (fleet {f['duplicates_whole_fleet']})"
+        f"{f['duplicates']} (fleet {f['duplicates_whole_fleet']}), in flight twice "
+        f"{_twice(f['in_flight_twice'])}"
     )
+
+
+def _twice(found: Mapping[str, Any]) -> str:
+    return f"{found['jobs']} jobs (longest overlap {found['max_overlap_s']}s)"
 
 
 async def measure(ctx: Context, count: int, largest: bool) -> dict[str, Any]:
@@ -693,6 +774,8 @@ async def measure(ctx: Context, count: int, largest: bool) -> dict[str, Any]:
                 *(f"--port={port}" for port in ctx.ports),
                 "--pending-fraction",
                 "1",
+                f"--slow={opts.slow}",
+                f"--slow-seconds={opts.slow_seconds:g}",
             ],
             scale.LOGS / f"jobapi-replicas-{group}.log",
         )
@@ -730,8 +813,13 @@ async def measure(ctx: Context, count: int, largest: bool) -> dict[str, Any]:
             await stage.sleep(opts.window)
             end = await stage.snapshot()
             requests = await stage.jobs.request_times()
+            spans = await stage.jobs.request_spans()
             window = window_figures(stage, start, end, settle["lease_mode"])
             window["gaps"] = gap_figures(requests, start.wall, end.wall, opts.interval)
+            window["in_flight_twice"] = in_flight_twice(spans, start.wall, end.wall, time.time())
+            # From the replicas' start to the window: the buckets change hands as they
+            # settle (replicas started together take more than their share at first).
+            settle["in_flight_twice"] = in_flight_twice(spans, started, start.wall, time.time())
             events, _ = await ctx.kube.list_all(scale.EVENTS_PATH)
             # Whole seconds: Event times have no fractions.
             window["events_by_reason"] = events_by_reason(
@@ -781,7 +869,8 @@ def _window_line(result: dict[str, Any]) -> str:
     )
     return (
         f"  window: {w['job_service_polls_per_s']}/s at the job service; {per}; apiserver "
-        f"{w['apiserver_cores']} cores; duplicates {w['gaps']['duplicates']}"
+        f"{w['apiserver_cores']} cores; duplicates {w['gaps']['duplicates']}; in flight twice "
+        f"{_twice(w['in_flight_twice'])}"
     )
 
 
@@ -875,7 +964,10 @@ def table(result: dict[str, Any]) -> str:
     opts = result["options"]
     lines = [
         f"replicas benchmark: {opts['watches']} watches, interval {opts['interval']:g}s, "
-        f"{opts['buckets']} buckets, window {opts['window']:g}s, {result['started']}",
+        f"{opts['buckets']} buckets, window {opts['window']:g}s, {result['started']}"
+        + (
+            f"; {opts['slow']} jobs answer in {opts['slow_seconds']:g}s" if opts.get("slow") else ""
+        ),
         f"baseline (no replica): apiserver {_f(result['baseline']['apiserver_cores'], 3)} cores,"
         f" writes/s {result['baseline']['apiserver_writes_per_s']}",
         "",
@@ -903,6 +995,10 @@ def table(result: dict[str, Any]) -> str:
             f"jobwatches/status PATCH {_sum(writes, 'PATCH jobwatches/status')}; events POST "
             f"{_sum(writes, 'POST events')}; reads/s {w['apiserver_reads_per_s']}"
         )
+        lines.append(
+            f"    two requests of one job in flight at once: while settling "
+            f"{_twice(run['settle']['in_flight_twice'])}; steady {_twice(w['in_flight_twice'])}"
+        )
         top = list(w.get("events_by_reason", {}).items())[:4]
         lines.append(f"    Events in the window by reason: {dict(top) or 'none'}")
         lines.append(
@@ -914,6 +1010,12 @@ def table(result: dict[str, Any]) -> str:
         )
         fo = run.get("failover")
         if isinstance(fo, dict):
+            if "join" in fo:
+                j = fo["join"]
+                lines.append(
+                    f"    join     {j['replica']}: settled {j['settled']} after "
+                    f"{j['settled_after_s']}s, in flight twice {_twice(j['in_flight_twice'])}"
+                )
             for key in ("kill", "sigterm"):
                 f = fo[key]
                 if isinstance(f, dict):
@@ -922,7 +1024,7 @@ def table(result: dict[str, Any]) -> str:
                         f" {f['all_repolled_s']}s (exit {f['exited_after_s']}s), longest gap "
                         f"{f['longest_gap_s']}s, duplicates {f['duplicates']} "
                         f"(whole fleet {f['duplicates_whole_fleet']}), not repolled "
-                        f"{f['not_repolled']}"
+                        f"{f['not_repolled']}, in flight twice {_twice(f['in_flight_twice'])}"
                     )
                 else:
                     lines.append(f"    {key}: {f}")
@@ -951,6 +1053,16 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--retry-period", type=float, default=2.0)
     parser.add_argument("--hosts", type=int, default=4, help="job API ports (4)")
     parser.add_argument("--settle-limit", type=float, default=180.0, help="s (180)")
+    parser.add_argument(
+        "--slow",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the jobs of watches w00000 ... w(N-1) answer in --slow-seconds (0: none)",
+    )
+    parser.add_argument(
+        "--slow-seconds", type=float, default=10.0, help="the slow jobs' answer time, s (10)"
+    )
     parser.add_argument("--kubeconfig", type=Path, help="use this cluster (admin) instead")
     parser.add_argument("--results-dir", type=Path, default=scale.RESULTS)
     parser.add_argument(
@@ -968,6 +1080,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("--replicas: comma-separated counts, e.g. 1,2,3")
     if not counts or min(counts) < 1 or args.watches < 1 or args.buckets < 1:
         parser.error("--replicas, --watches and --buckets must be positive")
+    if not 0 <= args.slow <= args.watches or args.slow_seconds <= 0:
+        parser.error("--slow must be within 0..--watches and --slow-seconds positive")
     return Options(
         replicas=counts,
         watches=args.watches,
@@ -982,6 +1096,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         results_dir=args.results_dir,
         settle_limit=args.settle_limit,
         operator_env=extra,
+        slow=args.slow,
+        slow_seconds=args.slow_seconds,
     )
 
 

@@ -542,6 +542,9 @@ class JobApi:
     async def request_delays(self) -> dict[str, list[float]]:
         return dict(await self._get("/stats/delays"))
 
+    async def request_spans(self) -> dict[str, list[tuple[float, float | None]]]:
+        return dict(await self._get("/stats/spans"))
+
     async def wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
         for _ in range(200):  # 20 s
             if proc.poll() is not None:

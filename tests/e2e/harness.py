@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import ssl
@@ -354,8 +355,12 @@ class Seen:
     method: str
     headers: dict[str, str]
     body: bytes
-    concurrent: int = 0  # requests to the same path still being answered when it came
+    concurrent: int = 0  # requests to the same path still in flight when it came
     in_server: int = 0  # requests to any path being answered or queued when it came
+    # When it stopped being in flight: its answer sent, or its client gone before that
+    # (`gone`). None: still in flight.
+    end: float | None = None
+    gone: bool = False
 
 
 class _Server(ThreadingHTTPServer):
@@ -377,6 +382,11 @@ class JobServer:
     A path answers its replies in order and then repeats the last one. With `capacity`,
     at most that many requests are answered at once (a reply's `delay` included) and the
     others queue, as at a service with that many workers.
+
+    A request is in flight from its arrival until its answer is sent or, during a
+    reply's `delay`, its client closes the connection: a client that gives a request up
+    (its timeout, a replica killed) no longer waits for it, so it is not in flight any
+    more even though no answer went out (`Seen.end`, `Seen.gone`).
     """
 
     def __init__(
@@ -402,16 +412,18 @@ class JobServer:
             def _serve(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
-                reply = server._record(self.path, self.command, dict(self.headers), body)
+                seen, reply = server._record(self.path, self.command, dict(self.headers), body)
                 try:
                     with workers:
-                        self._answer(reply)
+                        self._answer(reply, seen)
                 finally:
-                    server._done(self.path)
+                    server._done(self.path, seen)
 
-            def _answer(self, reply: Reply) -> None:
-                if reply.delay:
-                    time.sleep(reply.delay)
+            def _answer(self, reply: Reply, seen: Seen) -> None:
+                if reply.delay and self._client_left_within(reply.delay):
+                    server._done(self.path, seen, gone=True)
+                    self.close_connection = True
+                    return
                 payload = (
                     reply.body.encode()
                     if isinstance(reply.body, str)
@@ -427,6 +439,29 @@ class JobServer:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
+                server._done(self.path, seen)
+
+            def _client_left_within(self, seconds: float) -> bool:
+                """Waits `seconds`; True as soon as the client closes the connection.
+
+                The socket turns readable on the client's FIN (or its next request,
+                which keep-alive clients send only after this answer); a peek then
+                tells the two apart without taking bytes from the request stream. On
+                TLS the raw bytes are peeked: a close_notify alert is data, so such a
+                close is seen at the FIN that follows it."""
+                deadline = time.monotonic() + seconds
+                while (left := deadline - time.monotonic()) > 0:
+                    readable, _, _ = select.select([self.connection], [], [], left)
+                    if not readable:
+                        continue
+                    try:
+                        peeked = socket.socket.recv(self.connection, 1, socket.MSG_PEEK)
+                    except OSError:
+                        return True
+                    if not peeked:
+                        return True
+                    time.sleep(min(left, 0.05))  # data waiting: no spin on it
+                return False
 
             do_GET = do_POST = do_PUT = do_HEAD = _serve
 
@@ -453,28 +488,33 @@ class JobServer:
         with self._lock:
             return list(self._seen.get(path, []))
 
-    def _record(self, path: str, method: str, headers: dict[str, str], body: bytes) -> Reply:
+    def _record(
+        self, path: str, method: str, headers: dict[str, str], body: bytes
+    ) -> tuple[Seen, Reply]:
         with self._lock:
             active = self._active.get(path, 0)
             self._active[path] = active + 1
-            self._seen.setdefault(path, []).append(
-                Seen(
-                    time.monotonic(),
-                    method,
-                    {k.lower(): v for k, v in headers.items()},
-                    body,
-                    active,
-                    self._in_server,
-                )
+            seen = Seen(
+                time.monotonic(),
+                method,
+                {k.lower(): v for k, v in headers.items()},
+                body,
+                active,
+                self._in_server,
             )
+            self._seen.setdefault(path, []).append(seen)
             self._in_server += 1
             replies = self._routes.get(path)
             if not replies:
-                return Reply(404, {"error": "no such path"})
-            return replies.pop(0) if len(replies) > 1 else replies[0]
+                return seen, Reply(404, {"error": "no such path"})
+            return seen, replies.pop(0) if len(replies) > 1 else replies[0]
 
-    def _done(self, path: str) -> None:
+    def _done(self, path: str, seen: Seen, gone: bool = False) -> None:
+        """The request is no longer in flight; only its first end counts."""
         with self._lock:
+            if seen.end is not None:
+                return
+            seen.end, seen.gone = time.monotonic(), gone
             self._active[path] -= 1
             self._in_server -= 1
 
@@ -485,6 +525,26 @@ class JobServer:
 
 def gaps(seen: Sequence[Seen]) -> list[float]:
     return [b.at - a.at for a, b in itertools.pairwise(seen)]
+
+
+def overlaps(seen: Sequence[Seen], since: float = 0.0) -> list[float]:
+    """Two requests of one path in flight at once: for each request arriving at `since`
+    or later while an earlier one was still in flight, how long the two were in flight
+    together (seconds; one still in flight counts until now)."""
+    now = time.monotonic()
+    found: list[float] = []
+    ordered = sorted(seen, key=lambda s: s.at)
+    for i, later in enumerate(ordered):
+        if later.at < since:
+            continue
+        later_end = now if later.end is None else later.end
+        together = max(
+            (min(now if s.end is None else s.end, later_end) - later.at for s in ordered[:i]),
+            default=0.0,
+        )
+        if together > 0:
+            found.append(together)
+    return found
 
 
 def iter_docs(text: str) -> Iterator[dict[str, Any]]:

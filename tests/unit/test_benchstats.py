@@ -203,3 +203,28 @@ async def test_pipelined_answers_keep_their_order_and_a_hung_one_stops_the_rest(
     assert b'"j3"' not in received and b'"j4"' not in received
     # A request after the hung one is not even read: the client gives up on the connection.
     assert jobs.request_times().keys() == {"j1", "j2", "j3"}
+
+
+async def test_spans_end_at_the_answer_or_when_the_client_leaves() -> None:
+    jobs = jobapi.Jobs(1, 200.0, 1.0, slow=frozenset({"j0"}), slow_seconds=0.5)
+    server, port = await serve(jobs)
+    async with server:
+        # j0 is slow: this client leaves 0.1 s into its 0.5 s answer.
+        _, leaving = await asyncio.open_connection("127.0.0.1", port)
+        leaving.write(b"GET /api/jobs/j0/status HTTP/1.1\r\nhost: x\r\n\r\n")
+        await leaving.drain()
+        await asyncio.sleep(0.1)
+        leaving.close()
+        async with aiohttp.ClientSession() as http, asyncio.timeout(5):
+            for job in ("j0", "j1"):
+                async with http.get(f"http://127.0.0.1:{port}/api/jobs/{job}/status") as r:
+                    await r.read()
+    spans = jobs.request_spans()
+    durations = [end - arrival for arrival, end in spans["j0"] if end is not None]
+    assert len(durations) == 2
+    left, answered = durations
+    assert 0.05 < left < 0.4  # ended when its client left, not at its answer
+    assert 0.45 < answered < 1.0
+    [(arrival, end)] = spans["j1"]
+    assert end is not None and 0 <= end - arrival < 0.1
+    assert jobs.delayed == 2  # the slow job's, whatever --latency says

@@ -148,3 +148,51 @@ def test_events_by_reason_in_the_window_only() -> None:
     ]
     start = datetime.datetime(2026, 11, 30, 20, 0, tzinfo=datetime.UTC).timestamp()
     assert replicas.events_by_reason(items, start, start + 60) == {"Polled (jobwatch)": 2}
+
+
+def test_in_flight_twice_counts_a_request_sent_while_another_was_out() -> None:
+    spans: dict[str, list[tuple[float, float | None]]] = {
+        # a handover released the bucket at 13 while the 10 s answer was out; the next
+        # holder polled at 13.5: both in flight until 20
+        "j0": [(10.0, 20.0), (13.5, 23.5)],
+        # one after the other: the next request came as the last answer went out
+        "j1": [(10.0, 20.0), (20.0, 30.0), (33.0, 33.1)],
+        # the first holder's client gave up at 14 (its connection closed): not in flight
+        # when the second came
+        "j2": [(10.0, 14.0), (14.5, 24.5)],
+    }
+    found = replicas.in_flight_twice(spans, 0.0, 100.0, now=200.0)
+    assert found == {"jobs": 1, "max_overlap_s": 6.5, "examples": {"j0": 6.5}}
+
+
+def test_in_flight_twice_takes_the_earlier_request_out_the_longest() -> None:
+    # The second request is short, the third arrives while the first is still out.
+    spans: dict[str, list[tuple[float, float | None]]] = {
+        "j0": [(0.0, 10.0), (1.0, 2.0), (5.0, 15.0)]
+    }
+    found = replicas.in_flight_twice(spans, 3.0, 100.0, now=200.0)
+    # Only the request at 5 falls in the span: out with the first from 5 to 10.
+    assert found["jobs"] == 1
+    assert found["max_overlap_s"] == 5.0
+
+
+def test_in_flight_twice_an_open_request_lasts_until_now() -> None:
+    spans: dict[str, list[tuple[float, float | None]]] = {
+        "j0": [(0.0, None), (4.0, 5.0)],  # the first still unanswered at `now`
+        "j1": [(0.0, None)],
+    }
+    found = replicas.in_flight_twice(spans, 0.0, 100.0, now=8.0)
+    assert found["jobs"] == 1
+    assert found["max_overlap_s"] == 1.0  # the second, 4 to 5, entirely within the first
+
+
+def test_in_flight_twice_only_counts_later_requests_in_the_span() -> None:
+    spans: dict[str, list[tuple[float, float | None]]] = {"j0": [(0.0, 10.0), (5.0, 15.0)]}
+    assert replicas.in_flight_twice(spans, 6.0, 100.0, now=200.0)["jobs"] == 0
+    assert replicas.in_flight_twice(spans, 0.0, 5.0, now=200.0)["jobs"] == 0
+    assert replicas.in_flight_twice(spans, 5.0, 6.0, now=200.0)["jobs"] == 1
+    assert replicas.in_flight_twice({}, 0.0, 1.0, now=2.0) == {
+        "jobs": 0,
+        "max_overlap_s": 0.0,
+        "examples": {},
+    }
