@@ -83,9 +83,10 @@ MAX_HANDOVER_BYTES = 160_000
 AGREEMENT_ANNOTATION = "jobwatch.dev/agreement"
 # Each attempt of a Lease request may take this share of the renew deadline, and a
 # failed one (no answer, 429, 5xx) is tried again while within RETRY_SHARE of it: one
-# stalled connection then costs a retry, not the bucket.
-REQUEST_SHARE = 1 / 4
-RETRY_SHARE = 1 / 2
+# stalled connection then costs a retry, not the bucket. (A quarter cut answers a busy
+# API server was about to give: its renewals then failed more often than they waited.)
+REQUEST_SHARE = 1 / 2
+RETRY_SHARE = 3 / 4
 RETRY_PAUSE_SHARE = 1 / 20
 
 
@@ -597,7 +598,7 @@ class Elector:
 
     async def _retrying(self, request: Callable[[], Awaitable[T]]) -> T:
         """One Lease request: each attempt bounded by REQUEST_SHARE of the renew deadline,
-        and one that got no answer, a 429 or a 5xx tried again while within RETRY_SHARE
+        and one that got no answer, a 429 or a 5xx tried again, all within RETRY_SHARE
         of it. A write sent again after an answer was lost meets a 409 (its own first
         attempt changed the Lease): the next listing says whose it is."""
         settings = self._settings
@@ -605,7 +606,8 @@ class Elector:
         pause = settings.renew_deadline * RETRY_PAUSE_SHARE
         while True:
             try:
-                async with asyncio.timeout(settings.renew_deadline * REQUEST_SHARE):
+                left = end - self._clock()
+                async with asyncio.timeout(min(settings.renew_deadline * REQUEST_SHARE, left)):
                     return await request()
             except ApiError as exc:
                 if exc.status != 429 and exc.status < 500:

@@ -369,7 +369,7 @@ async def test_a_stalled_renewal_costs_only_its_own_bucket() -> None:
     clock.now += 0.3
     renewed_at = clock.now
     await elector.round()
-    # Each attempt is cut at a quarter of the renew deadline and tried again within half.
+    # Each attempt is cut at half the renew deadline, and all end within three quarters.
     assert clock.now - renewed_at < settings.renew_deadline
     clock.now = renewed_at + 0.9  # past bucket 7's validity, within the others' new one
     elector._expire_unrenewed()
