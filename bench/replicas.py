@@ -4,6 +4,7 @@
     .venv/bin/python bench/replicas.py --watches 600 --replicas 1,2 --window 20
     .venv/bin/python bench/replicas.py --kubeconfig .cache/test-cluster/admin.kubeconfig ...
     .venv/bin/python bench/replicas.py --slow 20 --slow-seconds 10   # issue #20
+    .venv/bin/python bench/replicas.py --watches 100000 --replicas 4 --interval 60 --rollout
 
 The pieces of bench/scale.py (control plane, CRD and RBAC, the operator's ServiceAccount
 token, child processes, the job API of bench/jobapi.py) in this order:
@@ -13,15 +14,35 @@ token, child processes, the job API of bench/jobapi.py) in this order:
 2. one run per --replicas count, each with a fresh job API (on the same ports), a fresh
    lease group (JOBWATCH_LEASE_GROUP: no run sees another's Leases) and fresh operator
    processes, all started at once with JOBWATCH_LEASE_NAMESPACE=jobwatch-system;
-3. the harness waits until the buckets are settled (from the replicas' own metrics:
-   every bucket held by exactly one replica, every replica seeing them all alive),
+3. start-up: from the replicas' start until the job service has seen a request of
+   every job, and until the buckets are settled (from the replicas' own metrics: every
+   bucket held by exactly one replica, every replica seeing them all alive); then until
    every job was polled after that and no replica has phase changes or Events queued
-   (a fresh fleet's first statuses take minutes), one more interval, then measures a
-   steady window;
-4. in the largest run (2 replicas or more), after the window: `kill -9` of one replica,
+   (a fresh fleet's first statuses take N / (replicas x JOBWATCH_STATUS_QPS) seconds),
+   one more interval, then a steady window: polls, gaps, CPU (cores: CPU seconds per
+   second) and RSS of each replica, of the kube-apiserver, etcd and the job service;
+4. staleness (--staleness-samples, 3): right after the window, so that the window's
+   API server figures do not include them, a few paginated LISTs of every JobWatch over
+   one interval: the distribution of now - status.lastPollTime, how old the progress is
+   that a user reads with kubectl;
+5. in the largest run, with --rollout: each replica replaced in turn as a Deployment's
+   RollingUpdate with maxSurge 1, maxUnavailable 0 does it (a new replica; once it holds
+   buckets // replicas buckets, SIGTERM of an old one; until settled): its duration,
+   the API server's JobWatch LISTs and GETs and the bytes of their answers
+   (apiserver_response_sizes_sum deltas), duplicate polls, two requests in flight at
+   once and the longest gap of any job, from its start until one interval after its end;
+6. in the largest run (2 replicas or more), after that: `kill -9` of one replica,
    then, once the others have settled, SIGTERM of another; for each, from the job
    service's records, how long until every job of its buckets was polled again, the
    longest gap of those jobs across the change, and whether any job was polled twice.
+
+All along, the machine's available memory and CPU and the RSS of the control plane and
+of every process the harness started are sampled every 5 s: the results tell what ran
+short first (memory: under --min-available-gib or a tenth of the machine; CPU: every
+core 95 % busy for a minute). Under --min-available-gib (2) the run stops, before the
+kernel's OOM killer picks a process. A run that stops early (that, an API server that
+times out, a replica that dies) still writes its results with what it measured and why
+it stopped.
 
 --slow N (default 0) makes the jobs of the watches w00000 ... w(N-1) answer in
 --slow-seconds (10): longer than a replica's handover waits for its polls in flight
@@ -42,7 +63,8 @@ machine: with --kubeconfig naming another cluster, the API server's CPU is not k
 
 Results: bench/results/replicas-<timestamp>.json and a table on stdout; logs in
 _out/bench/. Exit status 0 when the harness did its job whatever the figures, 1 when it
-broke. Everything it starts is stopped at the end, also on Ctrl-C or SIGTERM.
+broke or stopped early (results written all the same, with "failed"). Everything it
+starts is stopped at the end, also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
