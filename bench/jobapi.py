@@ -5,10 +5,12 @@
     GET /stats/jobs           -> per job: [polls, first poll, first request answered COMPLETED,
                                  the job's end (wall clock; None: not ended yet)]
     GET /stats/requests       -> per job: the wall-clock time of every request, in order
+                                 (?since=T: those at T or later, and the last one before)
     GET /stats/delays         -> per job, with --latency: each request's answer delay, s
                                  (-1: never answered), in the same order
     GET /stats/spans          -> per job: [arrival, end] of every request, in order (wall
-                                 clock; end None: still in flight)
+                                 clock; end None: still in flight); ?since=T: those in
+                                 flight at T or later, and the last one before T
 
 The answers have the seed service's shape (demo/jobservice.py); each job's fate is
 drawn once from an RNG seeded with (--seed, id). With probability --pending-fraction
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import math
 import random
@@ -277,20 +280,33 @@ class Jobs:
             for job_id, job in self.jobs.items()
         }
 
-    def request_times(self) -> dict[str, list[float]]:
-        return {job_id: times.tolist() for job_id, times in self.arrivals.items()}
+    def request_times(self, since: float | None = None) -> dict[str, list[float]]:
+        """With `since`, a job's requests from then on and the last one before (the gap
+        across `since`): at 100,000 jobs the whole history is too big to send."""
+        if since is None:
+            return {job_id: times.tolist() for job_id, times in self.arrivals.items()}
+        return {
+            job_id: times[max(0, bisect.bisect_left(times, since) - 1) :].tolist()
+            for job_id, times in self.arrivals.items()
+        }
 
     def request_delays(self) -> dict[str, list[float]]:
         return {job_id: delays.tolist() for job_id, delays in self.delays.items()}
 
-    def request_spans(self) -> dict[str, list[list[float | None]]]:
-        return {
-            job_id: [
-                [arrival, None if end == OPEN else end]
-                for arrival, end in zip(arrivals, self.ends[job_id], strict=True)
+    def request_spans(self, since: float | None = None) -> dict[str, list[list[float | None]]]:
+        """With `since`, the requests still in flight at `since` or arriving later, and the
+        last one before (an earlier request out across `since` can overlap a later one)."""
+        found: dict[str, list[list[float | None]]] = {}
+        for job_id, arrivals in self.arrivals.items():
+            ends = self.ends[job_id]
+            bound = -math.inf if since is None else since
+            first = max(0, bisect.bisect_left(arrivals, bound) - 1)
+            found[job_id] = [
+                [arrivals[k], None if ends[k] == OPEN else ends[k]]
+                for k in range(len(arrivals))
+                if k >= first or ends[k] == OPEN or ends[k] >= bound
             ]
-            for job_id, arrivals in self.arrivals.items()
-        }
+        return found
 
 
 def _pending(job_id: str, polls: int) -> bytes:
@@ -433,12 +449,24 @@ class HttpProtocol(asyncio.Protocol):
         if path == "/stats/jobs":
             return 200, json.dumps(self._jobs.per_job()).encode()
         if path == "/stats/requests":
-            return 200, json.dumps(self._jobs.request_times()).encode()
+            return 200, json.dumps(self._jobs.request_times(_since(target))).encode()
         if path == "/stats/delays":
             return 200, json.dumps(self._jobs.request_delays()).encode()
         if path == "/stats/spans":
-            return 200, json.dumps(self._jobs.request_spans()).encode()
+            return 200, json.dumps(self._jobs.request_spans(_since(target))).encode()
         return 404, b'{"error": "no such path"}'
+
+
+def _since(target: str) -> float | None:
+    """The `since` query parameter (wall-clock seconds), None if absent or malformed."""
+    for pair in target.partition("?")[2].split("&"):
+        name, _, text = pair.partition("=")
+        if name == "since":
+            try:
+                return float(text)
+            except ValueError:
+                return None
+    return None
 
 
 MAX_HEAD = 65536

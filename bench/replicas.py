@@ -4,6 +4,7 @@
     .venv/bin/python bench/replicas.py --watches 600 --replicas 1,2 --window 20
     .venv/bin/python bench/replicas.py --kubeconfig .cache/test-cluster/admin.kubeconfig ...
     .venv/bin/python bench/replicas.py --slow 20 --slow-seconds 10   # issue #20
+    .venv/bin/python bench/replicas.py --watches 100000 --replicas 4 --interval 60 --rollout
 
 The pieces of bench/scale.py (control plane, CRD and RBAC, the operator's ServiceAccount
 token, child processes, the job API of bench/jobapi.py) in this order:
@@ -13,15 +14,35 @@ token, child processes, the job API of bench/jobapi.py) in this order:
 2. one run per --replicas count, each with a fresh job API (on the same ports), a fresh
    lease group (JOBWATCH_LEASE_GROUP: no run sees another's Leases) and fresh operator
    processes, all started at once with JOBWATCH_LEASE_NAMESPACE=jobwatch-system;
-3. the harness waits until the buckets are settled (from the replicas' own metrics:
-   every bucket held by exactly one replica, every replica seeing them all alive),
+3. start-up: from the replicas' start until the job service has seen a request of
+   every job, and until the buckets are settled (from the replicas' own metrics: every
+   bucket held by exactly one replica, every replica seeing them all alive); then until
    every job was polled after that and no replica has phase changes or Events queued
-   (a fresh fleet's first statuses take minutes), one more interval, then measures a
-   steady window;
-4. in the largest run (2 replicas or more), after the window: `kill -9` of one replica,
+   (a fresh fleet's first statuses take N / (replicas x JOBWATCH_STATUS_QPS) seconds),
+   one more interval, then a steady window: polls, gaps, CPU (cores: CPU seconds per
+   second) and RSS of each replica, of the kube-apiserver, etcd and the job service;
+4. staleness (--staleness-samples, 3): right after the window, so that the window's
+   API server figures do not include them, a few paginated LISTs of every JobWatch over
+   one interval: the distribution of now - status.lastPollTime, how old the progress is
+   that a user reads with kubectl;
+5. in the largest run, with --rollout: each replica replaced in turn as a Deployment's
+   RollingUpdate with maxSurge 1, maxUnavailable 0 does it (a new replica; once it holds
+   buckets // replicas buckets, SIGTERM of an old one; until settled): its duration,
+   the API server's JobWatch LISTs and GETs and the bytes of their answers
+   (apiserver_response_sizes_sum deltas), duplicate polls, two requests in flight at
+   once and the longest gap of any job, from its start until one interval after its end;
+6. in the largest run (2 replicas or more), after that: `kill -9` of one replica,
    then, once the others have settled, SIGTERM of another; for each, from the job
    service's records, how long until every job of its buckets was polled again, the
    longest gap of those jobs across the change, and whether any job was polled twice.
+
+All along, the machine's available memory and CPU and the RSS of the control plane and
+of every process the harness started are sampled every 5 s: the results tell what ran
+short first (memory: under --min-available-gib or a tenth of the machine; CPU: every
+core 95 % busy for a minute). Under --min-available-gib (2) the run stops, before the
+kernel's OOM killer picks a process. A run that stops early (that, an API server that
+times out, a replica that dies) still writes its results with what it measured and why
+it stopped.
 
 --slow N (default 0) makes the jobs of the watches w00000 ... w(N-1) answer in
 --slow-seconds (10): longer than a replica's handover waits for its polls in flight
@@ -42,15 +63,18 @@ machine: with --kubeconfig naming another cluster, the API server's CPU is not k
 
 Results: bench/results/replicas-<timestamp>.json and a table on stdout; logs in
 _out/bench/. Exit status 0 when the harness did its job whatever the figures, 1 when it
-broke. Everything it starts is stopped at the end, also on Ctrl-C or SIGTERM.
+broke or stopped early (results written all the same, with "failed"). Everything it
+starts is stopped at the end, also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -71,7 +95,7 @@ import psutil
 
 import benchstats as st
 import scale
-from kubeclient import Kube, load_kubeconfig
+from kubeclient import Kube, KubeError, load_kubeconfig
 
 # A cluster directory of its own: a scale run of another session may use bench-cluster.
 CLUSTER_DIR = scale.REPO / ".cache" / "replicas-cluster"
@@ -86,6 +110,12 @@ DUPLICATE_SHARE = 0.9
 IN_FLIGHT_S = 0.1
 BASELINE_S = 15.0  # the control plane's own writes, measured with no replica running
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+MONITOR_S = 5.0  # how often the machine's memory and CPU are sampled
+# The machine is short of CPU once all its cores are this busy for SATURATED_S or more.
+SATURATED_BUSY = 0.95
+SATURATED_S = 60.0
+LIST_PAGE = 500  # kubectl's page size
 
 
 @dataclass(frozen=True)
@@ -105,6 +135,9 @@ class Options:
     operator_env: dict[str, str] = field(default_factory=dict)
     slow: int = 0  # jobs j0 ... j(slow-1) answer in slow_seconds (bench/jobapi.py --slow)
     slow_seconds: float = 10.0
+    rollout: bool = False  # replace each replica in turn after the window (largest run)
+    staleness_samples: int = 3  # LISTs of every JobWatch's status after the window
+    min_available_gib: float = 2.0  # the run stops (and reports) below this much free memory
 
 
 log = scale.log
@@ -239,19 +272,23 @@ def writes_by_resource(
 
 _REQUEST = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 _LONGRUNNING = re.compile(r"^apiserver_longrunning_requests\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+_SIZES = re.compile(r"^apiserver_response_sizes_sum\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 READ_RESOURCES = ("leases", "jobwatches")
 
 
 def apiserver_reads(text: str) -> dict[str, float]:
     """Reads of leases and jobwatches ("read VERB resource": LIST, GET, WATCH requests
-    started) and the watches open now ("open WATCH resource"), from the server's /metrics."""
+    started), the watches open now ("open WATCH resource") and the bytes of the LIST and
+    GET answers ("bytes VERB resource": apiserver_response_sizes_sum), from /metrics."""
     found: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("apiserver_request_total{"):
             match, prefix = _REQUEST.match(line), "read"
         elif line.startswith("apiserver_longrunning_requests{"):
             match, prefix = _LONGRUNNING.match(line), "open"
+        elif line.startswith("apiserver_response_sizes_sum{"):
+            match, prefix = _SIZES.match(line), "bytes"
         else:
             continue
         if match is None:
@@ -289,7 +326,155 @@ def events_by_reason(
     return dict(sorted(found.items(), key=lambda kv: -kv[1]))
 
 
+def parse_stamp(text: str) -> float:
+    """An RFC 3339 time of the API's (…Z) as epoch seconds."""
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def status_age(item: Mapping[str, Any], now: float) -> float | None:
+    """How old the poll a JobWatch's status tells of is at `now`: now - lastPollTime;
+    None while it has no lastPollTime."""
+    stamp = (item.get("status") or {}).get("lastPollTime")
+    return now - parse_stamp(str(stamp)) if stamp else None
+
+
+def age_summary(ages: Sequence[float], missing: int, interval: float) -> dict[str, Any]:
+    """The distribution of status ages (`status_age`), also in intervals: at best a
+    status is up to one interval old (the next poll is due then)."""
+
+    def share_over(bound: float) -> float | None:
+        return round(sum(1 for a in ages if a > bound) / len(ages), 4) if ages else None
+
+    p50, p99 = st.percentile(ages, 0.5), st.percentile(ages, 0.99)
+    top = max(ages, default=None)
+    return {
+        "watches": len(ages) + missing,
+        "without_last_poll_time": missing,
+        "p50_s": st.rounded(p50),
+        "p90_s": st.rounded(st.percentile(ages, 0.9)),
+        "p99_s": st.rounded(p99),
+        "max_s": st.rounded(top),
+        "p50_intervals": None if p50 is None else round(p50 / interval, 2),
+        "p99_intervals": None if p99 is None else round(p99 / interval, 2),
+        "max_intervals": None if top is None else round(top / interval, 2),
+        "older_than_1_interval_share": share_over(interval),
+        "older_than_2_intervals_share": share_over(2 * interval),
+    }
+
+
+def longest_gap(
+    requests: Mapping[str, Sequence[float]], start: float, until: float
+) -> dict[str, Any]:
+    """The longest time any job went unpolled within [start, until): gaps whose later
+    request falls in the span, and gaps still open at `until` (a job left unpolled)."""
+    worst, job_of_worst, open_jobs = 0.0, None, 0
+    for job, times in requests.items():
+        before = [t for t in times if t < until]
+        if not before:
+            continue
+        candidates = [b - a for a, b in itertools.pairwise(before) if b >= start]
+        if until - before[-1] > worst:
+            candidates.append(until - before[-1])
+        for gap in candidates:
+            if gap > worst:
+                worst, job_of_worst = gap, job
+        open_jobs += 1 if before[-1] < start else 0
+    return {
+        "max_s": st.rounded(worst) if job_of_worst else None,
+        "job": job_of_worst,
+        "jobs_not_polled_in_span": open_jobs,
+    }
+
+
+def exhaustion(
+    samples: Sequence[Mapping[str, Any]], total_gib: float, guard_gib: float, since: float
+) -> dict[str, Any]:
+    """What ran short first, from the monitor's samples (wall, available_gib, cpu_busy,
+    rss_mib): memory (available under the guard or a tenth of the machine), or CPU
+    (every core at least 95 % busy for a minute or more). Times from `since`."""
+    floor = max(guard_gib, total_gib / 10)
+    memory_at = next((s["wall"] for s in samples if s["available_gib"] < floor), None)
+    cpu_at, streak_from = None, None
+    for sample in samples:
+        if sample["cpu_busy"] < SATURATED_BUSY:
+            streak_from = None
+            continue
+        streak_from = sample["wall"] - MONITOR_S if streak_from is None else streak_from
+        if sample["wall"] - streak_from >= SATURATED_S:
+            cpu_at = streak_from
+            break
+    short = {k: v for k, v in (("memory", memory_at), ("cpu", cpu_at)) if v is not None}
+    peaks: dict[str, float] = {}
+    for sample in samples:
+        for name, rss in sample["rss_mib"].items():
+            peaks[name] = max(peaks.get(name, 0.0), rss)
+    busy = [s["cpu_busy"] for s in samples]
+    return {
+        "first": min(short, key=lambda k: short[k]) if short else None,
+        "memory_short_after_s": None if memory_at is None else round(memory_at - since, 1),
+        "cpu_saturated_after_s": None if cpu_at is None else round(cpu_at - since, 1),
+        "min_available_gib": min((s["available_gib"] for s in samples), default=None),
+        "memory_floor_gib": round(floor, 2),
+        "cpu_busy_p50": st.percentile(busy, 0.5),
+        "cpu_busy_max": max(busy, default=None),
+        "peak_rss_mib": dict(sorted(peaks.items(), key=lambda kv: -kv[1])[:12]),
+    }
+
+
 # --- processes ----------------------------------------------------------------------
+
+
+def rss_mib(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return round(psutil.Process(pid).memory_info().rss / MiB, 1)
+    except psutil.Error:
+        return None
+
+
+@dataclass
+class Monitor:
+    """The machine's memory and CPU every MONITOR_S, and the RSS of the control plane and
+    of every process the harness started: what runs short first. Below `guard_gib` of
+    available memory it cancels the run (which then reports what it has), before the
+    kernel's OOM killer picks a process, maybe another user's."""
+
+    guard_gib: float
+    pids: dict[str, int]  # the control plane's
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    ran_out: str | None = None
+
+    def sample(self) -> dict[str, Any]:
+        rss = {name: rss_mib(pid) for name, pid in self.pids.items()}
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                kind = "jobwatch" if "jobwatch" in child.cmdline() else Path(child.name()).name
+                rss[f"{kind}:{child.pid}"] = round(child.memory_info().rss / MiB, 1)
+        return {
+            "wall": round(time.time(), 1),
+            "available_gib": round(psutil.virtual_memory().available / GiB, 2),
+            "cpu_busy": round(psutil.cpu_percent(None) / 100, 3),
+            "rss_mib": {k: v for k, v in rss.items() if v is not None},
+        }
+
+    async def run(self, task: asyncio.Task[Any]) -> None:
+        psutil.cpu_percent(None)  # starts the CPU count: the first sample covers MONITOR_S
+        while True:
+            await asyncio.sleep(MONITOR_S)
+            found = await asyncio.to_thread(self.sample)
+            self.samples.append(found)
+            if self.ran_out is None and found["available_gib"] < self.guard_gib:
+                self.ran_out = (
+                    f"memory: {found['available_gib']} GiB available, under the "
+                    f"--min-available-gib guard of {self.guard_gib:g}"
+                )
+                log(f"stopping the run: {self.ran_out}")
+                task.cancel()
+
+    def check(self) -> None:
+        if self.ran_out is not None:
+            raise scale.BenchError(self.ran_out)
 
 
 @dataclass
@@ -353,6 +538,7 @@ class Snapshot:
     apiserver: dict[str, float]  # benchstats.apiserver_counters + apiserver_reads
     cpu: dict[str, float | None]  # apiserver, etcd, jobapi: cumulative CPU seconds
     jobs: dict[str, float]  # the job API's /stats
+    rss_mib: dict[str, float | None]  # apiserver, etcd, jobapi
 
 
 @dataclass
@@ -373,6 +559,7 @@ class Stage:
         return [r for r in self.replicas if r.alive()]
 
     def check(self) -> None:
+        self.ctx.monitor.check()
         for replica in self.replicas:
             if replica.identity not in self.stopped and not replica.alive():
                 raise scale.BenchError(
@@ -400,6 +587,11 @@ class Stage:
                 "jobapi": scale.cpu_seconds(self.jobapi.pid),
             },
             jobs=await self.jobs.stats(),
+            rss_mib={
+                "apiserver": rss_mib(pids.get("apiserver")),
+                "etcd": rss_mib(pids.get("etcd")),
+                "jobapi": rss_mib(self.jobapi.pid),
+            },
         )
 
     async def sleep(self, seconds: float) -> None:
@@ -421,6 +613,7 @@ class Context:
     sa_kubeconfig: Path
     ports: list[int]
     plan: dict[str, Any]  # scale.load_plan's: the load, and --operator-env
+    monitor: Monitor
 
 
 def scale_options(opts: Options) -> scale.Options:
@@ -538,17 +731,18 @@ async def wait_polled_since(
     limit: float,
 ) -> dict[str, list[float]]:
     """Until every job in `jobs` had a request at `since` or later (or `limit` s); the
-    job service's request records as last read. Read every 2 s: each read costs the job
-    service a few hundred ms of CPU at 3,000 jobs."""
+    job service's request records as last read (from `since` on, and the last request
+    before). Read every 2 s, every 10 s at 100,000 jobs: each read costs the job service
+    CPU in proportion to the jobs."""
     deadline = time.monotonic() + limit
     while True:
-        requests = await stage.jobs.request_times()
+        requests = await stage.jobs.request_times(since=since)
         waiting = [j for j in jobs if not any(t >= since for t in requests.get(j, ())[-3:])]
         if not waiting or time.monotonic() >= deadline:
             if waiting:
                 log(f"  {len(waiting)} of {len(jobs)} jobs not polled within {limit:.0f}s")
             return requests
-        await stage.sleep(2.0)
+        await stage.sleep(max(2.0, stage.opts.watches / 10_000))
 
 
 async def wait_quiet(stage: Stage, limit: float) -> float | None:
@@ -634,6 +828,13 @@ def window_figures(stage: Stage, a: Snapshot, b: Snapshot, lease_mode: bool) -> 
         "apiserver_reads_per_s": reads,
         "open_watches": {k[5:]: v for k, v in b.apiserver.items() if k.startswith("open ")},
         "apiserver_429": b.apiserver.get("429", 0.0) - a.apiserver.get("429", 0.0),
+        "read_bytes_per_s": {
+            k[6:]: round((b.apiserver.get(k, 0.0) - a.apiserver.get(k, 0.0)) / seconds)
+            for k in sorted(b.apiserver)
+            if k.startswith("bytes ")
+        },
+        # At the window's end; CPU above in cores (CPU seconds per second).
+        "rss_mib": b.rss_mib,
     }
 
 
@@ -679,8 +880,9 @@ async def stop_replica(
     # One more interval: a duplicate poll right after the takeover is seen too.
     await stage.sleep(opts.interval)
     until = time.time()
-    requests = await stage.jobs.request_times()
-    spans = await stage.jobs.request_spans()
+    # From an interval before: `takeover` counts duplicates from then on.
+    requests = await stage.jobs.request_times(since=at - opts.interval)
+    spans = await stage.jobs.request_spans(since=at)
     figures = takeover(
         requests, jobs, at=at, survivors_from=survivors_from, until=until, interval=opts.interval
     )
@@ -712,7 +914,7 @@ async def join(stage: Stage) -> dict[str, Any]:
     settle = await wait_settled(stage, opts.settle_limit)
     # Then an interval and an answer: a taker's first request of a slow job is in them.
     await stage.sleep(opts.interval + opts.slow_seconds)
-    spans = await stage.jobs.request_spans()
+    spans = await stage.jobs.request_spans(since=at)
     found = {
         "how": "join",
         "replica": newcomer.identity,
@@ -733,7 +935,7 @@ async def failover(stage: Stage) -> dict[str, Any]:
     found: dict[str, Any] = {}
     if opts.slow:
         found["join"] = await join(stage)
-    first, second, *rest = stage.replicas
+    first, second, *rest = stage.live()
     found["kill"] = await stop_replica(stage, first, "kill", [second, *rest])
     log(_takeover_line(found["kill"]))
     settle = await wait_settled(stage, opts.settle_limit)
@@ -762,7 +964,183 @@ def _twice(found: Mapping[str, Any]) -> str:
     return f"{found['jobs']} jobs (longest overlap {found['max_overlap_s']}s)"
 
 
-async def measure(ctx: Context, count: int, largest: bool) -> dict[str, Any]:
+# --- start-up, staleness, rollout --------------------------------------------------------
+
+
+async def wait_first_polls(stage: Stage, started: float, limit: float) -> dict[str, Any]:
+    """Until the job service has seen a request of every job: the time from the
+    replicas' start (`started`) to the first request of the last job (the job
+    service's clock, the harness's machine)."""
+    deadline = time.monotonic() + limit
+    while True:
+        stats = await stage.jobs.stats()
+        done = stats["distinct"] >= stage.opts.watches
+        if done or time.monotonic() >= deadline:
+            first = stats["first_poll"]
+            return {
+                "jobs_polled": int(stats["distinct"]),
+                "first_poll_after_s": round(first - started, 1) if first else None,
+                "all_polled_after_s": round(stats["last_first_poll"] - started, 1)
+                if done
+                else None,
+                "limit_s": limit,
+            }
+        await stage.sleep(1.0)
+
+
+async def status_ages(kube: Kube) -> tuple[list[float], int, float]:
+    """One LIST of every JobWatch, paginated as kubectl does: the age of each status
+    (`status_age`) when its page arrived, how many had no lastPollTime, the seconds the
+    LIST took. Page by page, so the harness never holds the whole fleet."""
+    ages: list[float] = []
+    missing = 0
+    params = {"limit": str(LIST_PAGE)}
+    started = time.monotonic()
+    while True:
+        listed = await kube.request("GET", scale.JW_PATH, params=params)
+        now = time.time()
+        for item in listed.get("items") or []:
+            age = status_age(item, now)
+            if age is None:
+                missing += 1
+            else:
+                ages.append(age)
+        token = listed["metadata"].get("continue")
+        if not token:
+            return ages, missing, time.monotonic() - started
+        params = {"limit": str(LIST_PAGE), "continue": token}
+
+
+async def staleness(stage: Stage) -> dict[str, Any]:
+    """How old the progress is that a user reads with kubectl, at steady state: a few
+    LISTs over one interval right after the window (so that the window's API server
+    figures do not include them)."""
+    opts = stage.opts
+    every = opts.interval / opts.staleness_samples
+    samples: list[dict[str, Any]] = []
+    pooled: list[float] = []
+    missing = 0
+    began = time.time()
+    for k in range(opts.staleness_samples):
+        if k:
+            await stage.sleep(max(0.0, began + k * every - time.time()))
+        at = time.time()
+        ages, without, took = await status_ages(stage.ctx.kube)
+        samples.append(
+            {
+                "after_window_s": round(at - began, 1),
+                "list_s": round(took, 2),
+                **age_summary(ages, without, opts.interval),
+            }
+        )
+        pooled.extend(ages)
+        missing += without
+    return {"samples": samples, "all": age_summary(pooled, missing, opts.interval)}
+
+
+async def wait_share(stage: Stage, newcomer: Replica, limit: float) -> int | None:
+    """Until `newcomer` holds its share of the buckets, buckets // live replicas (its own
+    jobwatch_bucket_held): the buckets it then holds, None after `limit` s."""
+    target = stage.opts.buckets // len(stage.live())
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        state = (await stage.states([newcomer])).get(newcomer.identity)
+        if state is not None and len(state.held) >= target:
+            return len(state.held)
+        await stage.sleep(1.0)
+    return None
+
+
+async def rollout_step(stage: Stage, old: Replica) -> dict[str, Any]:
+    """One step of a RollingUpdate with maxSurge 1, maxUnavailable 0: a new replica,
+    and once it holds its share, SIGTERM of `old`; until the buckets settle again."""
+    opts = stage.opts
+    at = time.time()
+    new = start_replica(stage, len(stage.replicas))
+    stage.replicas.append(new)
+    held = await wait_share(stage, new, opts.settle_limit)
+    step: dict[str, Any] = {"new": new.identity, "old": old.identity, "new_pid": new.proc.pid}
+    if held is None:
+        # A Deployment would wait here for good: the rollout stops.
+        return {**step, "holds_share_after_s": None, "settled": False}
+    step.update(holds_share_after_s=round(time.time() - at, 1), buckets_of_new=held)
+    stage.stopped.add(old.identity)
+    stopped = time.time()
+    old.proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(60):
+        await asyncio.to_thread(old.proc.wait)
+    step["old_exited_after_sigterm_s"] = round(time.time() - stopped, 2)
+    settle = await wait_settled(stage, opts.settle_limit)
+    step.update(settled=settle["settled"], step_s=round(time.time() - at, 1))
+    return step
+
+
+async def rollout(stage: Stage) -> dict[str, Any]:
+    """Replaces every replica in turn (`rollout_step`); what it cost the API server and
+    the job service, from the rollout's start until one interval after its end (a job
+    it left unpolled shows its gap at its next poll)."""
+    opts = stage.opts
+    old = stage.live()
+    log(f"rollout: replacing {len(old)} replicas one by one")
+    a = await stage.snapshot()
+    steps: list[dict[str, Any]] = []
+    for replica in old:
+        steps.append(await rollout_step(stage, replica))
+        log(f"  rollout step: {steps[-1]}")
+        if not steps[-1]["settled"]:
+            break
+    b = await stage.snapshot()
+    await stage.sleep(opts.interval)
+    until = time.time()
+    requests = await stage.jobs.request_times(since=a.wall)
+    spans = await stage.jobs.request_spans(since=a.wall)
+
+    def delta(prefix: str) -> dict[str, float]:
+        return {
+            k[len(prefix) :]: b.apiserver.get(k, 0.0) - a.apiserver.get(k, 0.0)
+            for k in sorted(b.apiserver)
+            if k.startswith(prefix)
+        }
+
+    return {
+        "completed": len(steps) == len(old) and all(s["settled"] for s in steps),
+        "duration_s": round(b.wall - a.wall, 1),
+        "steps": steps,
+        "apiserver_requests": delta("read "),
+        "apiserver_bytes": delta("bytes "),
+        "apiserver_writes": writes_by_resource(b.apiserver, a.apiserver, 1.0),
+        "apiserver_cpu_s": None
+        if a.cpu["apiserver"] is None or b.cpu["apiserver"] is None
+        else round(b.cpu["apiserver"] - a.cpu["apiserver"], 1),
+        "job_service_measured_until_s": round(until - a.wall, 1),
+        "duplicates": duplicates(requests, a.wall, until, opts.interval),
+        "in_flight_twice": in_flight_twice(spans, a.wall, until, time.time()),
+        "longest_gap": longest_gap(requests, a.wall, until),
+    }
+
+
+def _staleness_line(found: Mapping[str, Any]) -> str:
+    return (
+        f" status age (now - lastPollTime): p50 {found['p50_s']}s p99 {found['p99_s']}s "
+        f"max {found['max_s']}s ({found['p50_intervals']} / {found['p99_intervals']} / "
+        f"{found['max_intervals']} intervals); no lastPollTime {found['without_last_poll_time']}"
+    )
+
+
+def _rollout_line(found: Mapping[str, Any]) -> str:
+    req, size = found["apiserver_requests"], found["apiserver_bytes"]
+    return (
+        f"  rollout: {found['duration_s']}s, completed {found['completed']}; jobwatches LIST "
+        f"{req.get('LIST jobwatches', 0):.0f} ({size.get('LIST jobwatches', 0) / MiB:.1f} MiB),"
+        f" GET {req.get('GET jobwatches', 0):.0f} ({size.get('GET jobwatches', 0) / MiB:.1f} "
+        f"MiB); duplicates {found['duplicates']}; in flight twice "
+        f"{_twice(found['in_flight_twice'])}; longest gap {found['longest_gap']['max_s']}s"
+    )
+
+
+async def measure(ctx: Context, count: int, largest: bool, run: dict[str, Any]) -> None:
+    """One run with `count` replicas; its figures go into `run` as they are measured, so
+    that a run cut short (something ran out) still reports what it got."""
     opts = ctx.opts
     group = f"bench-{secrets.token_hex(3)}"
     log(f"== {count} replica(s), lease group {group}")
@@ -783,71 +1161,13 @@ async def measure(ctx: Context, count: int, largest: bool) -> dict[str, Any]:
         stage.env = {**ctx.plan["operator_env"], **lease_env(opts, group)}
         try:
             await stage.jobs.wait_ready(jobapi_proc)
-            code = operator_code()
-            started = time.time()
-            stage.replicas = [start_replica(stage, k) for k in range(count)]
-            log(f"started {count} replica(s); waiting for settled buckets")
-            settle = await wait_settled(stage, opts.settle_limit)
-            log(
-                f"settled: {settle['settled']} after {settle['after_s']}s (lease mode: "
-                f"{settle['lease_mode']})"
-            )
-            all_jobs = [job_of(i) for i in range(opts.watches)]
-            since = time.time()
-            requests = await wait_polled_since(
-                stage, all_jobs, since, opts.settle_limit + 2 * opts.interval
-            )
-            polled = sum(1 for j in all_jobs if any(t >= since for t in requests.get(j, ())))
-            quiet = await wait_quiet(
-                stage, max(opts.settle_limit, 2 * opts.watches / scale.DEFAULT_STATUS_QPS)
-            )
-            log(
-                f"status and Event queues empty after {quiet}s"
-                if quiet is not None
-                else "status and Event queues still not empty: measuring anyway"
-            )
-            # One more interval: the first polls after a takeover are not the steady state.
-            await stage.sleep(opts.interval)
-            log(f"steady window: {opts.window:g}s")
-            start = await stage.snapshot()
-            await stage.sleep(opts.window)
-            end = await stage.snapshot()
-            requests = await stage.jobs.request_times()
-            spans = await stage.jobs.request_spans()
-            window = window_figures(stage, start, end, settle["lease_mode"])
-            window["gaps"] = gap_figures(requests, start.wall, end.wall, opts.interval)
-            window["in_flight_twice"] = in_flight_twice(spans, start.wall, end.wall, time.time())
-            # From the replicas' start to the window: the buckets change hands as they
-            # settle (replicas started together take more than their share at first).
-            settle["in_flight_twice"] = in_flight_twice(spans, started, start.wall, time.time())
-            events, _ = await ctx.kube.list_all(scale.EVENTS_PATH)
-            # Whole seconds: Event times have no fractions.
-            window["events_by_reason"] = events_by_reason(
-                events, int(start.wall), int(end.wall) + 1
-            )
-            result: dict[str, Any] = {
-                "replicas": count,
-                "lease_group": group,
-                "operator_code": code,
-                "identities": [r.identity for r in stage.replicas],
-                "settle": settle,
-                "polled_after_settle": polled,
-                "queues_empty_after_s": quiet,
-                "window_start_after_start_s": round(start.wall - started, 1),
-                "window": window,
-            }
-            log(_window_line(result))
-            if largest and count >= 2:
-                if settle["settled"]:
-                    result["failover"] = await failover(stage)
-                else:
-                    result["failover"] = "skipped: the buckets never settled"
+            run.update(lease_group=group, operator_code=operator_code())
+            await run_phases(stage, count, largest, run)
             stops = await asyncio.gather(
-                *(ctx.children.stop(r.proc, grace=30) for r in stage.replicas)
+                *(ctx.children.stop(r.proc, grace=30) for r in stage.live())
             )
-            result["shutdown_s"] = [round(s, 2) for s, _ in stops]
-            result["shutdown_killed"] = [killed for _, killed in stops]
-            return result
+            run["shutdown_s"] = [round(s, 2) for s, _ in stops]
+            run["shutdown_killed"] = [killed for _, killed in stops]
         finally:
             for replica in stage.replicas:
                 await ctx.children.stop(replica.proc, grace=30)
@@ -859,6 +1179,84 @@ async def measure(ctx: Context, count: int, largest: bool) -> dict[str, Any]:
                 params={"labelSelector": f"{LEASE_GROUP_LABEL}={group}"},
                 ok=(200, 404),
             )
+
+
+async def start_up(stage: Stage, count: int, run: dict[str, Any]) -> float:
+    """Starts the replicas and waits until every job was polled once and the buckets
+    settled; the wall-clock time of the start."""
+    opts = stage.opts
+    started = time.time()
+    stage.replicas = [start_replica(stage, k) for k in range(count)]
+    run["identities"] = [r.identity for r in stage.replicas]
+    run["pids"] = {r.identity: r.proc.pid for r in stage.replicas}
+    log(f"started {count} replica(s); waiting for settled buckets and every job polled")
+    limit = opts.settle_limit + 2 * opts.interval
+    settle, first = await asyncio.gather(
+        wait_settled(stage, opts.settle_limit), wait_first_polls(stage, started, limit)
+    )
+    run["settle"], run["start_up"] = settle, first
+    log(
+        f"settled: {settle['settled']} after {settle['after_s']}s (lease mode: "
+        f"{settle['lease_mode']}); every job polled once after {first['all_polled_after_s']}s"
+    )
+    all_jobs = [job_of(i) for i in range(opts.watches)]
+    since = time.time()
+    requests = await wait_polled_since(
+        stage, all_jobs, since, opts.settle_limit + 2 * opts.interval
+    )
+    run["polled_after_settle"] = sum(
+        1 for j in all_jobs if any(t >= since for t in requests.get(j, ()))
+    )
+    quiet = await wait_quiet(
+        stage, max(opts.settle_limit, 2 * opts.watches / scale.DEFAULT_STATUS_QPS)
+    )
+    run["queues_empty_after_s"] = quiet
+    log(
+        f"status and Event queues empty after {quiet}s"
+        if quiet is not None
+        else "status and Event queues still not empty: measuring anyway"
+    )
+    return started
+
+
+async def run_phases(stage: Stage, count: int, largest: bool, run: dict[str, Any]) -> None:
+    opts = stage.opts
+    started = await start_up(stage, count, run)
+    # One more interval: the first polls after a takeover are not the steady state.
+    await stage.sleep(opts.interval)
+    log(f"steady window: {opts.window:g}s")
+    start = await stage.snapshot()
+    await stage.sleep(opts.window)
+    end = await stage.snapshot()
+    requests = await stage.jobs.request_times(since=start.wall)
+    spans = await stage.jobs.request_spans(since=started)
+    window = window_figures(stage, start, end, run["settle"]["lease_mode"])
+    window["gaps"] = gap_figures(requests, start.wall, end.wall, opts.interval)
+    window["in_flight_twice"] = in_flight_twice(spans, start.wall, end.wall, time.time())
+    # From the replicas' start to the window: the buckets change hands as they settle
+    # (replicas started together take more than their share at first).
+    run["settle"]["in_flight_twice"] = in_flight_twice(spans, started, start.wall, time.time())
+    del requests, spans  # at 100,000 jobs, hundreds of MB
+    events, _ = await stage.ctx.kube.list_all(scale.EVENTS_PATH)
+    # Whole seconds: Event times have no fractions.
+    window["events_by_reason"] = events_by_reason(events, int(start.wall), int(end.wall) + 1)
+    run["window_start_after_start_s"] = round(start.wall - started, 1)
+    run["window"] = window
+    log(_window_line(run))
+    if opts.staleness_samples:
+        run["staleness"] = await staleness(stage)
+        log(" " + _staleness_line(run["staleness"]["all"]))
+    if not largest:
+        return
+    if opts.rollout:
+        run["rollout"] = await rollout(stage)
+        log(_rollout_line(run["rollout"]))
+    if len(stage.live()) < 2:
+        return
+    if run["settle"]["settled"]:
+        run["failover"] = await failover(stage)
+    else:
+        run["failover"] = "skipped: the buckets never settled"
 
 
 def _window_line(result: dict[str, Any]) -> str:
@@ -901,6 +1299,7 @@ async def baseline(ctx: Context) -> dict[str, Any]:
 
 async def bench(opts: Options, children: scale.Children, argv: Sequence[str]) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.UTC)
+    t0 = time.time()
     sopts = scale_options(opts)
     cluster = await scale.control_plane(sopts)
     kube = Kube(load_kubeconfig(cluster.kubeconfig))
@@ -924,32 +1323,78 @@ async def bench(opts: Options, children: scale.Children, argv: Sequence[str]) ->
     }
     if "apiserver" not in cluster.pids:
         log("the API server does not run on this machine: its CPU is not measured")
+    monitor = Monitor(opts.min_available_gib, dict(cluster.pids))
+    task = asyncio.current_task()
+    assert task is not None
+    watcher = asyncio.create_task(monitor.run(task))
     try:
-        await scale.install(cluster)
-        with tempfile.TemporaryDirectory(prefix="jobwatch-replicas-") as tmp:
-            sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
-            await scale.operator_kubeconfig(cluster, sa_kubeconfig)
-            await scale.ensure_namespace(kube)
-            await scale.empty_namespace(kube)
-            ports: list[int] = []
-            while len(set(ports)) < opts.hosts:
-                ports = list({*ports, scale.free_port()})
-            created = await scale.create_watches(kube, opts.watches, ports, opts.interval, sopts)
-            log(f"created {opts.watches} JobWatches in {created:.1f}s")
-            result["create_s"] = round(created, 1)
-            ctx = Context(opts, kube, cluster, children, sa_kubeconfig, ports, plan)
-            result["baseline"] = await baseline(ctx)
-            largest = max(opts.replicas)
-            for count in opts.replicas:
-                result["runs"].append(await measure(ctx, count, count == largest))
+        await fleet_runs(
+            opts,
+            kube=kube,
+            cluster=cluster,
+            children=children,
+            plan=plan,
+            monitor=monitor,
+            result=result,
+        )
+    except (scale.BenchError, TimeoutError, KubeError, aiohttp.ClientError) as exc:
+        result["failed"] = repr(exc)[:2000]
+        log(f"the run stopped early: {result['failed']}")
+    except asyncio.CancelledError:
+        if monitor.ran_out is None:
+            raise
+        task.uncancel()  # the monitor's own cancel: report, as for any other shortage
+        result["failed"] = monitor.ran_out
     finally:
+        watcher.cancel()
+        result["limits"] = exhaustion(
+            monitor.samples, psutil.virtual_memory().total / GiB, opts.min_available_gib, t0
+        )
+        result["monitor_samples"] = monitor.samples
         try:
-            async with asyncio.timeout(300):
+            async with asyncio.timeout(600):
                 await kube.request("DELETE", scale.JW_PATH, ok=(200, 404))
+        except (TimeoutError, KubeError, aiohttp.ClientError) as exc:
+            # The figures are kept; the next run empties the namespace anyway.
+            log(f"deleting the JobWatches failed: {exc!r}")
         finally:
             await kube.aclose()
     result["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return result
+
+
+async def fleet_runs(
+    opts: Options,
+    *,
+    kube: Kube,
+    cluster: scale.Cluster,
+    children: scale.Children,
+    plan: dict[str, Any],
+    monitor: Monitor,
+    result: dict[str, Any],
+) -> None:
+    """Creates the fleet, then one run per replica count; the figures go into `result`."""
+    sopts = scale_options(opts)
+    await scale.install(cluster)
+    with tempfile.TemporaryDirectory(prefix="jobwatch-replicas-") as tmp:
+        sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
+        await scale.operator_kubeconfig(cluster, sa_kubeconfig)
+        await scale.ensure_namespace(kube)
+        await scale.empty_namespace(kube)
+        ports: list[int] = []
+        while len(set(ports)) < opts.hosts:
+            ports = list({*ports, scale.free_port()})
+        created = await scale.create_watches(kube, opts.watches, ports, opts.interval, sopts)
+        log(f"created {opts.watches} JobWatches in {created:.1f}s")
+        result["create_s"] = round(created, 1)
+        result["create_per_s"] = round(opts.watches / created, 1)
+        ctx = Context(opts, kube, cluster, children, sa_kubeconfig, ports, plan, monitor)
+        result["baseline"] = await baseline(ctx)
+        largest = max(opts.replicas)
+        for count in opts.replicas:
+            run: dict[str, Any] = {"replicas": count}
+            result["runs"].append(run)
+            await measure(ctx, count, count == largest, run)
 
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -962,19 +1407,26 @@ def _f(value: Any, digits: int = 1) -> str:
 
 def table(result: dict[str, Any]) -> str:
     opts = result["options"]
+    base = result.get("baseline", {})
     lines = [
         f"replicas benchmark: {opts['watches']} watches, interval {opts['interval']:g}s, "
         f"{opts['buckets']} buckets, window {opts['window']:g}s, {result['started']}"
         + (
             f"; {opts['slow']} jobs answer in {opts['slow_seconds']:g}s" if opts.get("slow") else ""
         ),
-        f"baseline (no replica): apiserver {_f(result['baseline']['apiserver_cores'], 3)} cores,"
-        f" writes/s {result['baseline']['apiserver_writes_per_s']}",
+        f"baseline (no replica): apiserver {_f(base.get('apiserver_cores'), 3)} cores,"
+        f" writes/s {base.get('apiserver_writes_per_s')}; created the fleet in "
+        f"{_f(result.get('create_s'))} s",
         "",
         f"{'run':>3} {'replica':<18} {'polls/s':>8} {'plan/s':>7} {'CPU ms/poll':>11} "
         f"{'cores':>6} {'RSS MiB':>8} {'buckets':>7}",
     ]
     for run in result["runs"]:
+        if "start_up" in run:
+            lines.append(_start_up_line(run))
+        if "window" not in run:
+            lines.append(f"    run of {run['replicas']} replica(s) cut short")
+            continue
         w = run["window"]
         for name, r in w["per_replica"].items():
             lines.append(
@@ -989,6 +1441,15 @@ def table(result: dict[str, Any]) -> str:
             f" {g['jobs_polled']} jobs; gaps p50 {g['p50_s']} p99 {g['p99_s']} max {g['max_s']} s,"
             f" duplicates (< {g['duplicate_below_s']}s) {g['duplicates']}"
         )
+        lines.append(
+            f"    control plane (window): apiserver {_f(w['apiserver_cores'], 3)} cores RSS "
+            f"{_f(w['rss_mib']['apiserver'])} MiB; etcd {_f(w['etcd_cores'], 3)} cores RSS "
+            f"{_f(w['rss_mib']['etcd'])} MiB; read bytes/s {w['read_bytes_per_s']}"
+        )
+        if "staleness" in run:
+            lines.append("    after the window:" + _staleness_line(run["staleness"]["all"]))
+        if "rollout" in run:
+            lines.append("  " + _rollout_line(run["rollout"]))
         lines.append(
             f"    apiserver {_f(w['apiserver_cores'], 3)} cores; writes/s: leases PUT "
             f"{_sum(writes, 'PUT leases')}, POST {_sum(writes, 'POST leases')}; "
@@ -1030,7 +1491,25 @@ def table(result: dict[str, Any]) -> str:
                     lines.append(f"    {key}: {f}")
         elif fo:
             lines.append(f"    failover: {fo}")
+    limits = result.get("limits", {})
+    lines.append(
+        f"machine: ran short first: {limits.get('first') or 'nothing'} (memory after "
+        f"{_f(limits.get('memory_short_after_s'))} s, CPU saturated after "
+        f"{_f(limits.get('cpu_saturated_after_s'))} s); min available "
+        f"{limits.get('min_available_gib')} GiB; CPU busy p50 {limits.get('cpu_busy_p50')}"
+    )
+    if result.get("failed"):
+        lines.append(f"run stopped early: {result['failed']}")
     return "\n".join(lines)
+
+
+def _start_up_line(run: Mapping[str, Any]) -> str:
+    first, settle = run["start_up"], run.get("settle", {})
+    return (
+        f"{run['replicas']:>3} start-up: every job polled once after "
+        f"{first['all_polled_after_s']}s ({first['jobs_polled']} jobs; first poll after "
+        f"{first['first_poll_after_s']}s); buckets settled after {settle.get('after_s')}s"
+    )
 
 
 def _sum(writes: Mapping[str, float], prefix: str) -> str:
@@ -1063,6 +1542,24 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument(
         "--slow-seconds", type=float, default=10.0, help="the slow jobs' answer time, s (10)"
     )
+    parser.add_argument(
+        "--rollout",
+        action="store_true",
+        help="in the largest run, replace each replica in turn (maxSurge 1) before the kill",
+    )
+    parser.add_argument(
+        "--staleness-samples",
+        type=int,
+        default=3,
+        metavar="N",
+        help="LISTs of every status over one interval after the window (3; 0: none)",
+    )
+    parser.add_argument(
+        "--min-available-gib",
+        type=float,
+        default=2.0,
+        help="stop the run and report when the machine has less memory available (2)",
+    )
     parser.add_argument("--kubeconfig", type=Path, help="use this cluster (admin) instead")
     parser.add_argument("--results-dir", type=Path, default=scale.RESULTS)
     parser.add_argument(
@@ -1080,6 +1577,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("--replicas: comma-separated counts, e.g. 1,2,3")
     if not counts or min(counts) < 1 or args.watches < 1 or args.buckets < 1:
         parser.error("--replicas, --watches and --buckets must be positive")
+    if args.watches > 100_000 or args.staleness_samples < 0:
+        # Names are w00000 ... w99999 (bench/scale.py): a sixth digit breaks their order.
+        parser.error("--watches at most 100000; --staleness-samples not negative")
     if not 0 <= args.slow <= args.watches or args.slow_seconds <= 0:
         parser.error("--slow must be within 0..--watches and --slow-seconds positive")
     return Options(
@@ -1098,6 +1598,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         operator_env=extra,
         slow=args.slow,
         slow_seconds=args.slow_seconds,
+        rollout=args.rollout,
+        staleness_samples=args.staleness_samples,
+        min_available_gib=args.min_available_gib,
     )
 
 
@@ -1113,13 +1616,13 @@ def main(argv: Sequence[str]) -> int:
     )
     if isinstance(result, int):
         return result
-    if not any(r["window"]["job_service_polls_per_s"] > 0 for r in result["runs"]):
-        log("no poll was measured")
-        return 1
     path = scale.save_results(result, opts.results_dir, "replicas")
     print(table(result))
     print(f"\nresults: {path}  ({time.monotonic() - started:.0f}s)")
-    return 0
+    if not any(r.get("window", {}).get("job_service_polls_per_s") for r in result["runs"]):
+        log("no poll was measured")
+        return 1
+    return 1 if result.get("failed") else 0
 
 
 if __name__ == "__main__":

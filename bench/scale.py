@@ -536,14 +536,20 @@ class JobApi:
     async def per_job(self) -> dict[str, list[Any]]:
         return dict(await self._get("/stats/jobs"))
 
-    async def request_times(self) -> dict[str, list[float]]:
-        return dict(await self._get("/stats/requests"))
+    async def request_times(self, since: float | None = None) -> dict[str, list[float]]:
+        """Every request per job; with `since`, those from then on and the last before."""
+        query = "" if since is None else f"?since={since:.6f}"
+        return dict(await self._get("/stats/requests" + query))
 
     async def request_delays(self) -> dict[str, list[float]]:
         return dict(await self._get("/stats/delays"))
 
-    async def request_spans(self) -> dict[str, list[tuple[float, float | None]]]:
-        return dict(await self._get("/stats/spans"))
+    async def request_spans(
+        self, since: float | None = None
+    ) -> dict[str, list[tuple[float, float | None]]]:
+        """Every request's [arrival, end]; with `since`, those in flight from then on."""
+        query = "" if since is None else f"?since={since:.6f}"
+        return dict(await self._get("/stats/spans" + query))
 
     async def wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
         for _ in range(200):  # 20 s

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
+import jobapi
 import replicas
 
 INTERVAL = 5.0
@@ -196,3 +197,99 @@ def test_in_flight_twice_only_counts_later_requests_in_the_span() -> None:
         "max_overlap_s": 0.0,
         "examples": {},
     }
+
+
+def test_apiserver_reads_counts_the_bytes_of_jobwatch_answers() -> None:
+    text = "\n".join(
+        [
+            'apiserver_response_sizes_sum{component="apiserver",group="jobwatch.dev",'
+            'resource="jobwatches",scope="namespace",subresource="",verb="LIST",'
+            'version="v1alpha1"} 1.5e+06',
+            'apiserver_response_sizes_sum{component="apiserver",group="jobwatch.dev",'
+            'resource="jobwatches",scope="cluster",subresource="",verb="LIST",'
+            'version="v1alpha1"} 500000',
+            'apiserver_response_sizes_sum{resource="jobwatches",verb="GET"} 2048',
+            'apiserver_response_sizes_sum{resource="pods",verb="LIST"} 9999',
+            'apiserver_response_sizes_bucket{resource="jobwatches",verb="LIST",le="1000"} 3',
+        ]
+    )
+    assert replicas.apiserver_reads(text) == {
+        "bytes LIST jobwatches": 2_000_000.0,
+        "bytes GET jobwatches": 2048.0,
+    }
+
+
+def test_status_age_from_last_poll_time() -> None:
+    now = datetime.datetime(2026, 12, 1, 0, 1, 30, tzinfo=datetime.UTC).timestamp()
+    item = {"status": {"lastPollTime": "2026-12-01T00:00:00.250Z"}}
+    assert replicas.status_age(item, now) == pytest.approx(89.75)
+    assert replicas.status_age({"status": {}}, now) is None
+    assert replicas.status_age({}, now) is None
+
+
+def test_age_summary_in_seconds_and_intervals() -> None:
+    ages = [float(a) for a in range(1, 101)]  # 1 ... 100 s
+    found = replicas.age_summary(ages, missing=3, interval=60.0)
+    assert found["watches"] == 103
+    assert found["without_last_poll_time"] == 3
+    assert (found["p50_s"], found["p99_s"], found["max_s"]) == (50.0, 99.0, 100.0)
+    assert found["max_intervals"] == 1.67
+    assert found["older_than_1_interval_share"] == 0.4  # 61 ... 100
+    assert found["older_than_2_intervals_share"] == 0.0
+    empty = replicas.age_summary([], missing=5, interval=60.0)
+    assert empty["p50_s"] is None
+    assert empty["older_than_1_interval_share"] is None
+
+
+def test_longest_gap_counts_gaps_still_open_at_the_end() -> None:
+    requests = {
+        "j0": [0.0, 10.0, 20.0, 30.0],
+        "j1": [5.0, 40.0],  # 35 s, ending in the span
+        "j2": [8.0],  # never polled again: open 42 s at `until`
+        "j3": [100.0],  # after `until`: not seen
+    }
+    found = replicas.longest_gap(requests, start=12.0, until=50.0)
+    assert found == {"max_s": 42.0, "job": "j2", "jobs_not_polled_in_span": 1}
+    # A gap that ended before the span does not count.
+    assert replicas.longest_gap({"j0": [0.0, 30.0, 31.0]}, 31.0, 32.0)["max_s"] == 1.0
+
+
+def sample(wall: float, available: float, busy: float, **rss: float) -> dict[str, Any]:
+    return {"wall": wall, "available_gib": available, "cpu_busy": busy, "rss_mib": rss}
+
+
+def test_exhaustion_finds_sustained_cpu_saturation_before_memory() -> None:
+    samples = [sample(100.0 + 5 * k, 20.0, 0.99, apiserver=100.0 + k) for k in range(14)]
+    samples.append(sample(170.0, 1.5, 0.99, apiserver=900.0))
+    found = replicas.exhaustion(samples, total_gib=24.0, guard_gib=2.0, since=100.0)
+    assert found["first"] == "cpu"
+    assert found["cpu_saturated_after_s"] == -5.0  # the first busy sample covers 95 ... 100
+    assert found["memory_short_after_s"] == 70.0  # under max(2, 2.4) GiB
+    assert found["peak_rss_mib"] == {"apiserver": 900.0}
+
+
+def test_exhaustion_a_short_busy_spell_is_not_saturation() -> None:
+    busy = [sample(5.0 * k, 20.0, 0.99 if k % 10 else 0.5) for k in range(40)]
+    found = replicas.exhaustion(busy, total_gib=24.0, guard_gib=2.0, since=0.0)
+    assert found["first"] is None
+    assert found["cpu_saturated_after_s"] is None
+    assert found["min_available_gib"] == 20.0
+    assert replicas.exhaustion([], 24.0, 2.0, 0.0)["first"] is None
+
+
+def test_job_service_records_since_keep_the_request_before() -> None:
+    jobs = jobapi.Jobs(1, 200.0, 1.0)
+    for job, at, end in [("j0", 1.0, 1.1), ("j0", 2.0, 12.0), ("j0", 3.0, 3.1), ("j0", 5.0, 5.1)]:
+        jobs.arrivals.setdefault(job, jobapi.array("d")).append(at)
+        jobs.ends.setdefault(job, jobapi.array("d")).append(end)
+    jobs.arrivals["j1"], jobs.ends["j1"] = jobapi.array("d", [0.5]), jobapi.array("d", [-1.0])
+    assert jobs.request_times(since=4.0) == {"j0": [3.0, 5.0], "j1": [0.5]}
+    assert jobs.request_times() == {"j0": [1.0, 2.0, 3.0, 5.0], "j1": [0.5]}
+    # The request of 2.0 is out until 12: it can overlap later ones; j1's never ended.
+    assert jobs.request_spans(since=4.0) == {
+        "j0": [[2.0, 12.0], [3.0, 3.1], [5.0, 5.1]],
+        "j1": [[0.5, None]],
+    }
+    assert jobapi._since("/stats/spans?since=4.5") == 4.5
+    assert jobapi._since("/stats/spans?since=x") is None
+    assert jobapi._since("/stats/spans") is None
