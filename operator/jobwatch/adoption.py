@@ -95,8 +95,10 @@ class Adoption:
         every scope is in."""
         wanted = {bucket: set(self._known.get(bucket, ())) for bucket in buckets}
         count = sum(len(keys) for keys in wanted.values())
+        # Buckets are taken one by one: those still being read count towards the share.
+        reading = sum(len(t.pending) + len(t.reading) for t in self._taking.values())
         known = sum(len(keys) for keys in self._known.values())
-        if not listed or count > max(MIN_READS, READS_SHARE * known):
+        if not listed or count + reading > max(MIN_READS, READS_SHARE * known):
             return False
         for bucket, keys in wanted.items():
             taking = self._taking[bucket] = _Taking(keys)

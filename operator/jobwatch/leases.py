@@ -754,21 +754,22 @@ class Elector:
         # At once, and each on its own: a round must end well within the renew deadline
         # however many buckets this replica holds, and one that fails costs only its own
         # bucket (it lapses at its renew deadline unless a later round renews it).
-        renewing = sorted(self._ownership.held)
-        results = await asyncio.gather(
-            *(self._hold(bucket) for bucket in renewing), return_exceptions=True
-        )
-        for bucket, result in zip(renewing, results, strict=True):
-            if isinstance(result, BaseException):
-                if not isinstance(result, Exception):
-                    raise result
-                log.warning("could not renew bucket %d (%s)", bucket, _why(result))
-            elif result is not None:  # None: written meanwhile (409); the next listing says
-                self._ownership.renewed(bucket, result)
+        # Each renewal counts the moment it is answered, not once the slowest is.
+        await asyncio.gather(*(self._renew(bucket) for bucket in sorted(self._ownership.held)))
+
+    async def _renew(self, bucket: int) -> None:
+        try:
+            valid_until = await self._hold(bucket)
+        except Exception as exc:
+            log.warning("could not renew bucket %d (%s)", bucket, _why(exc))
+            return
+        if valid_until is not None:  # None: written meanwhile (409); the next listing says
+            self._ownership.renewed(bucket, valid_until)
 
     async def _take_all(self, current: Plan) -> None:
-        """Tries each bucket of the plan on its own: those won are adopted (or resumed,
-        if parked here and nobody held them since) whatever happened to the others."""
+        """Tries each bucket of the plan on its own: each one won is adopted (or resumed,
+        if parked here and nobody held it since) as soon as it is won, whatever happens
+        to the others (one slow taking must not hold the others' watches back)."""
         results = await asyncio.gather(
             *(self._take(bucket) for bucket in current.take), return_exceptions=True
         )
@@ -790,10 +791,6 @@ class Elector:
                 current.share,
                 current.live,
             )
-        if resumed:
-            self._handover.resume(frozenset(resumed))
-        if taken:
-            self._handover.adopt(frozenset(taken))
 
     async def _take(self, bucket: int) -> str | None:
         """ "taken", "resumed" (parked here, nobody held it since), or None (another
@@ -819,10 +816,12 @@ class Elector:
             return None
         if same_term:
             self._ownership.resume(bucket, valid_until)
+            self._handover.resume(frozenset({bucket}))
             return "resumed"
         if parked is not None:
             self._lose(frozenset({bucket}), "held by another replica meanwhile")
         self._ownership.take(bucket, valid_until, handed, vanished)
+        self._handover.adopt(frozenset({bucket}))
         return "taken"
 
     async def _hold(self, bucket: int) -> float | None:
