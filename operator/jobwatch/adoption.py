@@ -107,7 +107,7 @@ class Adoption:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        log.info("adopting buckets %s by reading their %d JobWatches", sorted(buckets), count)
+        log.debug("adopting buckets %s by reading their %d JobWatches", sorted(buckets), count)
         return True
 
     def stop(self, buckets: Iterable[int]) -> None:

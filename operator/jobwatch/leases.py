@@ -272,6 +272,10 @@ class Ownership:
         """The Lease's transitions when `bucket` was parked (None: not parked)."""
         return self._parked.get(bucket)
 
+    def expect(self, handed: Mapping[tuple[str, str], Handed]) -> None:
+        """Handovers for watches of buckets not taken yet (see `Elector._take`)."""
+        self._handed.update(handed)
+
     def handed(self, namespace: str, name: str) -> Handed | None:
         """What the previous holder left for this watch (once: adopting consumes it)."""
         return self._handed.pop((namespace, name), None)
@@ -770,6 +774,8 @@ class Elector:
         """Tries each bucket of the plan on its own: each one won is adopted (or resumed,
         if parked here and nobody held it since) as soon as it is won, whatever happens
         to the others (one slow taking must not hold the others' watches back)."""
+        if current.take:
+            self._take_foreign_handovers()
         results = await asyncio.gather(
             *(self._take(bucket) for bucket in current.take), return_exceptions=True
         )
@@ -791,6 +797,16 @@ class Elector:
                 current.share,
                 current.live,
             )
+
+    def _take_foreign_handovers(self) -> None:
+        """After a change of the settings in force (a new bucket count, say): the
+        handovers on Leases released under the old ones belong to watches that may now
+        be in any bucket, taken in any order, so all of them are read before the first
+        taking, not each with the Lease of the same name."""
+        mine = self._settings.agreement
+        for lease in self._seen.values():
+            if lease.role == BUCKET and not lease.holder and lease.agreement not in (None, mine):
+                self._ownership.expect(_decode_handover(lease.body))
 
     async def _take(self, bucket: int) -> str | None:
         """ "taken", "resumed" (parked here, nobody held it since), or None (another

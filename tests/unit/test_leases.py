@@ -393,10 +393,20 @@ async def test_replicas_that_disagree_on_the_bucket_count_never_share() -> None:
     assert "JOBWATCH_BUCKETS='32'" in message and "JOBWATCH_BUCKETS='128'" in message
     assert "replica old" in message and "takes no bucket" in message
     assert fleet.replicas["old"].elector.disagreement is None
-    # Once the old replica is gone (Recreate, or the last old pod stopped), it takes over.
-    await fleet.replicas["old"].elector.release(1.0)
-    fleet.replicas["old"].alive = False
-    await fleet.rounds(2)
+    # Once the old replica is gone (Recreate, or the last old pod stopped), it takes over,
+    # with the timing the old one handed over whichever new bucket a watch falls in.
+    old = fleet.replicas["old"]
+    moved = next(
+        ("team", f"w{n}")
+        for n in range(1000)
+        if bucket_of("team", f"w{n}", 128) != bucket_of("team", f"w{n}", BUCKETS)
+    )
+    old.handover.timing = {moved: Handed(990.0, 995.0, 4)}
+    await old.elector.release(1.0)
+    old.alive = False
+    await fleet.rounds(1)
+    assert new.ownership.handed(*moved) == Handed(990.0, 995.0, 4)
+    await fleet.rounds(1)
     assert new.ownership.held == frozenset(range(128))
     assert new.elector.disagreement is None
 
