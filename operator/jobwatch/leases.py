@@ -448,10 +448,21 @@ def plan(
             if want > 0 or now - since >= ORPHAN_ROUNDS * settings.retry_period:
                 take.append(bucket)
                 want -= 1
-    give: list[int] = []
-    if len(held) > share and any(n < floor for m, n in counts.items() if m != me):
-        give = sorted(held, reverse=True)[:RELEASES_PER_ROUND]
-    return Plan(tuple(take), tuple(give), share, live)
+    return Plan(tuple(take), _give(me, held, counts, floor), share, live)
+
+
+def _give(me: str, held: frozenset[int], counts: Mapping[str, int], floor: int) -> tuple[int, ...]:
+    """One bucket back this round if another replica holds fewer than the floor and this
+    one is among the fullest that together make up that shortfall (ties by name): every
+    replica decides alike from the same listing, so about as many move as must. (Giving
+    only above the share left 32 buckets over 5 replicas at 7, 7, 7, 7 and 4 for good.)"""
+    short = sum(floor - n for m, n in counts.items() if m != me and n < floor)
+    if not short or len(held) <= floor:
+        return ()
+    fullest = sorted((m for m, n in counts.items() if n > floor), key=lambda m: (-counts[m], m))
+    if me not in fullest[:short]:
+        return ()
+    return tuple(sorted(held, reverse=True)[:RELEASES_PER_ROUND])
 
 
 class Handover(Protocol):
