@@ -499,6 +499,11 @@ class Runtime:
             return
         handed = ownership.handed(*key)
         busy_since = ownership.vanished(*key)
+        if busy_since is not None:
+            # Its last request was sent by then at the latest: the timing floor counts
+            # from there (status progress, written every few minutes in a large fleet,
+            # is older), and no request before a slow one could have ended (below).
+            watch.last_end = max(watch.last_end or 0.0, busy_since)
         if handed is not None:
             if resumed:
                 if handed.last_end is not None:
