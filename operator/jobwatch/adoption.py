@@ -83,6 +83,10 @@ class Adoption:
         self._late[key] = (event_type, body)
         return False
 
+    def known(self, buckets: frozenset[int]) -> set[Key]:
+        """The keys seen of `buckets`' objects."""
+        return set().union(*(self._known.get(bucket, ()) for bucket in buckets))
+
     def keep_only(self, namespace: str | None, keys: set[Key]) -> None:
         """After a fresh list of `namespace` (None: all): only what it showed is known."""
         for known in self._known.values():

@@ -280,6 +280,10 @@ class Ownership:
         """What the previous holder left for this watch (once: adopting consumes it)."""
         return self._handed.pop((namespace, name), None)
 
+    def unadopted(self, buckets: frozenset[int]) -> dict[tuple[str, str], Handed]:
+        """What the previous holders of `buckets` left for watches not taken in yet."""
+        return {k: h for k, h in self._handed.items() if self.bucket(*k) in buckets}
+
     def vanished(self, namespace: str, name: str) -> float | None:
         """When this watch's previous holder stopped at the latest, if it vanished
         without a handover (wall clock): it may have left a request open until then."""

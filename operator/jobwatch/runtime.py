@@ -372,12 +372,22 @@ class Runtime:
         refs = [self.watches[key].ref for key in keys if key in self.watches]
         await self.writer.settle(refs, max(0.0, deadline - self._clock()))
         handed: dict[tuple[str, str], Handed] = {}
+        now = self._wall()
         for key in keys:
             watch = self.watches.get(key)
             if watch is not None and not watch.finished:
-                since = watch.last_poll_time if key in cut else None
+                since = watch.last_poll_time if key in cut else _busy_since(watch, now)
                 handed[key] = Handed(watch.last_end, watch.next_poll_time, watch.attempts, since)
             self._forget(key)
+        # Watches not taken in yet (a bucket given up again while being adopted, as in a
+        # rolling update): the next holder needs their timing as much, or it polls them
+        # from status progress minutes old, a few seconds after their last request.
+        for key, timing in ownership.unadopted(buckets).items():
+            handed.setdefault(key, timing)
+        for key in self.adoption.known(buckets).difference(handed, keys):
+            gone = ownership.vanished(*key)
+            if gone is not None:
+                handed[key] = Handed(gone, None, 0, gone)
         return handed
 
     def _ended_elsewhere(self, body: Mapping[str, Any]) -> None:
@@ -946,3 +956,11 @@ class Runtime:
             )
             ca_pem = ca.decode(errors="replace")
         return TLSSettings(insecure_skip_verify=tls.insecure_skip_verify, ca_pem=ca_pem)
+
+
+def _busy_since(watch: Watch, now: float) -> float | None:
+    """When a request another replica may still have open for `watch` was sent (taken
+    over, not polled since): the next holder must wait for it as this one does."""
+    if watch.not_before is None or watch.spec is None or watch.not_before <= now:
+        return None
+    return watch.not_before - watch.spec.request_timeout

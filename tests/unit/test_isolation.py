@@ -531,3 +531,36 @@ async def test_the_taker_waits_for_a_request_the_previous_holder_may_still_have_
     ownership.listing(None)
     runtime.observe("ADDED", jobwatch("w", requestTimeout="2s", interval="1s"))
     assert runtime.watches[("ns", "w")].next_poll_time == pytest.approx(now + 1.0, 0.01)
+
+
+async def test_a_bucket_given_up_before_its_watches_were_taken_in_hands_on_their_timing() -> None:
+    # A rolling update moves a bucket twice within seconds: the replica that took it may
+    # give it up again before it has read all its JobWatches. What the holder before it
+    # handed over for them must reach the next holder (their status progress is minutes
+    # old in a large fleet: polled at once from it, the job sees a second request early).
+    # Likewise the time by which a vanished holder stopped, for watches not read yet.
+    settings = LeaseSettings("ops", "r1", buckets=1)
+    ownership = Ownership(settings, scopes=[None])
+    config = Config.from_env({})
+    runtime = Runtime(config, FakeApi(), FakeHttp(), Metrics(), ownership=ownership)  # type: ignore[arg-type]
+    now = time.time()
+    early = Handed(now - 5.0, now + 50.0, 2)
+    ownership.take(0, time.monotonic() + 60, {("ns", "early"): early}, vanished=now - 3.0)
+    ownership.listing(None)
+    assert runtime.adoption is not None
+    for name in ("early", "seen"):
+        runtime.adoption.note("ADDED", ("ns", name), jobwatch(name))
+    ownership.releasing(0)
+    handed = await runtime.hand_over(frozenset({0}), budget=0.05)
+    assert handed[("ns", "early")] == early
+    seen = handed[("ns", "seen")]
+    assert seen.last_end == seen.in_flight_since == now - 3.0
+    # A watch taken in with a request the holder before may still have open passes its
+    # start on too, until that request's time is up.
+    ownership.take(0, time.monotonic() + 60, {("ns", "cut"): Handed(now - 1, now + 50, 1, now - 1)})
+    ownership.listing(None)
+    runtime.observe("ADDED", jobwatch("cut", requestTimeout="30s"))
+    assert ("ns", "cut") in runtime.watches
+    ownership.releasing(0)
+    handed = await runtime.hand_over(frozenset({0}), budget=0.05)
+    assert handed[("ns", "cut")].in_flight_since == pytest.approx(now - 1, abs=0.01)
