@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from jobwatch.kube import ApiError, Secret, Unreachable
+from jobwatch.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +46,6 @@ class SecretUnavailable(Exception):
 
 def _seconds(value: float) -> str:
     return f"{value:g}s"
-
-
-class _Budget:
-    """`rate` reads a second, `burst` at most; a read may book a token that is due
-    within the caller's wait bound, so waiting callers are served in order."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
-        self._rate, self._burst, self._clock = rate, float(burst), clock
-        self._tokens, self._stamp = float(burst), clock()
-
-    def book(self, max_wait: float) -> float | None:
-        """Seconds until the booked token is there, or None (nothing booked) when
-        that would be longer than `max_wait`."""
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-        wait = max(0.0, (1.0 - self._tokens) / self._rate)
-        if wait > max_wait:
-            return None
-        self._tokens -= 1.0
-        return wait
 
 
 @dataclass(slots=True)
@@ -99,7 +79,7 @@ class SecretCache:
         self._max_entries = max_entries
         self._max_wait, self._read_timeout = max_wait, read_timeout
         self._clock, self._sleep = clock, sleep
-        self._budget = _Budget(reads_per_second, burst, clock)
+        self._budget = TokenBucket(reads_per_second, burst, clock)
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._reads: dict[Key, asyncio.Task[Secret | None]] = {}
 

@@ -63,6 +63,7 @@ from .kube import ApiError, EncodedStatus, Fence, KubeApi, ObjectRef, encode_jso
 from .logs import about
 from .metrics import Metrics
 from .policy import END_PHASES, Phase
+from .ratelimit import TokenBucket
 from .watch import Watch, format_time, format_time_seconds
 
 log = logging.getLogger(__name__)
@@ -255,36 +256,6 @@ def _end_stands(watch: Watch, stored: object) -> bool:
         return False
     ended = stored.get("phase") in _END_PHASES
     return ended and stored.get("observedGeneration") == watch.generation
-
-
-class TokenBucket:
-    """`rate` tokens a second, `burst` at most, and none taken on credit.
-
-    A token is taken once it is there, for the write chosen at that moment.
-    """
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
-        self._rate, self._burst, self._clock = rate, float(burst), clock
-        self._tokens, self._stamp = float(burst), clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-
-    def delay(self) -> float:
-        """How long until a token is there; 0 when one is."""
-        self._refill()
-        return max(0.0, (1 - self._tokens) / self._rate)
-
-    def available(self) -> float:
-        """Tokens there now (fractions included)."""
-        self._refill()
-        return self._tokens
-
-    def take(self) -> None:
-        self._refill()
-        self._tokens -= 1
 
 
 _EventKind = tuple[str, bool, str]  # namespace, warning, reason

@@ -17,7 +17,8 @@ from jobwatch import kube, status
 from jobwatch.kube import ApiError, Fence, ObjectRef
 from jobwatch.metrics import Metrics
 from jobwatch.policy import ErrorClass, LastError, Phase
-from jobwatch.status import EventRecorder, StatusWriter, TokenBucket, render
+from jobwatch.ratelimit import TokenBucket
+from jobwatch.status import EventRecorder, StatusWriter, render
 from jobwatch.watch import Watch
 
 # Longer than StatusWriter's retry delay: a retry that was going to come has come.
