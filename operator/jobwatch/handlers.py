@@ -21,7 +21,7 @@ from typing import Any
 
 import kopf
 
-from . import kube
+from . import kubelogin
 from .startup import Operator, build
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,9 @@ HANDOVER_BUDGET = 3.0
 
 @kopf.on.login()
 def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
-    """kopf's login is ours (kube.login), so that kopf's own, through the `kubernetes`
+    """kopf's login is ours (kubelogin.login), so that kopf's own, through the `kubernetes`
     package when it is installed, does not import it."""
-    return kube.login(settings)
+    return kubelogin.login(settings)
 
 
 @kopf.on.startup()

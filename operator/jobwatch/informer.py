@@ -28,7 +28,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .kube import Expired, KubeApi, Unreachable
+from .kube import KubeApi
+from .kubeerrors import Expired, Unreachable
 
 log = logging.getLogger(__name__)
 

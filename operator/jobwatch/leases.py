@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from .kube import ApiError, Unreachable
+from .kubeerrors import ApiError, Unreachable
 from .metrics import LeaseFigures
 
 T = TypeVar("T")

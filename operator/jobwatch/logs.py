@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from .config import LogFormat, LogSettings
-from .kube import ObjectRef
+from .refs import ObjectRef
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The LogRecord attribute that `about` sets.

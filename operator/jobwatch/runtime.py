@@ -20,12 +20,13 @@ from .config import Config
 from .expressions import CompiledWatch, ExpressionError, final_result
 from .hosts import Held, HeldReason, HostKey, Hosts, Verdict, host_key, verdict
 from .httpclient import HttpClient, Request, TLSSettings
-from .kube import KubeApi, ObjectRef
+from .kube import KubeApi
 from .leases import Handed, Ownership
 from .logs import about
 from .metrics import FleetFigures, HostFigures, Metrics
 from .outcome import Outcome, Response
 from .policy import Decision, ErrorClass, LastError, Phase
+from .refs import ObjectRef
 from .scheduler import Scheduler
 from .secrets import SecretCache, SecretUnavailable
 from .spec import SpecError, WatchSpec, parse_spec, spec_digest

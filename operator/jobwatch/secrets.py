@@ -28,7 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from jobwatch.kube import ApiError, Secret, Unreachable
+from jobwatch.kube import Secret
+from jobwatch.kubeerrors import ApiError, Unreachable
 from jobwatch.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import kopf
 from aiohttp import web
 
-from . import kube
+from . import kubelogin
 from .config import Config
 from .httpclient import HttpClient
 from .informer import Informer
@@ -96,7 +96,7 @@ async def build(
     # before any task started here runs.
     metrics_runner = await metrics.serve(metrics_listener) if metrics_listener is not None else None
     # Called again on a 401, to pick up a rotated token.
-    api = KubeApi(lambda: kube.login(settings))
+    api = KubeApi(lambda: kubelogin.login(settings))
     http = HttpClient(
         config.egress, max_body_bytes=config.max_body_bytes, max_connections=config.max_in_flight
     )

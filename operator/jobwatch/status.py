@@ -59,11 +59,14 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from .kube import ApiError, EncodedStatus, Fence, KubeApi, ObjectRef, encode_json
+from .kube import KubeApi
+from .kubeerrors import ApiError
 from .logs import about
 from .metrics import Metrics
 from .policy import END_PHASES, Phase
 from .ratelimit import TokenBucket
+from .refs import ObjectRef
+from .statuspatch import EncodedStatus, Fence, encode_json
 from .watch import Watch, format_time, format_time_seconds
 
 log = logging.getLogger(__name__)

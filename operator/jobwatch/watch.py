@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .expressions import CompiledWatch
-from .kube import ObjectRef
 from .outcome import Response
 from .policy import END_PHASES, ErrorClass, LastError, Phase
+from .refs import ObjectRef
 from .spec import WatchSpec
 
 LAST_BODY_BYTES = 1024

@@ -31,10 +31,13 @@ import pytest
 from harness import GROUP, PLURAL, VERSION, Namespace, condition
 
 from jobwatch import status as status_module
-from jobwatch.kube import PATCH_NOT_APPLIED, ApiError, Fence, KubeApi, ObjectRef
+from jobwatch.kube import KubeApi
+from jobwatch.kubeerrors import PATCH_NOT_APPLIED, ApiError
 from jobwatch.metrics import Metrics
 from jobwatch.policy import Phase
+from jobwatch.refs import ObjectRef
 from jobwatch.status import StatusWriter
+from jobwatch.statuspatch import Fence
 from jobwatch.watch import Watch
 
 pytestmark = pytest.mark.e2e

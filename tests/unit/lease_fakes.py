@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jobwatch.kube import ApiError, Unreachable
+from jobwatch.kubeerrors import ApiError, Unreachable
 from jobwatch.leases import Handed, bucket_of
 
 

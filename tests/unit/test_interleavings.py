@@ -48,7 +48,8 @@ from typing import Any, TypeVar
 import pytest
 from lease_fakes import Clock, Handover, Store
 
-from jobwatch.kube import DEADLINE, ApiError, Unreachable
+from jobwatch.kubeclient import DEADLINE
+from jobwatch.kubeerrors import ApiError, Unreachable
 from jobwatch.leases import Elector, Handed, LeaseSettings, Ownership, bucket_of
 
 T = TypeVar("T")

@@ -24,12 +24,15 @@ from jobwatch import status as status_module
 from jobwatch.config import Config
 from jobwatch.expressions import CompiledWatch
 from jobwatch.httpclient import Request
-from jobwatch.kube import ApiError, Fence, ObjectRef, Secret
+from jobwatch.kube import Secret
+from jobwatch.kubeerrors import ApiError
 from jobwatch.leases import Handed, LeaseSettings, Ownership
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import Outcome, Response
+from jobwatch.refs import ObjectRef
 from jobwatch.runtime import Runtime
 from jobwatch.spec import spec_hash
+from jobwatch.statuspatch import Fence
 from jobwatch.watch import Watch
 
 END = ("Succeeded", "Failed", "TimedOut")

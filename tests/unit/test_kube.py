@@ -22,8 +22,11 @@ import pytest
 from aiohttp import web
 from loopback_api import Drop, LoopbackApi, Seen, listing, reply, stream
 
-from jobwatch import kube
-from jobwatch.kube import ApiError, EncodedStatus, KubeApi, ObjectRef, Unreachable
+from jobwatch import kubelogin, statuspatch
+from jobwatch.kube import KubeApi
+from jobwatch.kubeerrors import ApiError, Expired, Unreachable
+from jobwatch.refs import ObjectRef
+from jobwatch.statuspatch import EncodedStatus
 
 REF = ObjectRef("ns", "build-1", "uid-1")
 STATUS_PATH = "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches/build-1/status"
@@ -65,7 +68,7 @@ async def test_a_status_that_says_what_changed_patches_only_those_fields(
     server: LoopbackApi, api: KubeApi
 ) -> None:
     status = {"phase": "Polling", "attempts": 4, "result": {"a": None}}
-    texts = {key: kube.encode_json(value) for key, value in status.items()}
+    texts = {key: statuspatch.encode_json(value) for key, value in status.items()}
     await api.patch_status(REF, EncodedStatus(status, texts, ("attempts", "result")))
     assert server.path(STATUS_PATH)[0].json() == [
         {"op": "test", "path": "/metadata/uid", "value": "uid-1"},
@@ -76,17 +79,17 @@ async def test_a_status_that_says_what_changed_patches_only_those_fields(
 
 def test_a_patch_is_plain_ascii_json_whatever_the_strings_hold() -> None:
     # A lone surrogate (from an endpoint's "\ud800" escape) could not be sent as UTF-8.
-    body = kube.status_patch("u", {"message": "caf\u00e9 \ud800", "a/b~c": 1})
+    body = statuspatch.status_patch("u", {"message": "caf\u00e9 \ud800", "a/b~c": 1})
     assert body.isascii()
     assert json.loads(body)[1]["value"] == {"message": "caf\u00e9 \ud800", "a/b~c": 1}
     texts = {"a/b~c": "1"}
-    ops = json.loads(kube.status_patch("u", EncodedStatus({"a/b~c": 1}, texts, ("a/b~c",))))
+    ops = json.loads(statuspatch.status_patch("u", EncodedStatus({"a/b~c": 1}, texts, ("a/b~c",))))
     assert ops[1]["path"] == "/status/a~1b~0c"  # RFC 6901 escaping
 
 
 def test_a_status_with_nan_is_not_encoded() -> None:
     with pytest.raises(ValueError, match="JSON compliant"):
-        kube.status_patch("u", {"result": float("nan")})
+        statuspatch.status_patch("u", {"result": float("nan")})
 
 
 async def test_a_401_loads_the_credentials_again_and_retries_once(server: LoopbackApi) -> None:
@@ -290,8 +293,8 @@ async def test_a_watch_reads_events_of_any_size(server: LoopbackApi, api: KubeAp
 @pytest.mark.parametrize(
     ("answer", "raised"),
     [
-        (lambda seen: reply(410, {"message": "too old"}), kube.Expired),
-        (lambda seen: stream(("ERROR", {"code": 410, "message": "too old"})), kube.Expired),
+        (lambda seen: reply(410, {"message": "too old"}), Expired),
+        (lambda seen: stream(("ERROR", {"code": 410, "message": "too old"})), Expired),
         (lambda seen: reply(500, {"message": "etcd"}), ApiError),
     ],
 )
@@ -359,7 +362,7 @@ def test_a_kubeconfig_with_a_token_needs_no_kubernetes_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outside_a_pod: list[str]
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, {"token": "t0k"})))
-    info = kube.login(SETTINGS)
+    info = kubelogin.login(SETTINGS)
     assert (info.server, info.token) == ("https://127.0.0.1:6443", "t0k")
     assert outside_a_pod == []
 
@@ -380,7 +383,7 @@ def test_a_kubeconfig_kopfs_loader_cannot_use_goes_to_the_kubernetes_package(
     ca: str,
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, user, ca)))
-    assert kube.login(SETTINGS).server == "https://from-the-kubernetes-package"
+    assert kubelogin.login(SETTINGS).server == "https://from-the-kubernetes-package"
     assert outside_a_pod == ["kubernetes"]
 
 
@@ -388,7 +391,7 @@ def test_in_a_pod_the_service_address_and_account_are_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "token").write_text("sa-token")
-    monkeypatch.setattr(kube, "SERVICE_ACCOUNT", str(tmp_path))
+    monkeypatch.setattr(kubelogin, "SERVICE_ACCOUNT", str(tmp_path))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     monkeypatch.setattr(
@@ -396,7 +399,7 @@ def test_in_a_pod_the_service_address_and_account_are_used(
         "login_with_service_account",
         lambda **_: kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="sa-token"),
     )
-    info = kube.login(SETTINGS)
+    info = kubelogin.login(SETTINGS)
     assert (info.server, info.token) == ("https://[fd00::1]:443", "sa-token")
 
 

@@ -15,8 +15,11 @@ import kopf
 import pytest
 import respx
 
-from jobwatch import kube
-from jobwatch.kube import ApiError, KubeApi, ObjectRef, Unreachable
+from jobwatch import kubeclient
+from jobwatch.kube import KubeApi
+from jobwatch.kubeerrors import ApiError, Expired, Unreachable
+from jobwatch.refs import ObjectRef
+from jobwatch.statuspatch import Fence
 
 SERVER = "https://api.test:6443"
 REF = ObjectRef("ns", "build-1", "uid-1")
@@ -63,9 +66,9 @@ async def test_a_fenced_patch_tests_the_stored_holder_and_phase(
     mock: respx.MockRouter, api: KubeApi
 ) -> None:
     route = mock.patch(f"{JW}/namespaces/ns/jobwatches/build-1/status").respond(200, json={})
-    await api.patch_status(REF, {"phase": "Polling"}, kube.Fence(True, "replica-a", "Pending"))
-    await api.patch_status(REF, {"phase": "Polling"}, kube.Fence(True, None, None))
-    await api.patch_status(REF, {"phase": "Polling"}, kube.Fence(False, None, None))
+    await api.patch_status(REF, {"phase": "Polling"}, Fence(True, "replica-a", "Pending"))
+    await api.patch_status(REF, {"phase": "Polling"}, Fence(True, None, None))
+    await api.patch_status(REF, {"phase": "Polling"}, Fence(False, None, None))
     bodies = [json.loads(call.request.content) for call in route.calls]
     tests = [[op for op in ops if op["op"] == "test"] for ops in bodies]
     uid = {"op": "test", "path": "/metadata/uid", "value": "uid-1"}
@@ -102,7 +105,7 @@ async def test_a_patch_refused_by_a_test_is_told_from_one_refused_by_the_schema(
     refusals = []
     for _ in range(2):
         with pytest.raises(ApiError) as refused:
-            await api.patch_status(REF, {"phase": "Polling"}, kube.Fence(True, "a", "Polling"))
+            await api.patch_status(REF, {"phase": "Polling"}, Fence(True, "a", "Polling"))
         refusals.append((refused.value.status, refused.value.not_applied))
     assert refusals == [(422, True), (422, False)]
 
@@ -296,10 +299,10 @@ async def test_an_error_answer_says_whether_to_retry(
 
 async def test_410_means_list_again(mock: respx.MockRouter, api: KubeApi) -> None:
     mock.get(f"{JW}/jobwatches").respond(410, json={"message": "too old"})
-    with pytest.raises(kube.Expired):
+    with pytest.raises(Expired):
         async for _ in api.list_jobwatches(None):
             pass
-    with pytest.raises(kube.Expired):
+    with pytest.raises(Expired):
         async for _ in api.watch_jobwatches(None, "5"):
             pass
 
@@ -312,7 +315,7 @@ async def test_a_429_with_retry_after_is_sent_again_after_it(
     async def sleep(seconds: float) -> None:
         waited.append(seconds)
 
-    monkeypatch.setattr(kube.asyncio, "sleep", sleep)
+    monkeypatch.setattr(kubeclient.asyncio, "sleep", sleep)
     throttled = httpx.Response(429, headers={"retry-after": "2"}, json={"message": "slow"})
     route = mock.patch(f"{JW}/namespaces/ns/jobwatches/build-1/status").mock(
         side_effect=[throttled, httpx.Response(200, json={})]
@@ -327,13 +330,13 @@ async def test_a_429_that_goes_on_reaches_the_caller(
     async def sleep(seconds: float) -> None:
         pass
 
-    monkeypatch.setattr(kube.asyncio, "sleep", sleep)
+    monkeypatch.setattr(kubeclient.asyncio, "sleep", sleep)
     route = mock.post(LEASES).respond(429, headers={"retry-after": "1"}, json={"message": "busy"})
     no_hint = mock.put(f"{LEASES}/b-000").respond(429, json={"message": "busy"})
     with pytest.raises(ApiError) as raised:
         await api.create_lease("ops", {"metadata": {}})
     assert (raised.value.status, raised.value.retriable) == (429, True)
-    assert route.call_count == 1 + kube.MAX_THROTTLED
+    assert route.call_count == 1 + kubeclient.MAX_THROTTLED
     with pytest.raises(ApiError):
         await api.replace_lease("ops", "b-000", {"metadata": {}})
     assert no_hint.call_count == 1

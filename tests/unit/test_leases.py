@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from lease_fakes import Clock, Handover, Store
 
-from jobwatch.kube import ApiError, Unreachable
+from jobwatch.kubeerrors import ApiError, Unreachable
 from jobwatch.leases import (
     HANDOVER_ANNOTATION,
     Elector,

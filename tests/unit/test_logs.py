@@ -14,8 +14,8 @@ import pytest
 from kopf._core.actions.loggers import ObjectLogger
 
 from jobwatch.config import ConfigError, LogFormat, LogSettings
-from jobwatch.kube import ObjectRef
 from jobwatch.logs import JsonFormatter, about
+from jobwatch.refs import ObjectRef
 
 REF = ObjectRef("team-a", "report-42", "6f1c2a1e-0000-4000-8000-000000000042")
 

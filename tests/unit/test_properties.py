@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 from jobwatch import policy
 from jobwatch.expressions import CompiledWatch, EvaluationError, ExpressionError, final_result
-from jobwatch.kube import Fence, ObjectRef
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import FailureKind, RequestFailure, Response
 from jobwatch.policy import ErrorClass, LastError, Phase
+from jobwatch.refs import ObjectRef
 from jobwatch.spec import SpecError, WatchSpec, parse_spec
 from jobwatch.status import StatusWriter
+from jobwatch.statuspatch import Fence
 from jobwatch.watch import Watch
 
 NOW = 1_800_000_000.0

@@ -16,10 +16,13 @@ import pytest
 from jobwatch.config import Config
 from jobwatch.egress import EgressPolicy
 from jobwatch.httpclient import HttpClient
-from jobwatch.kube import PATCH_NOT_APPLIED, ApiError, Fence, KubeApi, ObjectRef
+from jobwatch.kube import KubeApi
+from jobwatch.kubeerrors import PATCH_NOT_APPLIED, ApiError
 from jobwatch.metrics import Metrics
+from jobwatch.refs import ObjectRef
 from jobwatch.runtime import START_UP_POLLS_PER_SECOND, Runtime
 from jobwatch.spec import spec_hash
+from jobwatch.statuspatch import Fence
 from jobwatch.watch import format_time
 
 NOW = 1_800_000_000.0

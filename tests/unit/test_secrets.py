@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from jobwatch.kube import ApiError, Secret, Unreachable
+from jobwatch.kube import Secret
+from jobwatch.kubeerrors import ApiError, Unreachable
 from jobwatch.secrets import SecretCache, SecretUnavailable
 
 TOKEN = Secret(labels={"jobwatch.dev/allow-use": "true"}, data={"token": b"s3cr3t-value"})

@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from jobwatch import kube, status
-from jobwatch.kube import ApiError, Fence, ObjectRef
+from jobwatch import kubeerrors, status, statuspatch
+from jobwatch.kubeerrors import ApiError
 from jobwatch.metrics import Metrics
 from jobwatch.policy import ErrorClass, LastError, Phase
 from jobwatch.ratelimit import TokenBucket
+from jobwatch.refs import ObjectRef
 from jobwatch.status import EventRecorder, StatusWriter, render
+from jobwatch.statuspatch import Fence
 from jobwatch.watch import Watch
 
 # Longer than StatusWriter's retry delay: a retry that was going to come has come.
@@ -526,7 +528,7 @@ class WireApi(FakeApi):
     async def patch_status(
         self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
     ) -> None:
-        ops = json.loads(kube.status_patch(ref.uid, status, fence))
+        ops = json.loads(statuspatch.status_patch(ref.uid, status, fence))
         assert ops[0] == {"op": "test", "path": "/metadata/uid", "value": ref.uid}
         self.fences.append([op for op in ops[1:] if op["op"] == "test"])
         ops = [op for op in ops if op["op"] != "test"]
@@ -951,14 +953,14 @@ class StoredApi(FakeApi):
     async def patch_status(
         self, ref: ObjectRef, status: dict[str, Any], fence: Fence | None = None
     ) -> None:
-        ops = json.loads(kube.status_patch(ref.uid, status, fence))
+        ops = json.loads(statuspatch.status_patch(ref.uid, status, fence))
         self.sent.append(ops)
         for op in ops:
             if op["op"] == "test" and op["path"] != "/metadata/uid":
                 key = op["path"].removeprefix("/status").removeprefix("/")
                 held = self.stored.get(key) if key else self.stored
                 if held != op["value"]:
-                    raise ApiError(422, kube.PATCH_NOT_APPLIED)
+                    raise ApiError(422, kubeerrors.PATCH_NOT_APPLIED)
         for op in ops:
             if op["op"] == "add" and op["path"] == "/status":
                 self.stored = op["value"]
