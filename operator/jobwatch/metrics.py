@@ -10,6 +10,7 @@ import asyncio
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import (
@@ -22,8 +23,11 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from . import endpoints
+
+_Collector = TypeVar("_Collector", bound=Collector)
 
 # Fine steps up to a quarter second, where the lag targets (50 ms, 250 ms) and most HTTP
 # exchanges fall; up to a minute for an overloaded process's tail and slow endpoints.
@@ -209,6 +213,57 @@ class _Leases:
         )
 
 
+def _poll_metrics(r: CollectorRegistry) -> tuple[Counter, Histogram, Histogram]:
+    polls = Counter(
+        "jobwatch_polls",
+        "Attempts by what they decided (status reason).",
+        ["reason"],
+        registry=r,
+    )
+    poll_lag = Histogram(
+        "jobwatch_poll_lag_seconds",
+        "How late a poll started against its plan.",
+        buckets=_SECONDS_BUCKETS,
+        registry=r,
+    )
+    request_seconds = Histogram(
+        "jobwatch_request_seconds",
+        "Duration of one attempt's HTTP exchange.",
+        buckets=_SECONDS_BUCKETS,
+        registry=r,
+    )
+    return polls, poll_lag, request_seconds
+
+
+def _write_metrics(r: CollectorRegistry) -> tuple[Counter, Counter, Counter, Counter, Counter]:
+    """Status writes, Events, and internal errors, in the order they are registered."""
+    status_writes = Counter(
+        "jobwatch_status_writes", "Status writes by result.", ["result"], registry=r
+    )
+    events_dropped = Counter(
+        "jobwatch_events_dropped",
+        "Phase changes in no Event: too many kinds of Event waiting, or the API server "
+        "refused the Event again and again.",
+        registry=r,
+    )
+    internal_errors = Counter(
+        "jobwatch_internal_errors",
+        "Unexpected faults inside the operator, each the error of one watch, by stage.",
+        ["stage"],
+        registry=r,
+    )
+    events_created = Counter(
+        "jobwatch_events_created", "Events the API server accepted.", registry=r
+    )
+    events_aggregated = Counter(
+        "jobwatch_events_aggregated",
+        "Phase changes that went out inside an aggregated Event (its count, less the one "
+        "it was created for) rather than as an Event of their own.",
+        registry=r,
+    )
+    return status_writes, events_dropped, internal_errors, events_created, events_aggregated
+
+
 def _tasks() -> int:
     try:
         return len(asyncio.all_tasks())
@@ -218,69 +273,32 @@ def _tasks() -> int:
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.polls = Counter(
-            "jobwatch_polls",
-            "Attempts by what they decided (status reason).",
-            ["reason"],
-            registry=r,
-        )
-        self.poll_lag = Histogram(
-            "jobwatch_poll_lag_seconds",
-            "How late a poll started against its plan.",
-            buckets=_SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.request_seconds = Histogram(
-            "jobwatch_request_seconds",
-            "Duration of one attempt's HTTP exchange.",
-            buckets=_SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.status_writes = Counter(
-            "jobwatch_status_writes", "Status writes by result.", ["result"], registry=r
-        )
-        self.events_dropped = Counter(
-            "jobwatch_events_dropped",
-            "Phase changes in no Event: too many kinds of Event waiting, or the API server "
-            "refused the Event again and again.",
-            registry=r,
-        )
-        self.internal_errors = Counter(
-            "jobwatch_internal_errors",
-            "Unexpected faults inside the operator, each the error of one watch, by stage.",
-            ["stage"],
-            registry=r,
-        )
-        self.events_created = Counter(
-            "jobwatch_events_created", "Events the API server accepted.", registry=r
-        )
-        self.events_aggregated = Counter(
-            "jobwatch_events_aggregated",
-            "Phase changes that went out inside an aggregated Event (its count, less the one "
-            "it was created for) rather than as an Event of their own.",
-            registry=r,
-        )
-        # The status writer plugs its queue lengths in (StatusWriter.backlog).
-        self.status_backlog = _Backlog()
-        r.register(self.status_backlog)
-        # The runtime plugs the scheduler in (Runtime.__init__).
-        self.internals = _Internals()
-        r.register(self.internals)
-        # The runtime plugs the watches in (Runtime.__init__).
-        self.fleet = _Fleet()
-        r.register(self.fleet)
-        # The runtime plugs the host table in (Runtime.__init__).
-        self.hosts = _Hosts()
-        r.register(self.hosts)
-        # The lease elector plugs itself in (startup.build), with replicas only.
-        self.leases = _Leases()
-        r.register(self.leases)
+        self.registry = r = CollectorRegistry()
+        self.polls, self.poll_lag, self.request_seconds = _poll_metrics(r)
+        (
+            self.status_writes,
+            self.events_dropped,
+            self.internal_errors,
+            self.events_created,
+            self.events_aggregated,
+        ) = _write_metrics(r)
+        # Read at scrape time from what plugs its source in: the status writer its queue
+        # lengths (StatusWriter.backlog); the runtime the scheduler, the watches and the
+        # host table (Runtime.__init__); the lease elector itself, with replicas only
+        # (startup.build).
+        self.status_backlog = self._scraped(_Backlog())
+        self.internals = self._scraped(_Internals())
+        self.fleet = self._scraped(_Fleet())
+        self.hosts = self._scraped(_Hosts())
+        self.leases = self._scraped(_Leases())
         ProcessCollector(registry=r)  # CPU, memory, start time: for dashboards and alerts
         self.queued = Gauge(
             "jobwatch_polls_queued", "Polls that are due but wait for a free worker.", registry=r
         )
+
+    def _scraped(self, collector: _Collector) -> _Collector:
+        self.registry.register(collector)
+        return collector
 
     async def serve(self, listener: socket.socket) -> web.AppRunner:
         """Serves /metrics on a socket bound at start-up (see __main__.listen)."""

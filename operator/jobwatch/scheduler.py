@@ -19,9 +19,7 @@ import asyncio
 import heapq
 import logging
 from collections.abc import Awaitable, Callable, Collection, Hashable
-from typing import Generic, TypeVar
-
-from .metrics import Metrics
+from typing import Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -34,13 +32,33 @@ EARLY = 0.001
 COMPACT_SLACK = 1024
 
 
+class _Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class _Histogram(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class SchedulerMetrics(Protocol):
+    """Where the scheduler reports its two figures (metrics.Metrics is one): the polls
+    due and waiting for a worker, and how late each poll started against its plan.
+    A protocol, so that the scheduler needs nothing of the metrics module."""
+
+    @property
+    def queued(self) -> _Gauge: ...
+
+    @property
+    def poll_lag(self) -> _Histogram: ...
+
+
 class Scheduler(Generic[K]):
     def __init__(
         self,
         job: Callable[[K], Awaitable[None]],
         *,
         workers: int,
-        metrics: Metrics,
+        metrics: SchedulerMetrics,
         clock: Callable[[], float],
     ) -> None:
         self._job, self._workers, self._metrics, self._clock = job, workers, metrics, clock
