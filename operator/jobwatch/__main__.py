@@ -17,7 +17,8 @@ from . import (
     handlers,  # noqa: F401  # registers the kopf handlers
     logs,
 )
-from .config import Config, ConfigError, LogFormat, LogSettings
+from .config import Config, ConfigError, log_settings_from_env
+from .logs import LogFormat, LogSettings
 from .startup import Operator
 
 # Every interface: the kubelet probes the pod's IP, and Prometheus scrapes it.
@@ -99,7 +100,7 @@ def _stop(settings: LogSettings, message: str, code: int) -> NoReturn:
 
 def main() -> None:
     try:
-        log_settings = LogSettings.from_env()
+        log_settings = log_settings_from_env()
     except ConfigError as exc:
         print(f"jobwatch: bad configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

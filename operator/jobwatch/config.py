@@ -6,7 +6,6 @@ better than polling with a configuration nobody asked for.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ from .durations import parse_duration
 from .egress import EgressPolicy, parse_networks
 from .hosts import HostSettings, adaptive, parse_limits
 from .leases import LeaseSettings
+from .logs import LogFormat, LogSettings
 
 # Each bucket is a Lease renewed every retry period by its holder: API writes grow with it.
 MAX_BUCKETS = 256
@@ -39,38 +39,23 @@ def process_identity() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
-class LogFormat(enum.StrEnum):
-    TEXT = "text"  # for a terminal
-    JSON = "json"  # one object per line, for Loki, Elasticsearch and the like
-
-
-@dataclass(frozen=True, slots=True)
-class LogSettings:
+def log_settings_from_env(env: Mapping[str, str] = os.environ) -> LogSettings:
     """How the operator logs: read on its own, before `Config`, so that an error in
     the rest of the configuration is already logged in the chosen format."""
-
-    format: LogFormat
-    level: int
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> LogSettings:
-        raw_format = env.get("JOBWATCH_LOG_FORMAT", "text").strip()
-        try:
-            log_format = LogFormat(raw_format.lower())
-        except ValueError:
-            choices = ", ".join(LogFormat)
-            raise ConfigError(
-                f"JOBWATCH_LOG_FORMAT={raw_format!r} is not one of {choices}"
-            ) from None
-        raw_level = env.get("JOBWATCH_LOG_LEVEL", "INFO").strip()
-        # Any name `logging` knows, as before this was checked (WARN and FATAL too).
-        level = logging.getLevelNamesMapping().get(raw_level.upper())
-        if level is None:
-            raise ConfigError(
-                f"JOBWATCH_LOG_LEVEL={raw_level!r} is not one of"
-                " DEBUG, INFO, WARNING, ERROR, CRITICAL"
-            )
-        return cls(format=log_format, level=level)
+    raw_format = env.get("JOBWATCH_LOG_FORMAT", "text").strip()
+    try:
+        log_format = LogFormat(raw_format.lower())
+    except ValueError:
+        choices = ", ".join(LogFormat)
+        raise ConfigError(f"JOBWATCH_LOG_FORMAT={raw_format!r} is not one of {choices}") from None
+    raw_level = env.get("JOBWATCH_LOG_LEVEL", "INFO").strip()
+    # Any name `logging` knows, as before this was checked (WARN and FATAL too).
+    level = logging.getLevelNamesMapping().get(raw_level.upper())
+    if level is None:
+        raise ConfigError(
+            f"JOBWATCH_LOG_LEVEL={raw_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        )
+    return LogSettings(format=log_format, level=level)
 
 
 @dataclass(frozen=True, slots=True)

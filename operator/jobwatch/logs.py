@@ -15,20 +15,34 @@ value, a token or a header value.
 from __future__ import annotations
 
 import datetime
+import enum
 import json
 import logging
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from .config import LogFormat, LogSettings
 from .refs import ObjectRef
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The LogRecord attribute that `about` sets.
 _JOBWATCH = "jobwatch"
 _REF_FIELDS = ("kind", "namespace", "name", "uid")
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"  # for a terminal
+    JSON = "json"  # one object per line, for Loki, Elasticsearch and the like
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """How the operator logs (config.log_settings_from_env reads them)."""
+
+    format: LogFormat
+    level: int
 
 
 def about(ref: ObjectRef) -> dict[str, Any]:

@@ -13,8 +13,8 @@ import kopf
 import pytest
 from kopf._core.actions.loggers import ObjectLogger
 
-from jobwatch.config import ConfigError, LogFormat, LogSettings
-from jobwatch.logs import JsonFormatter, about
+from jobwatch.config import ConfigError, log_settings_from_env
+from jobwatch.logs import JsonFormatter, LogFormat, LogSettings, about
 from jobwatch.refs import ObjectRef
 
 REF = ObjectRef("team-a", "report-42", "6f1c2a1e-0000-4000-8000-000000000042")
@@ -120,8 +120,8 @@ def test_kopf_object_loggers_name_their_object(lines: Lines) -> None:
 
 
 def test_log_settings_default_to_text_at_info() -> None:
-    assert LogSettings.from_env({}) == LogSettings(LogFormat.TEXT, logging.INFO)
-    settings = LogSettings.from_env(
+    assert log_settings_from_env({}) == LogSettings(LogFormat.TEXT, logging.INFO)
+    settings = log_settings_from_env(
         {"JOBWATCH_LOG_FORMAT": " JSON ", "JOBWATCH_LOG_LEVEL": "debug"}
     )
     assert settings == LogSettings(LogFormat.JSON, logging.DEBUG)
@@ -133,7 +133,7 @@ def test_log_settings_default_to_text_at_info() -> None:
 )
 def test_bad_log_settings_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        LogSettings.from_env({variable: value})
+        log_settings_from_env({variable: value})
     assert variable in str(caught.value)
 
 
@@ -153,8 +153,8 @@ def test_everything_the_process_prints_is_json() -> None:
     ran = run(
         "import logging, warnings\n"
         "from jobwatch import logs\n"
-        "from jobwatch.config import LogSettings\n"
-        "logs.setup(LogSettings.from_env())\n"
+        "from jobwatch.config import log_settings_from_env\n"
+        "logs.setup(log_settings_from_env())\n"
         "logging.getLogger('kopf.activities.startup').info('started')\n"
         "warnings.warn('deprecated')\n"
         "raise RuntimeError('boom')\n",
