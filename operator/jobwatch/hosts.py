@@ -60,6 +60,9 @@ BURST_SECONDS = 0.1
 # that): neither has a known end. (For the first, the runtime lets a waiting poll go as
 # soon as a request to the host ends: this is the fallback.)
 RECHECK_SECONDS = 0.5
+# Each watch polls the same URL again and again: its origin is parsed once, for up to
+# this many distinct URLs.
+MAX_PARSED_URLS = 16384
 # Label values of the per-host metrics: at most this many hosts by name, the rest "other".
 MAX_LABELLED_HOSTS = 50
 
@@ -158,12 +161,6 @@ class Held:
     slot: bool = False  # a rate-limit slot at `until` is kept for this watch
 
 
-def host_key(namespace: str, url: str) -> HostKey:
-    """The host a watch counts for: its namespace and its URL's first hop's origin."""
-    return namespace, _origin(url)
-
-
-@functools.lru_cache(maxsize=16384)
 def _origin(url: str) -> Origin:
     # Parsed as the HTTP client parses it (yarl), so that the host a watch counts for is
     # the host its requests go to.
@@ -323,6 +320,11 @@ class Hosts:
         self.held: dict[HeldReason, int] = dict.fromkeys(HeldReason, 0)
         # host label -> polls its limits delayed, and the seconds they waited in all
         self._delays: dict[str, tuple[int, float]] = {}
+        self._origin = functools.lru_cache(maxsize=MAX_PARSED_URLS)(_origin)
+
+    def key(self, namespace: str, url: str) -> HostKey:
+        """The host a watch counts for: its namespace and its URL's first hop's origin."""
+        return namespace, self._origin(url)
 
     def __len__(self) -> int:
         return len(self._hosts)
