@@ -16,7 +16,7 @@ from typing import Any
 import cel
 import cel_expr_python.cel as gcel
 
-from jobwatch.expressions import CompiledWatch
+from jobwatch.expressions import Cel
 from jobwatch.outcome import Response
 from jobwatch.spec import parse_spec
 
@@ -74,7 +74,7 @@ class Celpython:
     name = "cel-python 0.5.0 (jobwatch: compiled runner + interpreter)"
 
     def runner(self, text: str, resp: dict[str, Any]) -> Callable[[], Any]:
-        watch = CompiledWatch.compile(parse_spec({"url": "http://x/", "successWhen": text}))
+        watch = Cel().compile(parse_spec({"url": "http://x/", "successWhen": text}))
         r = Response(200, resp["headers"], resp["text"], 1, _json=resp["body"])
         return lambda: watch.is_success(watch.activation(r))
 

@@ -98,6 +98,21 @@ def _stop(settings: LogSettings, message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def quiet_libraries() -> None:
+    """Lowers what the libraries log on their own to what is news to an operator."""
+    # kopf logs every event handler call at INFO: at thousands of watches that
+    # is mostly our own status echoes.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # httpx logs every API request at INFO: thousands a minute, and no news.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # cel-python's compiled runner logs every evaluation error at ERROR, with values from
+    # the response in it; an expression that does not match a response is routine, not
+    # an operator fault.
+    logging.getLogger("celpy.Transpiler").setLevel(logging.CRITICAL)
+    # It also logs every expression it transpiles at INFO: one line per watch at start-up.
+    logging.getLogger("celpy").setLevel(logging.WARNING)
+
+
 def main() -> None:
     try:
         log_settings = log_settings_from_env()
@@ -105,11 +120,7 @@ def main() -> None:
         print(f"jobwatch: bad configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logs.setup(log_settings)
-    # kopf logs every event handler call at INFO: at thousands of watches that
-    # is mostly our own status echoes.
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    # httpx logs every API request at INFO: thousands a minute, and no news.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    quiet_libraries()
     try:
         config = Config.from_env()
     except ConfigError as exc:

@@ -1,7 +1,8 @@
 """CEL for `successWhen`, `failureWhen` and `result`: compiled once, evaluated per response.
 
-Each distinct expression text is compiled once per process (a bounded cache), so 10k
-watches sharing the default `successWhen` share one program.
+Each distinct expression text is compiled once (`Cel`, one per process, keeps the
+programs in a bounded cache), so 10k watches sharing the default `successWhen` share one
+program.
 
 Two cel-python runners are used together. The compiled runner (CEL transpiled to
 Python) is six to seven times faster in our measurements, but in cel-python 0.5.0 it gets
@@ -37,11 +38,10 @@ import base64
 import functools
 import hashlib
 import json
-import logging
 import math
 import re
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,18 +55,6 @@ from lark import Token, Tree
 
 from jobwatch.outcome import Response
 from jobwatch.spec import WatchSpec
-
-# The compiled runner logs every evaluation error at ERROR, with values from the response
-# in it; an expression that does not match a response is routine, not an operator fault.
-logging.getLogger("celpy.Transpiler").setLevel(logging.CRITICAL)
-# It also logs every expression it transpiles at INFO: one line per watch at start-up.
-logging.getLogger("celpy").setLevel(logging.WARNING)
-
-# cel-python builds one process-wide parser with the tree class of the first Environment;
-# the compiled runner needs its own tree class (which the interpreter accepts too), so
-# this Environment must be the first one made.
-_COMPILED = celpy.Environment(runner_class=celpy.CompiledRunner)
-_INTERPRETED = celpy.Environment(runner_class=celpy.InterpretedRunner)
 
 EXCERPT_LIMIT = 200
 _CEL_CLASS = re.compile(r"<class '(?:celpy\.celtypes\.)?(\w+)'>")
@@ -96,6 +84,7 @@ MAX_NESTING = 2  # comprehensions (all, exists, exists_one, map, filter) inside 
 MAX_COST = 200_000  # estimated worst-case operations; 64 characters or items count as one
 MAX_BODY_VALUES = 10_000  # JSON values (scalars and containers) of a body expressions read
 MAX_TIME_TEXT = 64  # characters of a duration() or timestamp() argument
+MAX_PROGRAMS = 4096  # distinct expression texts whose programs are kept
 # The worst case of what an expression reads from the response: the body cap (1 MiB), in
 # characters of a string or items of a list or map; and of a comprehension's iterations,
 # which the body's value limit bounds (every list or map in it has fewer items).
@@ -115,8 +104,9 @@ class _Estimate:
     size: int  # characters of a string, or items of a list or map (nested ones included)
 
 
-class _Budget:
-    """The worst-case cost of an expression, from the worst-case sizes of its inputs.
+class _EvaluationCost:
+    """The cost budget of one evaluation: the worst-case cost of an expression, from the
+    worst-case sizes of its inputs, against `MAX_COST`.
 
     A comprehension costs its body once per iteration; for the body's work that grows
     with the iteration variable, the items of a list together are no larger than the
@@ -202,9 +192,6 @@ class _Budget:
 # A comprehension macro anywhere in the text (a string literal that looks like one only
 # sends the expression to the thread for nothing).
 _ITERATES = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(")
-# The one thread that evaluates iterating expressions: one at a time, in arrival order,
-# never two for one watch (a watch has one poll at a time).
-_EVALUATOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobwatch-cel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,30 +254,6 @@ _LINEAR_FUNCTIONS: dict[str, Any] = {"duration": _duration, "timestamp": _timest
 _NOT_RUN: Any = None  # the runners of a program over budget, which never runs
 
 
-@functools.lru_cache(maxsize=4096)
-def _program(text: str) -> _Program:
-    ast = _COMPILED.compile(text)
-    excess = _Budget.excess(ast)
-    if excess is not None:
-        return _Program(text, _NOT_RUN, _NOT_RUN, excess)
-    fast = _COMPILED.program(ast, functions=_LINEAR_FUNCTIONS)
-    return _Program(text, fast, _INTERPRETED.program(ast, functions=_LINEAR_FUNCTIONS), None)
-
-
-def _compile(field: str, text: str) -> _Program:
-    try:
-        program = _program(text)
-    except CELParseError as error:
-        where = f" at line {error.line}, column {error.column}" if error.line else ""
-        raise ExpressionError(f"{field}: syntax error{where}: {excerpt(text)}") from None
-    except (RecursionError, SyntaxError):
-        # The parser and the transpiled Python both recurse once per nesting level.
-        raise ExpressionError(f"{field}: nested too deeply to compile") from None
-    if program.excess is not None:
-        raise ExpressionError(f"{field}: {program.excess}")
-    return program
-
-
 # Stand-in responses for a type check at compile time: cel-python has no static type
 # checker, but an expression that evaluates on every one of these to something other
 # than a bool (`response.code`, `response.text`) cannot be a condition, whatever the
@@ -301,21 +264,6 @@ _PROBES: tuple[Context, ...] = tuple(
     {"response": json_to_cel({"code": 200, "headers": {}, "body": body, "text": ""})}
     for body in _PROBE_BODIES
 )
-
-
-@functools.lru_cache(maxsize=4096)
-def _condition(field: str, text: str) -> _Program:
-    program = _compile(field, text)
-    kinds: set[str] = set()
-    for probe in _PROBES:
-        try:
-            value = program.evaluate(field, probe)
-        except EvaluationError:
-            return program
-        if isinstance(value, bool | celtypes.BoolType):
-            return program
-        kinds.add(_cel_name(type(value).__name__))
-    raise ExpressionError(f"{field}: must evaluate to a bool, not {' or '.join(sorted(kinds))}")
 
 
 _PARTS = frozenset({"headers", "body", "text"})
@@ -402,10 +350,78 @@ def _cel(value: Any, left: list[int]) -> celtypes.Value:
     return json_to_cel(value)
 
 
+class Cel:
+    """The CEL of one operator process: the two runners' environments, each distinct
+    expression text's program (compiled once, in a bounded cache, so 10k watches sharing
+    the default `successWhen` share one program), and the one thread that evaluates
+    iterating expressions (one at a time, in arrival order, never two for one watch: a
+    watch has one poll at a time). Made by the start-up factory.
+
+    cel-python builds one process-wide parser with the tree class of the first
+    Environment; the compiled runner needs its own tree class (which the interpreter
+    accepts too), so the first `Cel` must be made before any other cel-python
+    Environment of the process.
+    """
+
+    def __init__(self, max_programs: int = MAX_PROGRAMS) -> None:
+        self._compiled = celpy.Environment(runner_class=celpy.CompiledRunner)
+        self._interpreted = celpy.Environment(runner_class=celpy.InterpretedRunner)
+        self._program = functools.lru_cache(maxsize=max_programs)(self._new_program)
+        self._condition = functools.lru_cache(maxsize=max_programs)(self._new_condition)
+        self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobwatch-cel")
+
+    def compile(self, spec: WatchSpec) -> CompiledWatch:
+        """Raises `ExpressionError` naming the field of an expression that does not compile
+        (or, for the conditions, evidently does not evaluate to a bool)."""
+        return CompiledWatch(
+            self._condition("spec.successWhen", spec.success_when),
+            self._condition("spec.failureWhen", spec.failure_when),
+            tuple((name, self._checked(f"spec.result.{name}", text)) for name, text in spec.result),
+            _mentioned(spec),
+            self._evaluator,
+        )
+
+    def _new_program(self, text: str) -> _Program:
+        ast = self._compiled.compile(text)
+        excess = _EvaluationCost.excess(ast)
+        if excess is not None:
+            return _Program(text, _NOT_RUN, _NOT_RUN, excess)
+        fast = self._compiled.program(ast, functions=_LINEAR_FUNCTIONS)
+        exact = self._interpreted.program(ast, functions=_LINEAR_FUNCTIONS)
+        return _Program(text, fast, exact, None)
+
+    def _checked(self, field: str, text: str) -> _Program:
+        try:
+            program = self._program(text)
+        except CELParseError as error:
+            where = f" at line {error.line}, column {error.column}" if error.line else ""
+            raise ExpressionError(f"{field}: syntax error{where}: {excerpt(text)}") from None
+        except (RecursionError, SyntaxError):
+            # The parser and the transpiled Python both recurse once per nesting level.
+            raise ExpressionError(f"{field}: nested too deeply to compile") from None
+        if program.excess is not None:
+            raise ExpressionError(f"{field}: {program.excess}")
+        return program
+
+    def _new_condition(self, field: str, text: str) -> _Program:
+        program = self._checked(field, text)
+        kinds: set[str] = set()
+        for probe in _PROBES:
+            try:
+                value = program.evaluate(field, probe)
+            except EvaluationError:
+                return program
+            if isinstance(value, bool | celtypes.BoolType):
+                return program
+            kinds.add(_cel_name(type(value).__name__))
+        raise ExpressionError(f"{field}: must evaluate to a bool, not {' or '.join(sorted(kinds))}")
+
+
 class CompiledWatch:
     """The compiled expressions of one `WatchSpec`."""
 
     __slots__ = (
+        "_evaluator",
         "_failure",
         "_fields",
         "_iterates",
@@ -422,8 +438,10 @@ class CompiledWatch:
         success: _Program,
         failure: _Program,
         results: tuple[tuple[str, _Program], ...],
-        uses: frozenset[str] = _PARTS,
+        uses: frozenset[str],
+        evaluator: Executor,
     ) -> None:
+        self._evaluator = evaluator  # the thread that evaluates iterating expressions
         self._success = success
         self._failure = failure
         self._results = results
@@ -433,17 +451,6 @@ class CompiledWatch:
         self._result_fields = _body_fields([program.text for _, program in results])
         self._iterates = success.iterates or failure.iterates
         self._prepared: tuple[Response, dict[str, Any]] | None = None
-
-    @classmethod
-    def compile(cls, spec: WatchSpec) -> CompiledWatch:
-        """Raises `ExpressionError` naming the field of an expression that does not compile
-        (or, for the conditions, evidently does not evaluate to a bool)."""
-        return cls(
-            _condition("spec.successWhen", spec.success_when),
-            _condition("spec.failureWhen", spec.failure_when),
-            tuple((name, _compile(f"spec.result.{name}", text)) for name, text in spec.result),
-            _mentioned(spec),
-        )
 
     @property
     def has_results(self) -> bool:
@@ -500,7 +507,7 @@ class CompiledWatch:
         key = self._key(response)
         if self._last is None or self._last[0] != key:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(_EVALUATOR, self._verdict, key, response, True)
+            await loop.run_in_executor(self._evaluator, self._verdict, key, response, True)
 
     def _key(self, response: Response) -> tuple[object, ...]:
         key: tuple[object, ...]
@@ -562,7 +569,7 @@ class CompiledWatch:
         if not any(program.iterates for _, program in self._results):
             return
         loop = asyncio.get_running_loop()
-        activation = await loop.run_in_executor(_EVALUATOR, self._results_off_loop, response)
+        activation = await loop.run_in_executor(self._evaluator, self._results_off_loop, response)
         self._prepared = (response, activation)
 
     def _results_off_loop(self, response: Response) -> dict[str, Any]:

@@ -30,8 +30,9 @@ namespaces thus sees up to K times one namespace's requests in flight (and rate 
 
 Pure: no I/O and no clock of its own. Every call takes `now` (the runtime's wall clock,
 epoch seconds, the same clock watches are planned on), `done` the exchange's answer time
-as the runtime measured it, and a `rand()` in [0, 1) is given at construction, so every
-transition is reproducible with a fake clock.
+as the runtime measured it (the rate caps' token buckets read the `now` of the call they
+serve), and a `rand()` in [0, 1) is given at construction, so every transition is
+reproducible with a fake clock.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from enum import Enum, StrEnum
 from yarl import URL
 
 from .outcome import FailureKind, Outcome, Response
+from .ratelimit import TokenBucket
 
 Origin = tuple[str, str, int]  # scheme, host (lower case, no brackets), port
 HostKey = tuple[str, Origin]  # namespace, origin
@@ -60,6 +62,9 @@ BURST_SECONDS = 0.1
 # that): neither has a known end. (For the first, the runtime lets a waiting poll go as
 # soon as a request to the host ends: this is the fallback.)
 RECHECK_SECONDS = 0.5
+# Each watch polls the same URL again and again: its origin is parsed once, for up to
+# this many distinct URLs.
+MAX_PARSED_URLS = 16384
 # Label values of the per-host metrics: at most this many hosts by name, the rest "other".
 MAX_LABELLED_HOSTS = 50
 
@@ -158,12 +163,6 @@ class Held:
     slot: bool = False  # a rate-limit slot at `until` is kept for this watch
 
 
-def host_key(namespace: str, url: str) -> HostKey:
-    """The host a watch counts for: its namespace and its URL's first hop's origin."""
-    return namespace, _origin(url)
-
-
-@functools.lru_cache(maxsize=16384)
 def _origin(url: str) -> Origin:
     # Parsed as the HTTP client parses it (yarl), so that the host a watch counts for is
     # the host its requests go to.
@@ -297,9 +296,9 @@ class Host:
     open_until: float = 0.0
     probe_out: bool = False
     hold_until: float = 0.0  # Retry-After
-    # A rate cap as GCRA: the theoretical time of the next request; reserved slots of
-    # held watches push it on, so a crowd of held watches is spread, not re-herded.
-    next_slot: float = 0.0
+    # The rate cap, if any. A held watch books its token (its slot), so a crowd of held
+    # watches is spread, not re-herded.
+    bucket: TokenBucket | None = None
     in_flight: int = 0
 
 
@@ -323,6 +322,13 @@ class Hosts:
         self.held: dict[HeldReason, int] = dict.fromkeys(HeldReason, 0)
         # host label -> polls its limits delayed, and the seconds they waited in all
         self._delays: dict[str, tuple[int, float]] = {}
+        # The time of the call being served: the clock of the hosts' rate-cap buckets.
+        self._now = 0.0
+        self._origin = functools.lru_cache(maxsize=MAX_PARSED_URLS)(_origin)
+
+    def key(self, namespace: str, url: str) -> HostKey:
+        """The host a watch counts for: its namespace and its URL's first hop's origin."""
+        return namespace, self._origin(url)
 
     def __len__(self) -> int:
         return len(self._hosts)
@@ -334,6 +340,7 @@ class Hosts:
         """May a watch of `key` send now? A ticket (hand it to `done` whatever happens),
         or when to try again. `reserved`: the watch was given a rate-limit slot by the
         `Held` it waits on, and it is that slot's time now."""
+        self._now = now
         host = self._hosts.get(key)
         if host is None:
             host = self._add(key)
@@ -358,15 +365,13 @@ class Hosts:
         if host.in_flight >= host.limit.allowed:
             self._undo_probe(ticket)
             return self._held(host, HeldReason.RATE_LIMITED, now + self._recheck(host))
-        qps = host.limits.qps
-        if qps is not None and not reserved:
-            step = 1.0 / qps
-            earliest = host.next_slot - BURST_SECONDS
-            if now < earliest:
+        bucket = host.bucket
+        if bucket is not None and not reserved:
+            wait = bucket.delay()
+            bucket.take()  # now, or on credit: this watch's slot, kept for it
+            if wait > 0:
                 self._undo_probe(ticket)
-                host.next_slot += step  # this watch's slot, kept for it
-                return self._held(host, HeldReason.RATE_LIMITED, earliest, slot=True)
-            host.next_slot = max(host.next_slot, now) + step
+                return self._held(host, HeldReason.RATE_LIMITED, now + wait, slot=True)
         host.in_flight += 1
         host.limit.sent(host.in_flight)
         return ticket
@@ -382,6 +387,7 @@ class Hosts:
         """The exchange of an admitted poll ended (or never happened: `Verdict.NOTHING`).
         `retry_after`: seconds a 429/503 asked for, if it did; `latency`: how long the
         exchange took, seconds."""
+        self._now = now
         host = ticket.host if isinstance(ticket, Probe) else ticket
         probe = host is not ticket
         host.in_flight = max(0, host.in_flight - 1)
@@ -400,7 +406,9 @@ class Hosts:
             host.failures = 0
             if probe:  # a late answer to a request sent before the opening says less
                 host.state, host.reopens = BreakerState.CLOSED, 0
-                host.next_slot = now  # the round after a close is spread from here
+                # The round after a close is spread from here: slots booked before the
+                # breaker opened are void.
+                host.bucket = self._bucket(host.limits)
             return
         # A failure of a request sent before the breaker opened says nothing new.
         if host.state is BreakerState.CLOSED:
@@ -465,10 +473,16 @@ class Hosts:
         settings = self._settings
         limits = settings.overrides.get(_override_key(key), settings.limits)
         limit = Limit(limits.min_in_flight, limits.max_in_flight)
-        host = self._hosts[key] = Host(key, limits, limit)
+        host = self._hosts[key] = Host(key, limits, limit, bucket=self._bucket(limits))
         if len(self._hosts) > settings.max_hosts:
             self._hosts.popitem(last=False)
         return host
+
+    def _bucket(self, limits: HostLimits) -> TokenBucket | None:
+        if limits.qps is None:
+            return None
+        # A burst of BURST_SECONDS' worth on top of the one request a token is for.
+        return TokenBucket(limits.qps, 1 + BURST_SECONDS * limits.qps, lambda: self._now)
 
     def _recheck(self, host: Host) -> float:
         qps = host.limits.qps

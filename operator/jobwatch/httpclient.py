@@ -39,6 +39,9 @@ from jobwatch.outcome import FailureKind, Outcome, RequestFailure, Response
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+# The bounds of the client's caches of parsed URLs and checked request headers.
+MAX_PARSED_URLS = 16384
+MAX_PREPARED_HEADERS = 4096
 
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _ALWAYS_SENSITIVE = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -126,6 +129,12 @@ class HttpClient:
         self._default: _Slot | None = None
         self._slots: OrderedDict[TLSSettings, _Slot] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
+        # Each watch polls the same URL with the same headers again and again: both are
+        # checked once. Header values from Secrets change only when the Secret does.
+        self._parse_url = functools.lru_cache(maxsize=MAX_PARSED_URLS)(_parse_url)
+        self._prepared_headers = functools.lru_cache(maxsize=MAX_PREPARED_HEADERS)(
+            _prepared_headers
+        )
 
     async def send(self, request: Request) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -170,14 +179,9 @@ class HttpClient:
             self._resolver = None
 
     async def _attempt(self, request: Request, started: float, progress: _Progress) -> Response:
-        url = _parse_url(request.url)
-        headers = _prepared_headers(request.headers)
-        if url.user is not None or url.password is not None:
-            if not any(name.lower() == "authorization" for name, _ in headers):
-                credentials = f"{url.user or ''}:{url.password or ''}".encode()
-                auth = "Basic " + base64.b64encode(credentials).decode()
-                headers = (*headers, ("authorization", auth))
-            url = url.with_user(None)
+        url, headers = _credentials_as_header(
+            self._parse_url(request.url), self._prepared_headers(request.headers)
+        )
         method = request.method.upper()
         body = request.body
 
@@ -197,14 +201,7 @@ class HttpClient:
                         code = response.status
                         location = response.headers.get("location")
                         if code not in _REDIRECT_CODES or location is None:
-                            content = await self._read_body(response)
-                            return Response(
-                                code=code,
-                                headers=_joined_headers(response.headers),
-                                text=content.decode("utf-8", errors="replace"),
-                                latency_ms=_elapsed_ms(asyncio.get_running_loop(), started),
-                                redirects=hop,
-                            )
+                            return await self._response(response, started, hop)
                 except _Failed:
                     raise
                 except Exception as exc:
@@ -220,17 +217,24 @@ class HttpClient:
                     method, body = new_method, None
                     headers = tuple((n, v) for n, v in headers if n.lower() not in _BODY_HEADERS)
                 if _origin(target) != _origin(url):
-                    sensitive = _ALWAYS_SENSITIVE | request.sensitive_headers
-                    headers = tuple(
-                        (n, v)
-                        for n, v in headers
-                        if n.lower() not in sensitive and n.lower() != "host"
-                    )
+                    headers = _without_sensitive(headers, request.sensitive_headers)
                 url = target
                 hop += 1
                 progress.hop = hop
         finally:
             self._release(slot)
+
+    async def _response(
+        self, response: aiohttp.ClientResponse, started: float, hop: int
+    ) -> Response:
+        content = await self._read_body(response)
+        return Response(
+            code=response.status,
+            headers=_joined_headers(response.headers),
+            text=content.decode("utf-8", errors="replace"),
+            latency_ms=_elapsed_ms(asyncio.get_running_loop(), started),
+            redirects=hop,
+        )
 
     def _check(self, url: URL, hop: int) -> None:
         """Whether the egress policy allows the URL's host, if an IP literal (the
@@ -382,8 +386,6 @@ class _Inflater:
         return out
 
 
-# Each watch polls the same URL again and again: parse it once.
-@functools.lru_cache(maxsize=16384)
 def _parse_url(text: str) -> URL:
     try:
         url = URL(text)
@@ -396,9 +398,6 @@ def _parse_url(text: str) -> URL:
     return url
 
 
-# A watch sends the same headers at every poll; values from Secrets change only
-# when the Secret does, and the cache is bounded.
-@functools.lru_cache(maxsize=4096)
 def _prepared_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """The request's headers, checked, after jobwatch's defaults it does not override."""
     checked: list[tuple[str, str]] = []
@@ -419,6 +418,27 @@ def _prepared_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, 
     given = {name.lower() for name, _ in checked}
     defaults = [(n, v) for n, v in _DEFAULT_HEADERS.items() if n not in given]
     return (*defaults, *checked)
+
+
+def _credentials_as_header(
+    url: URL, headers: tuple[tuple[str, str], ...]
+) -> tuple[URL, tuple[tuple[str, str], ...]]:
+    """Credentials in the URL become Basic authorization, unless the request has its own."""
+    if url.user is None and url.password is None:
+        return url, headers
+    if not any(name.lower() == "authorization" for name, _ in headers):
+        credentials = f"{url.user or ''}:{url.password or ''}".encode()
+        auth = "Basic " + base64.b64encode(credentials).decode()
+        headers = (*headers, ("authorization", auth))
+    return url.with_user(None), headers
+
+
+def _without_sensitive(
+    headers: tuple[tuple[str, str], ...], sensitive_headers: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """What may follow a redirect to another origin."""
+    sensitive = _ALWAYS_SENSITIVE | sensitive_headers
+    return tuple((n, v) for n, v in headers if n.lower() not in sensitive and n.lower() != "host")
 
 
 def _redirect_target(current: URL, location: str) -> URL:
@@ -476,46 +496,63 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 _E = TypeVar("_E", bound=BaseException)
 
 
+def _find(causes: list[BaseException], kind: type[_E]) -> _E | None:
+    return next((c for c in causes if isinstance(c, kind)), None)
+
+
+def _find_ssl(causes: list[BaseException], kind: type[_E]) -> _E | None:
+    # aiohttp's TLS errors subclass the ssl ones without their attributes;
+    # the original from the ssl module sits further down the chain.
+    return next(
+        (c for c in causes if isinstance(c, kind) and not isinstance(c, aiohttp.ClientError)),
+        None,
+    )
+
+
 def _classify(exc: Exception, url: URL, hop: int) -> _Failed:
     """A short, header-free message for what went wrong talking to `url`."""
     causes = list(_chain(exc))
     where = _host_port(url)
     after = _after(hop)
-    first_hop = hop == 0
+    failed = _connect_failure(causes, url, where, after, hop == 0) or _exchange_failure(
+        causes, where, after, hop == 0
+    )
+    if failed is not None:
+        return failed
+    # Unknown: keep the watch going as a transient error, and leave a trace for us.
+    # Header values were validated before sending, so the exception cannot echo one.
+    log.error("unexpected error requesting %s", where, exc_info=exc)
+    return _Failed(
+        FailureKind.TRANSPORT, f"request to {where} failed ({type(exc).__name__}){after}"
+    )
 
-    def find(kind: type[_E]) -> _E | None:
-        return next((c for c in causes if isinstance(c, kind)), None)
 
-    def find_ssl(kind: type[_E]) -> _E | None:
-        # aiohttp's TLS errors subclass the ssl ones without their attributes;
-        # the original from the ssl module sits further down the chain.
-        return next(
-            (c for c in causes if isinstance(c, kind) and not isinstance(c, aiohttp.ClientError)),
-            None,
-        )
-
-    if (denied := find(EgressDeniedError)) is not None:
+def _connect_failure(
+    causes: list[BaseException], url: URL, where: str, after: str, first_hop: bool
+) -> _Failed | None:
+    """Egress, DNS, TLS and connection failures: no HTTP exchange took place."""
+    if (denied := _find(causes, EgressDeniedError)) is not None:
         return _Failed(FailureKind.EGRESS_DENIED, f"{denied}{after}")
-    if (dns := find(aiohttp.ClientConnectorDNSError)) is not None:
+    if (dns := _find(causes, aiohttp.ClientConnectorDNSError)) is not None:
         detail = dns.os_error.strerror or str(dns.os_error)
         return _Failed(
             FailureKind.TRANSPORT,
             f"DNS lookup failed for {url.host} ({detail}){after}",
             host_failed=first_hop,
         )
-    if (cert := find_ssl(ssl.SSLCertVerificationError)) is not None:
+    if (cert := _find_ssl(causes, ssl.SSLCertVerificationError)) is not None:
         detail = cert.verify_message or cert.reason or "unknown reason"
         return _Failed(
             FailureKind.TRANSPORT, f"TLS certificate verification failed: {detail} ({where}){after}"
         )
-    if (tls := find_ssl(ssl.SSLError)) is not None:
+    if (tls := _find_ssl(causes, ssl.SSLError)) is not None:
         detail = tls.reason or tls.strerror or "unknown reason"
         return _Failed(
             FailureKind.TRANSPORT,
             f"TLS handshake with {where} failed: {detail}{after}",
             host_failed=first_hop,
         )
-    if (connect := find(aiohttp.ClientConnectorError)) is not None:
+    if (connect := _find(causes, aiohttp.ClientConnectorError)) is not None:
         code = connect.os_error.errno
         if code == errno.ECONNREFUSED:
             message = f"connection refused by {where}"
@@ -525,20 +562,27 @@ def _classify(exc: Exception, url: URL, hop: int) -> _Failed:
             detail = connect.os_error.strerror or str(connect.os_error)
             message = f"cannot connect to {where}: {detail}"
         return _Failed(FailureKind.TRANSPORT, message + after, host_failed=first_hop)
-    if find(aiohttp.ServerDisconnectedError) is not None:
+    return None
+
+
+def _exchange_failure(
+    causes: list[BaseException], where: str, after: str, first_hop: bool
+) -> _Failed | None:
+    """Failures of a connected exchange: the connection dropped, a bad answer."""
+    if _find(causes, aiohttp.ServerDisconnectedError) is not None:
         return _Failed(
             FailureKind.TRANSPORT,
             f"{where} closed the connection unexpectedly{after}",
             host_failed=first_hop,
         )
-    if find(aiohttp.ClientPayloadError) is not None:
+    if _find(causes, aiohttp.ClientPayloadError) is not None:
         return _Failed(
             FailureKind.TRANSPORT,
             f"incomplete response body from {where}{after}",
             host_failed=first_hop,
         )
-    if (bad := find(aiohttp.ClientResponseError)) is not None:
-        if (long_line := find(LineTooLong)) is not None:
+    if (bad := _find(causes, aiohttp.ClientResponseError)) is not None:
+        if (long_line := _find(causes, LineTooLong)) is not None:
             detail = f"a line of its head is longer than {long_line.args[1]} bytes"
         else:
             # The parser's description; what follows it quotes the endpoint's bytes.
@@ -546,19 +590,14 @@ def _classify(exc: Exception, url: URL, hop: int) -> _Failed:
         return _Failed(
             FailureKind.INVALID_RESPONSE, f"invalid HTTP response from {where}: {detail}{after}"
         )
-    if (os_error := find(OSError)) is not None:
+    if (os_error := _find(causes, OSError)) is not None:
         detail = os_error.strerror or str(os_error)
         return _Failed(
             FailureKind.TRANSPORT,
             f"connection to {where} failed: {detail}{after}",
             host_failed=first_hop,
         )
-    # Unknown: keep the watch going as a transient error, and leave a trace for us.
-    # Header values were validated before sending, so the exception cannot echo one.
-    log.error("unexpected error requesting %s", where, exc_info=exc)
-    return _Failed(
-        FailureKind.TRANSPORT, f"request to {where} failed ({type(exc).__name__}){after}"
-    )
+    return None
 
 
 def _quoted(value: str, limit: int = 24) -> str:

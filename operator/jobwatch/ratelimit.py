@@ -1,4 +1,5 @@
-"""The one rate limiter: a token bucket on a caller's clock (status writes, Secret reads)."""
+"""The one rate limiter: a token bucket on a caller's clock (status writes, Secret reads,
+per-host rate caps)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ class TokenBucket:
     """`rate` tokens a second, `burst` at most. `take` takes one that is there (for the
     write chosen at that moment); `book` may take one due soon."""
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
         self._rate, self._burst, self._clock = rate, float(burst), clock
         self._tokens, self._stamp = float(burst), clock()
 

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiodns
 import pycares
 from aiohttp.abc import AbstractResolver, ResolveResult
+
+from .ttlcache import TtlCache
 
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 # Errors that say nothing about the name: never cached.
@@ -51,7 +51,6 @@ Key = tuple[str, int]
 class _Answer:
     addresses: tuple[tuple[str, int], ...]
     error: str | None
-    expires: float
 
 
 @dataclass(eq=False, slots=True)
@@ -92,25 +91,19 @@ class CachingResolver(AbstractResolver):
         self._lookup_timeout = lookup_timeout
         self._min_ttl, self._max_ttl, self._negative_ttl = min_ttl, max_ttl, negative_ttl
         self._max_entries = max_entries
-        self._clock = clock
         self._channel = _Channel(self._make_dns())
         self._retired: set[_Channel] = set()
-        self._answers: OrderedDict[Key, _Answer] = OrderedDict()
-        self._lookups: dict[Key, asyncio.Task[_Answer]] = {}
+        self._answers: TtlCache[Key, _Answer] = TtlCache(max_entries, clock)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         key = (host.lower(), int(family))
-        answer = self._answers.get(key)
-        if answer is not None and self._clock() < answer.expires:
-            self._answers.move_to_end(key)
+        cached = self._answers.fresh(key)
+        if cached is not None:
+            answer = cached.value
         else:
-            lookup = self._lookups.get(key)
-            if lookup is None:
-                lookup = self._lookups[key] = asyncio.create_task(self._lookup(key))
-                lookup.add_done_callback(functools.partial(self._lookup_done, key))
-            answer = await asyncio.shield(lookup)
+            answer = await self._answers.load(key, functools.partial(self._lookup, key))
         if answer.error is not None:
             # aiohttp reports an OSError from the resolver as a DNS failure of the host.
             raise OSError(None, answer.error)
@@ -122,16 +115,10 @@ class CachingResolver(AbstractResolver):
         ]
 
     async def close(self) -> None:
-        for lookup in list(self._lookups.values()):
-            lookup.cancel()
-        await asyncio.gather(*self._lookups.values(), return_exceptions=True)
+        await self._answers.close()
         for channel in (self._channel, *self._retired):
             await channel.dns.close()
         self._retired.clear()
-
-    def _lookup_done(self, key: Key, lookup: asyncio.Task[_Answer]) -> None:
-        if self._lookups.get(key) is lookup:
-            del self._lookups[key]
 
     def _next_channel(self) -> _Channel:
         channel = self._channel
@@ -155,30 +142,27 @@ class CachingResolver(AbstractResolver):
                     flags=socket.AI_ADDRCONFIG,
                 )
         except TimeoutError:
-            answer = self._failure(f"no answer within {self._lookup_timeout:g}s")
+            answer, ttl = self._failure(f"no answer within {self._lookup_timeout:g}s")
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
             message = str(exc.args[1]) if len(exc.args) > 1 else "DNS lookup failed"
             if code in _NOT_AN_ANSWER:
-                return _Answer((), message, expires=-math.inf)
-            answer = self._failure(message)
+                return _Answer((), message)
+            answer, ttl = self._failure(message)
         else:
-            answer = self._success(result)
+            answer, ttl = self._success(result)
         finally:
             channel.pending -= 1
             if channel.retired and channel.pending == 0:
                 self._retired.discard(channel)
                 await channel.dns.close()
-        self._answers[key] = answer
-        self._answers.move_to_end(key)
-        while len(self._answers) > self._max_entries:
-            self._answers.popitem(last=False)
+        self._answers.put(key, answer, ttl)
         return answer
 
-    def _failure(self, message: str) -> _Answer:
-        return _Answer((), message, expires=self._clock() + self._negative_ttl)
+    def _failure(self, message: str) -> tuple[_Answer, float]:
+        return _Answer((), message), self._negative_ttl
 
-    def _success(self, result: pycares.AddrInfoResult) -> _Answer:
+    def _success(self, result: pycares.AddrInfoResult) -> tuple[_Answer, float]:
         addresses: list[tuple[str, int]] = []
         for node in result.nodes:
             address = node.addr[0].decode("ascii")
@@ -190,4 +174,4 @@ class CachingResolver(AbstractResolver):
             return self._failure("DNS lookup returned no addresses")
         ttls = [node.ttl for node in result.nodes] + [cname.ttl for cname in result.cnames]
         ttl = min(self._max_ttl, max(self._min_ttl, min(ttls)))
-        return _Answer(tuple(addresses), None, expires=self._clock() + ttl)
+        return _Answer(tuple(addresses), None), ttl

@@ -17,8 +17,8 @@ from typing import Any
 from . import policy
 from .adoption import Adoption
 from .config import Config
-from .expressions import CompiledWatch, ExpressionError, final_result
-from .hosts import Held, HeldReason, HostKey, Hosts, Verdict, host_key, verdict
+from .expressions import Cel, CompiledWatch, ExpressionError, final_result
+from .hosts import Held, HeldReason, HostKey, Hosts, Verdict, verdict
 from .httpclient import HttpClient, Request, TLSSettings
 from .kube import KubeApi
 from .leases import Handed, Ownership
@@ -71,8 +71,10 @@ class Runtime:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
         ownership: Ownership | None = None,
+        cel: Cel | None = None,
     ) -> None:
         self._api, self._http, self._metrics = api, http, metrics
+        self._cel = cel if cel is not None else Cel()
         # With replicas sharing the fleet: the watches of the buckets this one holds.
         # None: a single replica, which takes in and polls every JobWatch it sees.
         self._ownership = ownership
@@ -424,7 +426,7 @@ class Runtime:
         problem: str | None = None
         try:
             spec = parse_spec(raw_spec)
-            compiled = CompiledWatch.compile(spec)
+            compiled = self._cel.compile(spec)
             digest = spec_digest(spec)
         except (SpecError, ExpressionError) as exc:
             problem = str(exc)
@@ -615,7 +617,7 @@ class Runtime:
             if self._reserved and key in self._reserved:
                 self._reserved.discard(key)
                 reserved = True
-            host = host_key(key[0], spec.url)
+            host = self._hosts.key(key[0], spec.url)
             ticket = self._hosts.admit(host, now, reserved)
             if isinstance(ticket, Held):
                 self._hold(key, watch, host, ticket, now)

@@ -23,14 +23,13 @@ import asyncio
 import functools
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from jobwatch.kube import Secret
 from jobwatch.kubeerrors import ApiError, Unreachable
 from jobwatch.ratelimit import TokenBucket
+from jobwatch.ttlcache import TtlCache
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +46,6 @@ class SecretUnavailable(Exception):
 
 def _seconds(value: float) -> str:
     return f"{value:g}s"
-
-
-@dataclass(slots=True)
-class _Entry:
-    secret: Secret | None
-    read_at: float
-    fresh_until: float
 
 
 class SecretCache:
@@ -77,12 +69,10 @@ class SecretCache:
     ) -> None:
         self._api = api
         self._ttl, self._missing_ttl, self._stale_for = ttl, missing_ttl, stale_for
-        self._max_entries = max_entries
         self._max_wait, self._read_timeout = max_wait, read_timeout
         self._clock, self._sleep = clock, sleep
         self._budget = TokenBucket(reads_per_second, burst, clock)
-        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
-        self._reads: dict[Key, asyncio.Task[Secret | None]] = {}
+        self._entries: TtlCache[Key, Secret | None] = TtlCache(max_entries, clock)
 
     async def get(self, namespace: str, name: str) -> Secret | None:
         """The Secret, or None when it does not exist or may not be read (403/404).
@@ -90,31 +80,16 @@ class SecretCache:
         Raises SecretUnavailable when it cannot be read now.
         """
         key = (namespace, name)
-        entry = self._entries.get(key)
-        now = self._clock()
-        if entry is not None and now < entry.fresh_until:
-            self._entries.move_to_end(key)
-            return entry.secret
-        read = self._reads.get(key)
-        if read is None:
-            read = self._reads[key] = asyncio.create_task(self._read(key))
-            read.add_done_callback(functools.partial(self._read_done, key))
+        fresh = self._entries.fresh(key)
+        if fresh is not None:
+            return fresh.value
         try:
-            # A caller that gives up must not cancel the read the others wait for.
-            return await asyncio.shield(read)
+            return await self._entries.load(key, functools.partial(self._read, key))
         except SecretUnavailable:
             entry = self._entries.get(key)
-            if entry is not None and self._clock() - entry.read_at <= self._stale_for:
-                return entry.secret
+            if entry is not None and self._clock() - entry.stored <= self._stale_for:
+                return entry.value
             raise
-
-    def _read_done(self, key: Key, read: asyncio.Task[Secret | None]) -> None:
-        if self._reads.get(key) is read:
-            del self._reads[key]
-        # Every waiter may have given up: fetch the outcome so asyncio does not
-        # report it as never retrieved.
-        if not read.cancelled():
-            read.exception()
 
     async def _read(self, key: Key) -> Secret | None:
         namespace, name = key
@@ -142,12 +117,8 @@ class SecretCache:
             # own text is not used: it could quote the body.
             why = f"the API server's answer could not be used ({type(exc).__name__})"
             raise self._unavailable(key, why) from None
-        now = self._clock()
         ttl = self._ttl if secret is not None else self._missing_ttl
-        self._entries[key] = _Entry(secret, read_at=now, fresh_until=now + ttl)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._entries.put(key, secret, ttl)
         return secret
 
     @staticmethod

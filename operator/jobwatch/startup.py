@@ -24,10 +24,11 @@ from aiohttp import web
 
 from . import kubelogin
 from .config import Config
+from .expressions import Cel
 from .httpclient import HttpClient
 from .informer import Informer
 from .kube import KubeApi
-from .leases import Elector, Handed, Ownership
+from .leases import Elector, Handed, LeaseSettings, Ownership
 from .metrics import Metrics
 from .runtime import Runtime
 
@@ -105,7 +106,7 @@ async def build(
         ownership = Ownership(
             config.leases, scopes=config.namespaces or (None,), clock=time.monotonic
         )
-    runtime = Runtime(config, api, http, metrics, ownership=ownership)
+    runtime = Runtime(config, api, http, metrics, ownership=ownership, cel=Cel())
     runtime.start()
     elector: Elector | None = None
 
@@ -130,16 +131,8 @@ async def build(
     informing = asyncio.create_task(informer.run(), name="jobwatch-informer")
     electing = None
     if config.leases is not None and ownership is not None:
-        elector = Elector(
-            config.leases,
-            api,
-            ownership,
-            _Handover(runtime, informer),
-            clock=time.monotonic,
-            wall=time.time,
-        )
+        elector, electing = _elect(config.leases, api, ownership, _Handover(runtime, informer))
         metrics.leases.source = elector.figures
-        electing = asyncio.create_task(elector.run(), name="jobwatch-leases")
     starter = asyncio.create_task(_poll_when_synced(informer, runtime, on_signal))
     log.info(
         "jobwatch started: %s, %d requests in flight at most",
@@ -147,6 +140,14 @@ async def build(
         config.max_in_flight,
     )
     return Running(api, http, runtime, informing, starter, elector, electing, metrics_runner)
+
+
+def _elect(
+    settings: LeaseSettings, api: KubeApi, ownership: Ownership, handover: _Handover
+) -> tuple[Elector, asyncio.Task[None]]:
+    """The lease elector, running."""
+    elector = Elector(settings, api, ownership, handover, clock=time.monotonic, wall=time.time)
+    return elector, asyncio.create_task(elector.run(), name="jobwatch-leases")
 
 
 class _Handover:

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from jobwatch import policy
 from jobwatch.egress import EgressPolicy
-from jobwatch.expressions import CompiledWatch, final_result
+from jobwatch.expressions import Cel, final_result
 from jobwatch.httpclient import HttpClient, MiB, Request, TLSSettings
 from jobwatch.outcome import MAX_JSON_DEPTH, FailureKind, Outcome, RequestFailure, Response
 from jobwatch.policy import Decision, ErrorClass
@@ -131,7 +131,7 @@ async def poll(
     spec = parse_spec(
         {"url": url, "requestTimeout": f"{REQUEST_TIMEOUT}s", "successWhen": success_when}
     )
-    compiled = CompiledWatch.compile(spec)
+    compiled = Cel().compile(spec)
     now = time.time()
     deadline = now + spec.timeout
     request = Request(

@@ -15,6 +15,7 @@ import pytest
 
 from jobwatch.expressions import (
     MAX_BODY_VALUES,
+    Cel,
     CompiledWatch,
     EvaluationError,
     ExpressionError,
@@ -25,7 +26,7 @@ from jobwatch.spec import parse_spec
 
 
 def compiled(**fields: Any) -> CompiledWatch:
-    return CompiledWatch.compile(parse_spec({"url": "http://svc/x", **fields}))
+    return Cel().compile(parse_spec({"url": "http://svc/x", **fields}))
 
 
 def response(body: Any = None, text: str | None = None) -> Response:
@@ -133,7 +134,7 @@ def test_a_large_body_is_judged_on_the_fields_the_conditions_read() -> None:
             "result": {"link": "response.body.link"},
         }
     )
-    compiled = CompiledWatch.compile(spec)
+    compiled = Cel().compile(spec)
     body = {"status": "DONE", "link": "s3://r", "log": list(range(MAX_BODY_VALUES * 5))}
     started = time.perf_counter()
     assert compiled.judge(response(body)) == (False, True)

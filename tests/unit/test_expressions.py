@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from jobwatch.__main__ import quiet_libraries
 from jobwatch.expressions import (
+    Cel,
     CompiledWatch,
     EvaluationError,
     ExpressionError,
@@ -22,7 +24,7 @@ JOB = {"status": "COMPLETED", "resultLink": "http://reports/42.pdf", "message": 
 
 
 def compiled(**fields: Any) -> CompiledWatch:
-    return CompiledWatch.compile(parse_spec({"url": "http://svc/x", **fields}))
+    return Cel().compile(parse_spec({"url": "http://svc/x", **fields}))
 
 
 def response(
@@ -190,6 +192,7 @@ def test_error_details_do_not_copy_the_response() -> None:
 
 
 def test_evaluation_errors_are_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    quiet_libraries()  # as the operator sets its logs up at start-up
     with caplog.at_level(logging.WARNING), pytest.raises(EvaluationError):
         success('response.body.status == "x"', response(text="not json"))
     assert caplog.records == []
@@ -288,8 +291,14 @@ def test_overly_nested_expressions_fail_at_compile(expression: str) -> None:
 
 
 def test_watches_sharing_an_expression_share_the_program() -> None:
-    first = compiled(successWhen='response.body.status == "SHARED"', result={"a": "1"})
-    second = compiled(successWhen='response.body.status == "SHARED"', result={"b": "1"})
+    cel = Cel()
+    when = 'response.body.status == "SHARED"'
+    first = cel.compile(
+        parse_spec({"url": "http://svc/x", "successWhen": when, "result": {"a": "1"}})
+    )
+    second = cel.compile(
+        parse_spec({"url": "http://svc/x", "successWhen": when, "result": {"b": "1"}})
+    )
     assert first._success is second._success
     assert first._results[0][1] is second._results[0][1]
 

@@ -35,7 +35,6 @@ from jobwatch.hosts import (
     Verdict,
     adaptive,
     fixed,
-    host_key,
     parse_limits,
     verdict,
 )
@@ -96,7 +95,7 @@ def state(hosts: Hosts, key: Any) -> BreakerState:
     ],
 )
 def test_the_key_is_the_namespace_and_the_urls_origin(url: str, key: tuple[str, str, int]) -> None:
-    assert host_key("team-a", url) == ("team-a", key)
+    assert table().key("team-a", url) == ("team-a", key)
 
 
 @pytest.mark.parametrize(
@@ -730,7 +729,7 @@ async def test_the_in_flight_slot_is_given_back_when_the_request_crashes(env: En
     http.send = crash  # type: ignore[method-assign]
     runtime.observe("ADDED", jobwatch("w", url="http://up.test/w"))
     await until(lambda: runtime.watches[("ns", "w")].attempts >= 3, env)
-    host = runtime._hosts.get(host_key("ns", "http://up.test/w"))
+    host = runtime._hosts.get(runtime._hosts.key("ns", "http://up.test/w"))
     assert host is not None
     await until(lambda: host.in_flight == 0, env)
     assert "Internal" in api.error_classes("w")

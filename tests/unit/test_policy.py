@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from jobwatch.expressions import CompiledWatch
+from jobwatch.expressions import Cel
 from jobwatch.outcome import FailureKind, Outcome, RequestFailure, Response
 from jobwatch.policy import (
     END_PHASES,
@@ -70,7 +70,7 @@ def run(
     spec = make_spec(**fields)
     return decide(
         spec,
-        CompiledWatch.compile(spec),
+        Cel().compile(spec),
         outcome,
         errors,
         now=now,
@@ -745,7 +745,7 @@ def test_decide_is_deterministic_and_uses_only_the_given_random() -> None:
         return 0.25
 
     spec = make_spec()
-    compiled = CompiledWatch.compile(spec)
+    compiled = Cel().compile(spec)
     first = decide(spec, compiled, transport(), 0, now=NOW, deadline=LATER, rand=rand)
     second = decide(spec, compiled, transport(), 0, now=NOW, deadline=LATER, rand=rand)
     assert first == second

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobwatch import policy
-from jobwatch.expressions import CompiledWatch, EvaluationError, ExpressionError, final_result
+from jobwatch.expressions import Cel, EvaluationError, ExpressionError, final_result
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import FailureKind, RequestFailure, Response
 from jobwatch.policy import ErrorClass, LastError, Phase
@@ -131,7 +131,7 @@ def test_the_next_delay_keeps_its_floor_and_ends_by_the_deadline(
 ) -> None:
     decision = policy.decide(
         spec,
-        CompiledWatch.compile(spec),
+        Cel().compile(spec),
         outcome,
         errors,
         now=NOW,
@@ -191,7 +191,7 @@ def test_a_response_body_never_raises(text: str) -> None:
 def test_expressions_raise_only_documented_errors(expression: str, body: Any) -> None:
     spec = {"url": "http://a/", "successWhen": expression or "true", "result": {"v": expression}}
     try:
-        compiled = CompiledWatch.compile(parse_spec(spec))
+        compiled = Cel().compile(parse_spec(spec))
     except (ExpressionError, SpecError):
         return
     try:
