@@ -28,15 +28,11 @@ from typing import Any, TypeVar
 import yaml
 from kubernetes import client as k8s
 
+from loopback import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:

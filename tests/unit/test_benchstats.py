@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import benchstats as st
 import jobapi

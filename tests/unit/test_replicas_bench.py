@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import datetime
-import sys
 import zlib
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import jobapi
 import replicas
