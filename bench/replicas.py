@@ -61,7 +61,7 @@ with no replica running: the control plane's own writes); CPU and RSS of each re
 and of the kube-apiserver process by psutil (only when that process runs on this
 machine: with --kubeconfig naming another cluster, the API server's CPU is not known).
 
-Results: bench/results/replicas-<timestamp>.json and a table on stdout; logs in
+Results: _out/bench/results/replicas-<timestamp>.json and a table on stdout; logs in
 _out/bench/. Exit status 0 when the harness did its job whatever the figures, 1 when it
 broke or stopped early (results written all the same, with "failed"). Everything it
 starts is stopped at the end, also on Ctrl-C or SIGTERM.
@@ -93,13 +93,21 @@ from typing import Any
 import aiohttp
 import psutil
 
+import benchenv
 import benchstats as st
-import scale
+import controlplane
+import fleet
+import loopback
+import procs
+import resultfiles
+import runner
+import sampling
+import scale_figures
 from kubeclient import Kube, KubeError, load_kubeconfig
 
 # A cluster directory of its own: a scale run of another session may use bench-cluster.
-CLUSTER_DIR = scale.REPO / ".cache" / "replicas-cluster"
-LEASE_NAMESPACE = scale.OPERATOR_NAMESPACE
+CLUSTER_DIR = benchenv.REPO / ".cache" / "replicas-cluster"
+LEASE_NAMESPACE = benchenv.OPERATOR_NAMESPACE
 LEASE_GROUP_LABEL = "jobwatch.dev/lease-group"  # operator/jobwatch/leases.py, GROUP_LABEL
 LEASES_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"
 # Two requests of one job closer than this share of the interval: a duplicate poll
@@ -140,7 +148,7 @@ class Options:
     min_available_gib: float = 2.0  # the run stops (and reports) below this much free memory
 
 
-log = scale.log
+log = benchenv.log
 
 
 # --- pure figures (tests/unit/test_replicas_bench.py) ------------------------------
@@ -148,7 +156,7 @@ log = scale.log
 
 def bucket_of(name: str, buckets: int) -> int:
     """A JobWatch's bucket as the operator computes it: crc32("namespace/name") % B."""
-    return zlib.crc32(f"{scale.NAMESPACE}/{name}".encode()) % buckets
+    return zlib.crc32(f"{benchenv.NAMESPACE}/{name}".encode()) % buckets
 
 
 def watch_name(index: int) -> str:
@@ -474,7 +482,7 @@ class Monitor:
 
     def check(self) -> None:
         if self.ran_out is not None:
-            raise scale.BenchError(self.ran_out)
+            raise benchenv.BenchError(self.ran_out)
 
 
 @dataclass
@@ -506,7 +514,7 @@ class ReplicaState:
 
 
 async def read_replica(http: aiohttp.ClientSession, replica: Replica) -> ReplicaState | None:
-    samples = await scale.scrape(http, replica.metrics_url)
+    samples = await sampling.scrape(http, replica.metrics_url)
     if samples is None:
         return None
     try:
@@ -518,7 +526,7 @@ async def read_replica(http: aiohttp.ClientSession, replica: Replica) -> Replica
     return ReplicaState(
         wall=time.time(),
         polls=sum(st.by_label(samples, "jobwatch_polls_total", "reason").values()),
-        cpu_s=scale.cpu_seconds(replica.proc.pid),
+        cpu_s=sampling.cpu_seconds(replica.proc.pid),
         cpu_metric_s=st.value(samples, "process_cpu_seconds_total"),
         rss_mib=None if rss is None else round(rss, 1),
         held=frozenset(int(b) for b, v in held.items() if v >= 1),
@@ -548,7 +556,7 @@ class Stage:
     opts: Options
     ctx: Context
     http: aiohttp.ClientSession
-    jobs: scale.JobApi
+    jobs: fleet.JobApi
     jobapi: subprocess.Popen[bytes]
     group: str
     replicas: list[Replica] = field(default_factory=list)
@@ -562,12 +570,12 @@ class Stage:
         self.ctx.monitor.check()
         for replica in self.replicas:
             if replica.identity not in self.stopped and not replica.alive():
-                raise scale.BenchError(
+                raise benchenv.BenchError(
                     f"replica {replica.identity} exited with {replica.proc.returncode}; "
-                    f"log tail ({replica.log_path}):\n{scale.tail(replica.log_path)}"
+                    f"log tail ({replica.log_path}):\n{procs.tail(replica.log_path)}"
                 )
         if self.jobapi.poll() is not None:
-            raise scale.BenchError(f"the job API exited with {self.jobapi.returncode}")
+            raise benchenv.BenchError(f"the job API exited with {self.jobapi.returncode}")
 
     async def states(self, replicas: Sequence[Replica] | None = None) -> dict[str, ReplicaState]:
         chosen = self.live() if replicas is None else replicas
@@ -582,9 +590,9 @@ class Stage:
             replicas=await self.states(),
             apiserver={**st.apiserver_counters(text), **apiserver_reads(text)},
             cpu={
-                "apiserver": scale.cpu_seconds(pids.get("apiserver")),
-                "etcd": scale.cpu_seconds(pids.get("etcd")),
-                "jobapi": scale.cpu_seconds(self.jobapi.pid),
+                "apiserver": sampling.cpu_seconds(pids.get("apiserver")),
+                "etcd": sampling.cpu_seconds(pids.get("etcd")),
+                "jobapi": sampling.cpu_seconds(self.jobapi.pid),
             },
             jobs=await self.jobs.stats(),
             rss_mib={
@@ -608,17 +616,17 @@ class Context:
 
     opts: Options
     kube: Kube
-    cluster: scale.Cluster
-    children: scale.Children
+    cluster: controlplane.Cluster
+    children: procs.Children
     sa_kubeconfig: Path
     ports: list[int]
-    plan: dict[str, Any]  # scale.load_plan's: the load, and --operator-env
+    plan: dict[str, Any]  # fleet.load_plan's: the load, and --operator-env
     monitor: Monitor
 
 
-def scale_options(opts: Options) -> scale.Options:
+def scale_options(opts: Options) -> fleet.Options:
     """bench/scale.py's options, for the helpers of its that read them."""
-    return scale.Options(
+    return fleet.Options(
         mode="replicas",
         sizes=(opts.watches,),
         interval=opts.interval,
@@ -641,9 +649,9 @@ def operator_code() -> dict[str, Any]:
     """What the replicas of a run import: git's view, and a digest of the package's
     files, since the tree may change between runs while uncommitted work goes on."""
     digest = hashlib.sha256()
-    for path in sorted((scale.REPO / "operator" / "jobwatch").glob("*.py")):
+    for path in sorted((benchenv.REPO / "operator" / "jobwatch").glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return {**scale.git_state(), "operator_sha256": digest.hexdigest()[:16]}
+    return {**resultfiles.git_state(), "operator_sha256": digest.hexdigest()[:16]}
 
 
 def lease_env(opts: Options, group: str) -> dict[str, str]:
@@ -651,27 +659,27 @@ def lease_env(opts: Options, group: str) -> dict[str, str]:
         "JOBWATCH_LEASE_NAMESPACE": LEASE_NAMESPACE,
         "JOBWATCH_LEASE_GROUP": group,
         "JOBWATCH_BUCKETS": str(opts.buckets),
-        "JOBWATCH_LEASE_DURATION": scale.go_duration(opts.lease_duration),
-        "JOBWATCH_LEASE_RENEW_DEADLINE": scale.go_duration(opts.renew_deadline),
-        "JOBWATCH_LEASE_RETRY_PERIOD": scale.go_duration(opts.retry_period),
+        "JOBWATCH_LEASE_DURATION": benchenv.go_duration(opts.lease_duration),
+        "JOBWATCH_LEASE_RENEW_DEADLINE": benchenv.go_duration(opts.renew_deadline),
+        "JOBWATCH_LEASE_RETRY_PERIOD": benchenv.go_duration(opts.retry_period),
     }
 
 
 def start_replica(stage: Stage, k: int) -> Replica:
     identity = f"{stage.group}-r{k}"
-    metrics_port = scale.free_port()
-    log_path = scale.LOGS / f"replica-{identity}.log"
+    metrics_port = loopback.free_port()
+    log_path = benchenv.LOGS / f"replica-{identity}.log"
     log_path.unlink(missing_ok=True)
     env = {
         **os.environ,
         "KUBECONFIG": str(stage.ctx.sa_kubeconfig),
-        "JOBWATCH_NAMESPACES": scale.NAMESPACE,
-        "JOBWATCH_HEALTH_PORT": str(scale.free_port()),
+        "JOBWATCH_NAMESPACES": benchenv.NAMESPACE,
+        "JOBWATCH_HEALTH_PORT": str(loopback.free_port()),
         "JOBWATCH_METRICS_PORT": str(metrics_port),
         "JOBWATCH_IDENTITY": identity,
         **stage.env,
     }
-    proc = stage.ctx.children.start([scale.PYTHON, "-m", "jobwatch"], log_path, env)
+    proc = stage.ctx.children.start([benchenv.PYTHON, "-m", "jobwatch"], log_path, env)
     return Replica(
         identity,
         proc,
@@ -844,7 +852,7 @@ def gap_figures(
     gaps = st.gaps(requests, start, end)
     polled = sum(1 for times in requests.values() if any(start <= t < end for t in times))
     return {
-        **st.gap_summary(gaps, interval * 1.1 + scale.TARGET_LAG_MAX),
+        **st.gap_summary(gaps, interval * 1.1 + scale_figures.TARGET_LAG_MAX),
         "duplicates": duplicates(requests, start, end, interval),
         "duplicate_below_s": round(DUPLICATE_SHARE * interval, 3),
         "jobs_polled": polled,
@@ -858,7 +866,7 @@ async def stop_replica(
     opts = stage.opts
     before = await stage.states([victim, *survivors])
     if victim.identity not in before:
-        raise scale.BenchError(f"replica {victim.identity} did not answer before its {how}")
+        raise benchenv.BenchError(f"replica {victim.identity} did not answer before its {how}")
     held = before[victim.identity].held
     jobs = jobs_of_buckets(opts.watches, opts.buckets, held)
     log(f"{how} {victim.identity}: {len(held)} buckets, {len(jobs)} watches")
@@ -997,7 +1005,7 @@ async def status_ages(kube: Kube) -> tuple[list[float], int, float]:
     params = {"limit": str(LIST_PAGE)}
     started = time.monotonic()
     while True:
-        listed = await kube.request("GET", scale.JW_PATH, params=params)
+        listed = await kube.request("GET", benchenv.JW_PATH, params=params)
         now = time.time()
         for item in listed.get("items") or []:
             age = status_age(item, now)
@@ -1147,17 +1155,17 @@ async def measure(ctx: Context, count: int, largest: bool, run: dict[str, Any]) 
     async with aiohttp.ClientSession() as http:
         jobapi_proc = ctx.children.start(
             [
-                scale.PYTHON,
-                str(scale.BENCH / "jobapi.py"),
+                benchenv.PYTHON,
+                str(benchenv.BENCH / "jobapi.py"),
                 *(f"--port={port}" for port in ctx.ports),
                 "--pending-fraction",
                 "1",
                 f"--slow={opts.slow}",
                 f"--slow-seconds={opts.slow_seconds:g}",
             ],
-            scale.LOGS / f"jobapi-replicas-{group}.log",
+            benchenv.LOGS / f"jobapi-replicas-{group}.log",
         )
-        stage = Stage(opts, ctx, http, scale.JobApi(http, ctx.ports), jobapi_proc, group)
+        stage = Stage(opts, ctx, http, fleet.JobApi(http, ctx.ports), jobapi_proc, group)
         stage.env = {**ctx.plan["operator_env"], **lease_env(opts, group)}
         try:
             await stage.jobs.wait_ready(jobapi_proc)
@@ -1208,7 +1216,7 @@ async def start_up(stage: Stage, count: int, run: dict[str, Any]) -> float:
         1 for j in all_jobs if any(t >= since for t in requests.get(j, ()))
     )
     quiet = await wait_quiet(
-        stage, max(opts.settle_limit, 2 * opts.watches / scale.DEFAULT_STATUS_QPS)
+        stage, max(opts.settle_limit, 2 * opts.watches / scale_figures.DEFAULT_STATUS_QPS)
     )
     run["queues_empty_after_s"] = quiet
     log(
@@ -1237,7 +1245,7 @@ async def run_phases(stage: Stage, count: int, largest: bool, run: dict[str, Any
     # (replicas started together take more than their share at first).
     run["settle"]["in_flight_twice"] = in_flight_twice(spans, started, start.wall, time.time())
     del requests, spans  # at 100,000 jobs, hundreds of MB
-    events, _ = await stage.ctx.kube.list_all(scale.EVENTS_PATH)
+    events, _ = await stage.ctx.kube.list_all(benchenv.EVENTS_PATH)
     # Whole seconds: Event times have no fractions.
     window["events_by_reason"] = events_by_reason(events, int(start.wall), int(end.wall) + 1)
     run["window_start_after_start_s"] = round(start.wall - started, 1)
@@ -1278,10 +1286,10 @@ def _window_line(result: dict[str, Any]) -> str:
 async def baseline(ctx: Context) -> dict[str, Any]:
     """The control plane's own writes and CPU with no replica running."""
     a_text, a_wall = await ctx.kube.text("/metrics"), time.time()
-    a_cpu = scale.cpu_seconds(ctx.cluster.pids.get("apiserver"))
+    a_cpu = sampling.cpu_seconds(ctx.cluster.pids.get("apiserver"))
     await asyncio.sleep(BASELINE_S)
     b_text, b_wall = await ctx.kube.text("/metrics"), time.time()
-    b_cpu = scale.cpu_seconds(ctx.cluster.pids.get("apiserver"))
+    b_cpu = sampling.cpu_seconds(ctx.cluster.pids.get("apiserver"))
     seconds = b_wall - a_wall
     return {
         "seconds": round(seconds, 1),
@@ -1297,26 +1305,26 @@ async def baseline(ctx: Context) -> dict[str, Any]:
     }
 
 
-async def bench(opts: Options, children: scale.Children, argv: Sequence[str]) -> dict[str, Any]:
+async def bench(opts: Options, children: procs.Children, argv: Sequence[str]) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.time()
     sopts = scale_options(opts)
-    cluster = await scale.control_plane(sopts)
+    cluster = await controlplane.control_plane(sopts)
     kube = Kube(load_kubeconfig(cluster.kubeconfig))
-    plan = scale.load_plan(sopts, opts.watches, opts.interval)
+    plan = fleet.load_plan(sopts, opts.watches, opts.interval)
     result: dict[str, Any] = {
         "kind": "replicas",
         "started": started.isoformat(timespec="seconds"),
         "command": [Path(sys.argv[0]).name, *argv],
-        "git": scale.git_state(),
-        "host": scale.host_facts(),
+        "git": resultfiles.git_state(),
+        "host": resultfiles.host_facts(),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
         "operator_env": {
             **{k: v for k, v in os.environ.items() if k.startswith("JOBWATCH_")},
             **plan["operator_env"],
             **lease_env(opts, "<fresh per run>"),
             "JOBWATCH_IDENTITY": "<group>-r<k>",
-            "JOBWATCH_NAMESPACES": scale.NAMESPACE,
+            "JOBWATCH_NAMESPACES": benchenv.NAMESPACE,
         },
         "apiserver_visible": "apiserver" in cluster.pids,
         "runs": [],
@@ -1337,7 +1345,7 @@ async def bench(opts: Options, children: scale.Children, argv: Sequence[str]) ->
             monitor=monitor,
             result=result,
         )
-    except (scale.BenchError, TimeoutError, KubeError, aiohttp.ClientError) as exc:
+    except (benchenv.BenchError, TimeoutError, KubeError, aiohttp.ClientError) as exc:
         result["failed"] = repr(exc)[:2000]
         log(f"the run stopped early: {result['failed']}")
     except asyncio.CancelledError:
@@ -1353,7 +1361,7 @@ async def bench(opts: Options, children: scale.Children, argv: Sequence[str]) ->
         result["monitor_samples"] = monitor.samples
         try:
             async with asyncio.timeout(600):
-                await kube.request("DELETE", scale.JW_PATH, ok=(200, 404))
+                await kube.request("DELETE", benchenv.JW_PATH, ok=(200, 404))
         except (TimeoutError, KubeError, aiohttp.ClientError) as exc:
             # The figures are kept; the next run empties the namespace anyway.
             log(f"deleting the JobWatches failed: {exc!r}")
@@ -1367,24 +1375,24 @@ async def fleet_runs(
     opts: Options,
     *,
     kube: Kube,
-    cluster: scale.Cluster,
-    children: scale.Children,
+    cluster: controlplane.Cluster,
+    children: procs.Children,
     plan: dict[str, Any],
     monitor: Monitor,
     result: dict[str, Any],
 ) -> None:
     """Creates the fleet, then one run per replica count; the figures go into `result`."""
     sopts = scale_options(opts)
-    await scale.install(cluster)
+    await controlplane.install(cluster)
     with tempfile.TemporaryDirectory(prefix="jobwatch-replicas-") as tmp:
         sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
-        await scale.operator_kubeconfig(cluster, sa_kubeconfig)
-        await scale.ensure_namespace(kube)
-        await scale.empty_namespace(kube)
+        await controlplane.operator_kubeconfig(cluster, sa_kubeconfig)
+        await controlplane.ensure_namespace(kube)
+        await controlplane.empty_namespace(kube)
         ports: list[int] = []
         while len(set(ports)) < opts.hosts:
-            ports = list({*ports, scale.free_port()})
-        created = await scale.create_watches(kube, opts.watches, ports, opts.interval, sopts)
+            ports = list({*ports, loopback.free_port()})
+        created = await fleet.create_watches(kube, opts.watches, ports, opts.interval, sopts)
         log(f"created {opts.watches} JobWatches in {created:.1f}s")
         result["create_s"] = round(created, 1)
         result["create_per_s"] = round(opts.watches / created, 1)
@@ -1561,7 +1569,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="stop the run and report when the machine has less memory available (2)",
     )
     parser.add_argument("--kubeconfig", type=Path, help="use this cluster (admin) instead")
-    parser.add_argument("--results-dir", type=Path, default=scale.RESULTS)
+    parser.add_argument("--results-dir", type=Path, default=benchenv.RESULTS)
     parser.add_argument(
         "--operator-env",
         action="append",
@@ -1570,7 +1578,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="extra environment for every replica (repeatable)",
     )
     args = parser.parse_args(argv)
-    extra = scale.parse_operator_env(parser, args.operator_env)
+    extra = benchenv.parse_operator_env(parser, args.operator_env)
     try:
         counts = tuple(int(s) for s in args.replicas.split(",") if s.strip())
     except ValueError:
@@ -1606,17 +1614,17 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 def main(argv: Sequence[str]) -> int:
     opts = parse_args(argv)
-    # scale.control_plane and stop_control_plane start and stop the cluster there.
-    scale.BENCH_CLUSTER = CLUSTER_DIR
+    # controlplane.control_plane and stop_control_plane start and stop the cluster there.
+    controlplane.BENCH_CLUSTER = CLUSTER_DIR
     started = time.monotonic()
-    result = scale.run_harness(
+    result = runner.run_harness(
         "replicas",
         lambda children: bench(opts, children, argv),
         own_cluster=opts.kubeconfig is None,
     )
     if isinstance(result, int):
         return result
-    path = scale.save_results(result, opts.results_dir, "replicas")
+    path = resultfiles.save_results(result, opts.results_dir, "replicas")
     print(table(result))
     print(f"\nresults: {path}  ({time.monotonic() - started:.0f}s)")
     if not any(r.get("window", {}).get("job_service_polls_per_s") for r in result["runs"]):

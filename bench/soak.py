@@ -29,7 +29,7 @@ Verdicts (figures on stdout, everything in the results file):
   suspend or the job's end (allowing 1 s for the change to reach the operator), and
   every created, edited or resumed watch polled within 1 s + one interval.
 
-Results: bench/results/soak-<time>.json (a --smoke run: _out/bench/). Exit status 0
+Results: _out/bench/results/soak-<time>.json (a --smoke run: _out/bench/). Exit status 0
 when the harness did its job, whatever the figures; 1 when it broke.
 """
 
@@ -53,9 +53,16 @@ from typing import Any
 import aiohttp
 import psutil
 
+import benchenv
 import benchstats as st
+import controlplane
 import jobapi
-import scale
+import loopback
+import procs
+import resultfiles
+import runner
+import sampling
+from fleet import Options as FleetOptions
 from kubeclient import Kube, KubeError, load_kubeconfig
 
 INTERVALS = (2.0, 5.0)
@@ -161,15 +168,15 @@ class Tracked:
 
 def body(name: str, job: str, port: int, interval: float, timeout: str) -> dict[str, Any]:
     return {
-        "apiVersion": f"{scale.GROUP}/{scale.VERSION}",
+        "apiVersion": f"{benchenv.GROUP}/{benchenv.VERSION}",
         "kind": "JobWatch",
         "metadata": {"name": name},
         "spec": {
             "url": f"http://127.0.0.1:{port}{jobapi.PREFIX}{job}{jobapi.SUFFIX}",
-            "interval": scale.go_duration(interval),
+            "interval": benchenv.go_duration(interval),
             "timeout": timeout,
-            "requestTimeout": scale.go_duration(REQUEST_TIMEOUT),
-            "backoff": {"maxInterval": scale.go_duration(MAX_BACKOFF)},
+            "requestTimeout": benchenv.go_duration(REQUEST_TIMEOUT),
+            "backoff": {"maxInterval": benchenv.go_duration(MAX_BACKOFF)},
             "successWhen": 'response.body.status == "COMPLETED"',
         },
     }
@@ -180,7 +187,7 @@ class Fleet:
         self._kube, self._ledger, self._port = kube, ledger, port
         self._rng = random.Random(opts.seed)
         # Long enough that no watch times out during the run.
-        self._timeout = scale.go_duration(max(3600.0, opts.minutes * 120))
+        self._timeout = benchenv.go_duration(max(3600.0, opts.minutes * 120))
         self.watches: dict[str, Tracked] = {}
         self._next = 0
         self.counts = {"create": 0, "delete": 0, "edit": 0, "suspend": 0, "resume": 0}
@@ -214,22 +221,22 @@ class Fleet:
         interval = self._rng.choice(INTERVALS)
         payload = body(name, job, self._port, interval, self._timeout)
         sent = time.monotonic()
-        if await self._call("POST", scale.JW_PATH, payload):
+        if await self._call("POST", benchenv.JW_PATH, payload):
             watch = Tracked(name, job, interval)
             watch.changes.append((sent, "create", interval))
             self.watches[name] = watch
             self.counts["create"] += 1
 
     async def delete(self, watch: Tracked) -> None:
-        if await self._call("DELETE", f"{scale.JW_PATH}/{watch.name}"):
+        if await self._call("DELETE", f"{benchenv.JW_PATH}/{watch.name}"):
             watch.changes.append((time.monotonic(), "delete", watch.interval))
             self.counts["delete"] += 1
 
     async def edit(self, watch: Tracked) -> None:
         interval = next(i for i in INTERVALS if i != watch.interval)
-        patch = {"spec": {"interval": scale.go_duration(interval)}}
+        patch = {"spec": {"interval": benchenv.go_duration(interval)}}
         sent = time.monotonic()
-        if await self._call("PATCH", f"{scale.JW_PATH}/{watch.name}", patch):
+        if await self._call("PATCH", f"{benchenv.JW_PATH}/{watch.name}", patch):
             watch.interval = interval
             watch.changes.append((sent, "edit", interval))
             self.counts["edit"] += 1
@@ -237,7 +244,7 @@ class Fleet:
     async def suspend(self, watch: Tracked, seconds: float) -> None:
         watch.suspended = True
         if not await self._call(
-            "PATCH", f"{scale.JW_PATH}/{watch.name}", {"spec": {"suspend": True}}
+            "PATCH", f"{benchenv.JW_PATH}/{watch.name}", {"spec": {"suspend": True}}
         ):
             watch.suspended = False
             return
@@ -247,7 +254,9 @@ class Fleet:
         if watch.deleted:
             return
         sent = time.monotonic()
-        if await self._call("PATCH", f"{scale.JW_PATH}/{watch.name}", {"spec": {"suspend": False}}):
+        if await self._call(
+            "PATCH", f"{benchenv.JW_PATH}/{watch.name}", {"spec": {"suspend": False}}
+        ):
             watch.changes.append((sent, "resume", watch.interval))
             self.counts["resume"] += 1
         watch.suspended = False
@@ -440,7 +449,7 @@ class Sampler:
                 rss = self.process.memory_info().rss / MiB
             except psutil.Error:
                 return
-            metrics = await scale.scrape(self.http, self.metrics_url) or {}
+            metrics = await sampling.scrape(self.http, self.metrics_url) or {}
             point: dict[str, Any] = {
                 "t": round(now - self.started, 1),
                 "rss_mib": round(rss, 1),
@@ -456,7 +465,7 @@ class Sampler:
             )
             self.points.append(point)
             last_requests, last_at = self.ledger.requests, now
-            scale.log(
+            benchenv.log(
                 f"  t={point['t']:.0f}s rss {rss:.1f} MiB, {point['polls_per_s']:.0f} polls/s, "
                 f"{point['objects']} objects, watches {point['watches']}, "
                 f"entries {point['scheduler_entries']}, tasks {point['asyncio_tasks']}"
@@ -552,17 +561,17 @@ async def wait_first_polls(fleet: Fleet, ledger: Ledger, operator: Any, limit: f
     jobs = [w.job for w in fleet.watches.values()]
     while time.monotonic() < deadline:
         if operator.poll() is not None:
-            raise scale.BenchError(f"the operator exited with {operator.returncode}")
+            raise benchenv.BenchError(f"the operator exited with {operator.returncode}")
         if all(job in ledger.times for job in jobs):
             return time.monotonic()
         await asyncio.sleep(0.25)
     polled = sum(1 for job in jobs if job in ledger.times)
-    raise scale.BenchError(f"only {polled} of {len(jobs)} watches polled within {limit:.0f}s")
+    raise benchenv.BenchError(f"only {polled} of {len(jobs)} watches polled within {limit:.0f}s")
 
 
-async def soak(opts: Options, children: scale.Children) -> dict[str, Any]:
+async def soak(opts: Options, children: procs.Children) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.UTC)
-    cluster = await scale.control_plane(_scale_options(opts))
+    cluster = await controlplane.control_plane(_scale_options(opts))
     kube = Kube(load_kubeconfig(cluster.kubeconfig))
     ledger = Ledger(opts.seed, opts.mean_polls, opts.pending_fraction)
     loop = asyncio.get_running_loop()
@@ -570,31 +579,31 @@ async def soak(opts: Options, children: scale.Children) -> dict[str, Any]:
     port = int(server.sockets[0].getsockname()[1])
     operator = None
     try:
-        await scale.install(cluster)
-        await scale.ensure_namespace(kube)
-        await scale.empty_namespace(kube)
+        await controlplane.install(cluster)
+        await controlplane.ensure_namespace(kube)
+        await controlplane.empty_namespace(kube)
         fleet = Fleet(kube, ledger, port, opts)
-        scale.log(f"creating {opts.watches} JobWatches")
+        benchenv.log(f"creating {opts.watches} JobWatches")
         await create_initial(fleet, opts.watches)
         with tempfile.TemporaryDirectory(prefix="jobwatch-soak-") as tmp:
             sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
-            await scale.operator_kubeconfig(cluster, sa_kubeconfig)
-            metrics_port = scale.free_port()
+            await controlplane.operator_kubeconfig(cluster, sa_kubeconfig)
+            metrics_port = loopback.free_port()
             env = {
                 **os.environ,
                 "KUBECONFIG": str(sa_kubeconfig),
-                "JOBWATCH_NAMESPACES": scale.NAMESPACE,
-                "JOBWATCH_HEALTH_PORT": str(scale.free_port()),
+                "JOBWATCH_NAMESPACES": benchenv.NAMESPACE,
+                "JOBWATCH_HEALTH_PORT": str(loopback.free_port()),
                 "JOBWATCH_METRICS_PORT": str(metrics_port),
             }
-            log_path = scale.LOGS / "operator-soak.log"
+            log_path = benchenv.LOGS / "operator-soak.log"
             log_path.unlink(missing_ok=True)
-            git = scale.git_state()
-            operator = children.start([scale.PYTHON, "-m", "jobwatch"], log_path, env)
+            git = resultfiles.git_state()
+            operator = children.start([benchenv.PYTHON, "-m", "jobwatch"], log_path, env)
             op_started = time.monotonic()
-            scale.log(f"operator started (pid {operator.pid})")
+            benchenv.log(f"operator started (pid {operator.pid})")
             since = await wait_first_polls(fleet, ledger, operator, 60 + opts.watches / 50)
-            scale.log(
+            benchenv.log(
                 f"all polled {since - op_started:.1f}s after the start; "
                 f"churn for {opts.minutes:g} min"
             )
@@ -616,9 +625,9 @@ async def soak(opts: Options, children: scale.Children) -> dict[str, Any]:
                 while (left := end - time.monotonic()) > 0:
                     if operator.poll() is not None:
                         stop.set()
-                        raise scale.BenchError(
+                        raise benchenv.BenchError(
                             f"the operator exited with {operator.returncode}:\n"
-                            f"{scale.tail(log_path)}"
+                            f"{procs.tail(log_path)}"
                         )
                     await asyncio.sleep(min(1.0, left))
                 until = time.monotonic()
@@ -631,7 +640,7 @@ async def soak(opts: Options, children: scale.Children) -> dict[str, Any]:
         server.close()
         try:
             async with asyncio.timeout(300):  # not waited for: the next run empties it
-                await kube.request("DELETE", scale.JW_PATH, ok=(200, 404))
+                await kube.request("DELETE", benchenv.JW_PATH, ok=(200, 404))
         finally:
             await kube.aclose()
     timing = judge(fleet, ledger, since, until - REACH)
@@ -659,16 +668,16 @@ async def soak(opts: Options, children: scale.Children) -> dict[str, Any]:
         },
         "jobs_completed": ledger.completed,
         "shutdown": {"seconds": round(shutdown_s, 2), "killed": killed},
-        "operator_log": scale.log_summary(log_path),
+        "operator_log": resultfiles.log_summary(log_path),
         **found,
         "failed": failed,
         "series": sampler.points,
     }
 
 
-def _scale_options(opts: Options) -> scale.Options:
+def _scale_options(opts: Options) -> FleetOptions:
     """bench/scale.py's options, for its control-plane helper (it reads the kubeconfig)."""
-    return scale.Options(
+    return FleetOptions(
         mode="soak",
         sizes=(opts.watches,),
         interval=INTERVALS[0],
@@ -746,7 +755,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         smoke=smoke,
         churn=churn,
         kubeconfig=args.kubeconfig,
-        results_dir=args.results_dir or (scale.LOGS if smoke else scale.RESULTS),
+        results_dir=args.results_dir or (benchenv.LOGS if smoke else benchenv.RESULTS),
         seed=args.seed,
         mean_polls=args.mean_polls or (20.0 if smoke else 400.0),
         pending_fraction=args.pending_fraction,
@@ -755,12 +764,12 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 def main(argv: Sequence[str]) -> int:
     opts = parse_args(argv)
-    result = scale.run_harness(
+    result = runner.run_harness(
         "soak", lambda children: soak(opts, children), own_cluster=opts.kubeconfig is None
     )
     if isinstance(result, int):
         return result
-    path = scale.save_results(result, opts.results_dir, "soak")
+    path = resultfiles.save_results(result, opts.results_dir, "soak")
     print(figures(result))
     print(f"\nresults: {path}")
     return 0

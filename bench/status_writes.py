@@ -25,7 +25,7 @@ bucket paces the writes at --rate (the operator's budget is 18/s). No polling ha
    "CPU per write, echo included". The API server's own count of status PATCHes over the
    window (apiserver_request_total) is printed next to ours, and must match.
 
-Results: bench/results/status-writes-<timestamp>.json. Only loopback is used. To
+Results: _out/bench/results/status-writes-<timestamp>.json. Only loopback is used. To
 measure another version of the operator's code, put its package first on PYTHONPATH
 (the harness uses only interfaces that version has too).
 """
@@ -66,7 +66,7 @@ from kubeclient import Kube, KubeError, load_kubeconfig
 from sampling_profiler import Sampler
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+RESULTS = REPO / "_out" / "bench" / "results"  # git-ignored; see docs/benchmarks.md
 CLUSTER = REPO / ".cache" / "status-writes-cluster"
 NAMESPACE = "jobwatch-status-writes"
 GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
