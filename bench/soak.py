@@ -57,6 +57,7 @@ import benchenv
 import benchstats as st
 import controlplane
 import jobapi
+import jobhttp
 import loopback
 import procs
 import resultfiles
@@ -115,7 +116,7 @@ class Ledger(jobapi.Jobs):
         self.faults: dict[str, tuple[int, float]] = {}  # job -> (outcome, until)
         self.requests = 0
 
-    def answer(self, job_id: str) -> tuple[int, bytes] | None:
+    def poll_answer(self, job_id: str) -> tuple[int, bytes] | None:
         now = time.monotonic()
         fault = self.faults.get(job_id)
         if fault is not None and now < fault[1]:
@@ -131,21 +132,9 @@ class Ledger(jobapi.Jobs):
             return None
         return (503, body) if outcome == UNAVAILABLE else (200, body)
 
-    def ended(self, job_id: str) -> bool:
+    def job_ended(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)
         return job is not None and job.completed_at is not None
-
-
-class LedgerProtocol(jobapi.HttpProtocol):
-    def __init__(self, ledger: Ledger) -> None:
-        super().__init__(ledger)
-        self._ledger = ledger
-
-    def _route(self, method: bytes, target: str) -> tuple[int, bytes] | None:
-        path = target.partition("?")[0]
-        if method == b"GET" and path.startswith(jobapi.PREFIX) and path.endswith(jobapi.SUFFIX):
-            return self._ledger.answer(path[len(jobapi.PREFIX) : -len(jobapi.SUFFIX)])
-        return super()._route(method, target)
 
 
 # --- the fleet ----------------------------------------------------------------------
@@ -282,7 +271,7 @@ class Fleet:
                         for w in self.live()
                         if w.name not in chosen
                         and not w.suspended
-                        and (kind == "delete" or not self._ledger.ended(w.job))
+                        and (kind == "delete" or not self._ledger.job_ended(w.job))
                     ]
                     if not candidates:
                         break
@@ -575,7 +564,7 @@ async def soak(opts: Options, children: procs.Children) -> dict[str, Any]:
     kube = Kube(load_kubeconfig(cluster.kubeconfig))
     ledger = Ledger(opts.seed, opts.mean_polls, opts.pending_fraction)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: LedgerProtocol(ledger), "127.0.0.1", 0)
+    server = await loop.create_server(lambda: jobhttp.HttpProtocol(ledger), "127.0.0.1", 0)
     port = int(server.sockets[0].getsockname()[1])
     operator = None
     try:

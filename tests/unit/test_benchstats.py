@@ -11,6 +11,7 @@ import pytest
 
 import benchstats as st
 import jobapi
+import jobhttp
 
 
 def test_gaps_belong_to_the_span_of_their_later_request() -> None:
@@ -151,7 +152,7 @@ class ScriptedDelays(jobapi.Jobs):
 
 async def serve(jobs: jobapi.Jobs) -> tuple[asyncio.Server, int]:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: jobapi.HttpProtocol(jobs), "127.0.0.1", 0)
+    server = await loop.create_server(lambda: jobhttp.HttpProtocol(jobs), "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 
 
