@@ -14,11 +14,13 @@ from resultfiles import save_results
 from scale_figures import HTTP_ERROR_REASONS, TARGET_LAG_P99, TARGET_RSS_MIB, fmt, verdicts
 
 
-def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
-    """One run's figures as (label, text) rows, for the table on stdout. Every row that
-    is not a whole-run figure names its span: [start-up], [window] or [whole run]."""
-    startup, window, cpu = r["startup"], r["window"], r["cpu"]
-    spans, writes, http, load = r["spans"], r["status_writes"], r["http_client_cpu"], r["load"]
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _run_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run's settings and its start-up."""
+    startup, window, spans, load = r["startup"], r["window"], r["spans"], r["load"]
     all_polled = (
         fmt(startup["all_polled_s"], 2)
         if startup["all_polled_s"] is not None
@@ -30,13 +32,10 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
         else f"{r['n'] - startup['with_status_at_window_end']} without"
     )
 
-    def share(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2%}"
-
     git = r.get("git") or {}
     commit = git.get("commit", "?")[:7] + ("+changes" if git.get("operator_changes") else "")
     env = load["operator_env"]
-    rows = [
+    return [
         ("operator commit", commit),
         ("watches (N)", str(r["n"])),
         ("interval", f"{r['interval_s']:g}s"),
@@ -77,66 +76,71 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
             + ("" if r["rss"]["complete"] else " (>=)"),
         ),
     ]
-    labels = (("startup", "start-up"), ("window", "window"), ("whole_run", "whole run"))
-    for key, name in labels:
-        sp = spans[key]
-        lag, gaps, det, w = sp["lag"], sp["gaps"], sp["detection"], sp["writes"]
-        from_answer = sp["gaps_from_answer"]
-        rows += [
-            (
-                f"[{name}] CPU ms/poll; cores",
-                f"{fmt(sp['operator_ms_per_poll'], 3)}; {fmt(sp['operator_cores'], 2)}",
-            ),
-            (
-                f"[{name}] lag p50 / p99 / max<=, ms",
-                f"{fmt(lag['p50_ms'])} / {fmt(lag['p99_ms'])} / {fmt(lag['max_le_ms'])}",
-            ),
-            (
-                f"[{name}] lag <= 50 / <= 250 ms",
-                f"{share(lag['within_50ms'])} / {share(lag['within_250ms'])}",
-            ),
-            (
-                f"[{name}] gaps mean / p1 / p50 / p99 / max, s",
-                f"{fmt(gaps['mean_s'], 2)} / {fmt(gaps['p1_s'], 2)} / "
-                f"{fmt(gaps['p50_s'], 2)} / {fmt(gaps['p99_s'], 2)} / {fmt(gaps['max_s'], 2)}",
-            ),
-            (
-                f"[{name}] polls held by host limits; s waited",
-                f"{sp['host_limit_delays']['polls']}; {sp['host_limit_delays']['seconds']:g}",
-            ),
-            (
-                f"[{name}] gaps > {gaps['late_after_s']:g} s",
-                f"{gaps['late']} ({share(gaps['late_share'])})",
-            ),
-            (
-                f"[{name}] from answer p50 / p99 / max, s",
-                " / ".join(fmt(from_answer[k], 2) for k in ("p50_s", "p99_s", "max_s")),
-            ),
-            (f"[{name}] gaps after a hung request", str(from_answer["after_unanswered_request"])),
-            (
-                f"[{name}] detection p50 / p99 / max, s",
-                f"{fmt(det['p50_s'], 2)} / {fmt(det['p99_s'], 2)} / {fmt(det['max_s'], 2)}",
-            ),
-            (f"[{name}] detection seen / ended", f"{det['detected']} / {det['completed']}"),
-            (
-                f"[{name}] status PATCH/s; per poll",
-                f"{fmt(w['status_patches_per_s'], 2)}; {fmt(w['status_patches_per_poll'], 4)}",
-            ),
-            (
-                f"[{name}] Events created / dropped",
-                f"{w['events_created']:g} / {w['events_dropped']:g}",
-            ),
-            (
-                f"[{name}] failed PATCH / Event POST",
-                f"{w['status_patch_failures']:g} / {w['event_failures']:g}",
-            ),
-            (
-                f"[{name}] 429s; HTTP err T/H/I",
-                f"{sp['apiserver_429']:g}; "
-                + "/".join(f"{sp['http_errors'][k]:g}" for k in HTTP_ERROR_REASONS),
-            ),
-        ]
-    rows += [
+
+
+def _span_rows(name: str, sp: dict[str, Any]) -> list[tuple[str, str]]:
+    lag, gaps, det, w = sp["lag"], sp["gaps"], sp["detection"], sp["writes"]
+    from_answer = sp["gaps_from_answer"]
+    return [
+        (
+            f"[{name}] CPU ms/poll; cores",
+            f"{fmt(sp['operator_ms_per_poll'], 3)}; {fmt(sp['operator_cores'], 2)}",
+        ),
+        (
+            f"[{name}] lag p50 / p99 / max<=, ms",
+            f"{fmt(lag['p50_ms'])} / {fmt(lag['p99_ms'])} / {fmt(lag['max_le_ms'])}",
+        ),
+        (
+            f"[{name}] lag <= 50 / <= 250 ms",
+            f"{_share(lag['within_50ms'])} / {_share(lag['within_250ms'])}",
+        ),
+        (
+            f"[{name}] gaps mean / p1 / p50 / p99 / max, s",
+            f"{fmt(gaps['mean_s'], 2)} / {fmt(gaps['p1_s'], 2)} / "
+            f"{fmt(gaps['p50_s'], 2)} / {fmt(gaps['p99_s'], 2)} / {fmt(gaps['max_s'], 2)}",
+        ),
+        (
+            f"[{name}] polls held by host limits; s waited",
+            f"{sp['host_limit_delays']['polls']}; {sp['host_limit_delays']['seconds']:g}",
+        ),
+        (
+            f"[{name}] gaps > {gaps['late_after_s']:g} s",
+            f"{gaps['late']} ({_share(gaps['late_share'])})",
+        ),
+        (
+            f"[{name}] from answer p50 / p99 / max, s",
+            " / ".join(fmt(from_answer[k], 2) for k in ("p50_s", "p99_s", "max_s")),
+        ),
+        (f"[{name}] gaps after a hung request", str(from_answer["after_unanswered_request"])),
+        (
+            f"[{name}] detection p50 / p99 / max, s",
+            f"{fmt(det['p50_s'], 2)} / {fmt(det['p99_s'], 2)} / {fmt(det['max_s'], 2)}",
+        ),
+        (f"[{name}] detection seen / ended", f"{det['detected']} / {det['completed']}"),
+        (
+            f"[{name}] status PATCH/s; per poll",
+            f"{fmt(w['status_patches_per_s'], 2)}; {fmt(w['status_patches_per_poll'], 4)}",
+        ),
+        (
+            f"[{name}] Events created / dropped",
+            f"{w['events_created']:g} / {w['events_dropped']:g}",
+        ),
+        (
+            f"[{name}] failed PATCH / Event POST",
+            f"{w['status_patch_failures']:g} / {w['event_failures']:g}",
+        ),
+        (
+            f"[{name}] 429s; HTTP err T/H/I",
+            f"{sp['apiserver_429']:g}; "
+            + "/".join(f"{sp['http_errors'][k]:g}" for k in HTTP_ERROR_REASONS),
+        ),
+    ]
+
+
+def _whole_run_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    window, cpu = r["window"], r["cpu"]
+    writes, http = r["status_writes"], r["http_client_cpu"]
+    return [
         ("status writes per finished watch", fmt(writes["per_finished_watch_lifetime"], 2)),
         (
             "watches without status, window end",
@@ -176,7 +180,16 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
             f" / {r['operator_log']['by_level'].get('ERROR', 0)}",
         ),
     ]
-    return rows
+
+
+def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """One run's figures as (label, text) rows, for the table on stdout. Every row that
+    is not a whole-run figure names its span: [start-up], [window] or [whole run]."""
+    rows = _run_rows(r)
+    labels = (("startup", "start-up"), ("window", "window"), ("whole_run", "whole run"))
+    for key, name in labels:
+        rows += _span_rows(name, r["spans"][key])
+    return rows + _whole_run_rows(r)
 
 
 def table(result: dict[str, Any]) -> str:

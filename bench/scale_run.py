@@ -273,6 +273,91 @@ class Context:
     sa_kubeconfig: Path
 
 
+def start_jobapi(run: Run) -> subprocess.Popen[bytes]:
+    """The job API for this size, on `run.ports`."""
+    return run.children.start(
+        [
+            PYTHON,
+            str(BENCH / "jobapi.py"),
+            *(f"--port={port}" for port in run.ports),
+            "--seed",
+            str(run.opts.seed),
+            # A job's length in seconds, from the base interval: --overload halves
+            # the interval, not the jobs.
+            "--mean-seconds",
+            f"{run.opts.mean_polls * run.opts.interval:g}",
+            "--pending-fraction",
+            f"{run.opts.pending_fraction:g}",
+            "--latency",
+            run.opts.latency,
+        ],
+        LOGS / f"jobapi-{run.tag}.log",
+    )
+
+
+def start_operator(run: Run) -> tuple[dict[str, str], dict[str, Any]]:
+    """Starts the operator (under the sampling profiler with --profile); its environment
+    and the git state of the code it runs."""
+    metrics_port, health_port = free_port(), free_port()
+    run.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    run.operator_log = LOGS / f"operator-{run.tag}.log"
+    run.operator_log.unlink(missing_ok=True)
+    env = operator_env(run, health_port, metrics_port)
+    # The operator's code is read now: record which (it may change between sizes).
+    operator_git = git_state()
+    run.started_wall = time.time()
+    command = [PYTHON, "-m", "jobwatch"]
+    if run.opts.profile:
+        profile_out = LOGS / f"profile-{run.tag}"
+        command = [PYTHON, str(BENCH / "sampling_profiler.py"), "--out", str(profile_out)]
+        command += ["-m", "jobwatch"]
+    run.operator = run.children.start(command, run.operator_log, env)
+    return env, operator_git
+
+
+async def steady_window(run: Run, fleet: FleetWatch) -> tuple[dict[str, Any], Snapshot, Snapshot]:
+    """Waits for every watch to poll once, then one interval, then samples the steady
+    window: (the start-up's figures, the window's first and last snapshots)."""
+    startup = await wait_all_polled(run, limit=max(60.0, 30 + run.n / 100))
+    log(
+        f"all {run.n} polled {startup['all_polled_s']}s after the operator's start"
+        if startup["all_polled_s"] is not None
+        else f"only {startup['polled']} of {run.n} polled within {startup['limit_s']}s"
+    )
+    # One more interval: the first-poll burst is not the steady state.
+    await run.sleep(run.interval)
+    log(f"steady window: {run.opts.duration:g}s")
+    start = await run.snapshot(fleet)
+    if run.opts.profile:
+        run.operator.send_signal(signal.SIGUSR1)  # profile the window only
+    await run.sleep(run.opts.duration)
+    end = await run.snapshot(fleet)
+    if run.opts.profile:
+        run.operator.send_signal(signal.SIGUSR2)
+    return startup, start, end
+
+
+async def records(
+    jobs: JobApi,
+) -> tuple[dict[str, list[Any]], dict[str, list[float]], dict[str, list[float]]]:
+    """The job API's records: per job, every request's time, every answer's delay."""
+    return await jobs.per_job(), await jobs.request_times(), await jobs.request_delays()
+
+
+async def stop_operator(run: Run, env: dict[str, str]) -> dict[str, Any]:
+    """SIGTERM, SIGKILL after 30 s: how long it took, against the shutdown budget."""
+    assert run.operator is not None
+    shutdown_s, killed = await run.children.stop(run.operator, grace=30)
+    exit_code = run.operator.returncode
+    log(f"operator stopped in {shutdown_s:.1f}s (exit {exit_code}); HTTP client comparison")
+    return {
+        "seconds": round(shutdown_s, 2),
+        "killed": killed,
+        "exit_code": exit_code,
+        "budget_s": parse_seconds(env.get("JOBWATCH_SHUTDOWN_BUDGET", "10s")),
+    }
+
+
 async def measure_size(ctx: Context, n: int, interval: float) -> dict[str, Any]:
     opts, kube, cluster, children = ctx.opts, ctx.kube, ctx.cluster, ctx.children
     sa_kubeconfig = ctx.sa_kubeconfig
@@ -284,24 +369,7 @@ async def measure_size(ctx: Context, n: int, interval: float) -> dict[str, Any]:
         run.plan = load_plan(opts, n, interval)
         while len(set(run.ports)) < opts.hosts:
             run.ports = list({*run.ports, free_port()})
-        run.jobapi = children.start(
-            [
-                PYTHON,
-                str(BENCH / "jobapi.py"),
-                *(f"--port={port}" for port in run.ports),
-                "--seed",
-                str(opts.seed),
-                # A job's length in seconds, from the base interval: --overload halves
-                # the interval, not the jobs.
-                "--mean-seconds",
-                f"{opts.mean_polls * opts.interval:g}",
-                "--pending-fraction",
-                f"{opts.pending_fraction:g}",
-                "--latency",
-                opts.latency,
-            ],
-            LOGS / f"jobapi-{tag}.log",
-        )
+        run.jobapi = start_jobapi(run)
         run.jobs = JobApi(http, run.ports)
         fleet = FleetWatch(kube, n)
         tasks: list[asyncio.Task[None]] = []
@@ -314,48 +382,16 @@ async def measure_size(ctx: Context, n: int, interval: float) -> dict[str, Any]:
                 await fleet.ready.wait()
             before = await run.snapshot(fleet)
 
-            metrics_port, health_port = free_port(), free_port()
-            run.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-            run.operator_log = LOGS / f"operator-{tag}.log"
-            run.operator_log.unlink(missing_ok=True)
-            env = operator_env(run, health_port, metrics_port)
-            # The operator's code is read now: record which (it may change between sizes).
-            operator_git = git_state()
-            run.started_wall = time.time()
-            command = [PYTHON, "-m", "jobwatch"]
-            if opts.profile:
-                profile_out = LOGS / f"profile-{tag}"
-                command = [PYTHON, str(BENCH / "sampling_profiler.py"), "--out", str(profile_out)]
-                command += ["-m", "jobwatch"]
-            run.operator = children.start(command, run.operator_log, env)
+            env, operator_git = start_operator(run)
             tasks.append(asyncio.create_task(run.sample(), name="sampler"))
             log(f"operator started (pid {run.operator.pid}); waiting for every watch to poll")
 
-            startup = await wait_all_polled(run, limit=max(60.0, 30 + n / 100))
-            log(
-                f"all {n} polled {startup['all_polled_s']}s after the operator's start"
-                if startup["all_polled_s"] is not None
-                else f"only {startup['polled']} of {n} polled within {startup['limit_s']}s"
-            )
-            # One more interval: the first-poll burst is not the steady state.
-            await run.sleep(interval)
-            log(f"steady window: {opts.duration:g}s")
-            start = await run.snapshot(fleet)
-            if opts.profile:
-                run.operator.send_signal(signal.SIGUSR1)  # profile the window only
-            await run.sleep(opts.duration)
-            end = await run.snapshot(fleet)
-            if opts.profile:
-                run.operator.send_signal(signal.SIGUSR2)
-            per_job = await run.jobs.per_job()
-            requests = await run.jobs.request_times()
-            delays = await run.jobs.request_delays()
+            startup, start, end = await steady_window(run, fleet)
+            per_job, requests, delays = await records(run.jobs)
             for task in tasks[1:]:
                 task.cancel()
             await asyncio.gather(*tasks[1:], return_exceptions=True)
-            shutdown_s, killed = await children.stop(run.operator, grace=30)
-            exit_code = run.operator.returncode
-            log(f"operator stopped in {shutdown_s:.1f}s (exit {exit_code}); HTTP client comparison")
+            shutdown = await stop_operator(run, env)
             http_cpu = await compare_http_clients(run, rate=n / interval)
         finally:
             for task in tasks:
@@ -379,12 +415,7 @@ async def measure_size(ctx: Context, n: int, interval: float) -> dict[str, Any]:
         per_job=per_job,
         requests=requests,
         delays=delays,
-        shutdown={
-            "seconds": round(shutdown_s, 2),
-            "killed": killed,
-            "exit_code": exit_code,
-            "budget_s": parse_seconds(env.get("JOBWATCH_SHUTDOWN_BUDGET", "10s")),
-        },
+        shutdown=shutdown,
         http_cpu=http_cpu,
     )
     result["git"] = operator_git
