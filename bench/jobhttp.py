@@ -142,7 +142,6 @@ class HttpProtocol(asyncio.Protocol):
         assert transport is not None
         if self._held:
             return
-        loop = asyncio.get_running_loop()
         buffer = self._buffer + data if self._buffer else data
         replies: list[bytes] = []
         answered: list[Hashable] = []  # tracked requests among `replies`
@@ -181,21 +180,11 @@ class HttpProtocol(asyncio.Protocol):
                 self._held = True
                 break
             reply = _reply(answer.code, answer.body, close, answer.headers, verb == "HEAD")
-            if answer.slots is not None:
-                self._take(answer.slots, answer.delay, reply, close, ticket)
+            if self._later(answer, answer.delay, reply, close):
                 continue
-            now = loop.time()
-            if answer.delay <= 0 and self._due <= now:
-                replies.append(reply)
-                if ticket is not None:
-                    answered.append(ticket)
-                continue
-            # Pipelined answers go out in order: none before the one delayed ahead of it.
-            self._due = max(now + answer.delay, self._due)
+            replies.append(reply)
             if ticket is not None:
-                self._open.add(ticket)
-            self._pending += 1
-            loop.call_at(self._due, self._send, reply, close, ticket)
+                answered.append(ticket)
         self._buffer = buffer
         if replies:
             transport.write(b"".join(replies))
@@ -203,6 +192,24 @@ class HttpProtocol(asyncio.Protocol):
                 self._service.ended(ticket)
         if close and not self._pending:
             transport.close()
+
+    def _later(self, answer: Answer, delay: float, reply: bytes, close: bool) -> bool:
+        """Schedules the reply if it is not to go out now (with the others of this read)."""
+        ticket = answer.ticket
+        if answer.slots is not None:
+            self._take(answer.slots, delay, reply, close, ticket)
+            return True
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if delay <= 0 and self._due <= now:
+            return False
+        # Pipelined answers go out in order: none before the one delayed ahead of it.
+        self._due = max(now + delay, self._due)
+        if ticket is not None:
+            self._open.add(ticket)
+        self._pending += 1
+        loop.call_at(self._due, self._send, reply, close, ticket)
+        return True
 
     def _take(
         self, slots: Slots, delay: float, reply: bytes, close: bool, ticket: Hashable | None

@@ -1305,14 +1305,15 @@ async def baseline(ctx: Context) -> dict[str, Any]:
     }
 
 
-async def bench(opts: Options, children: procs.Children, argv: Sequence[str]) -> dict[str, Any]:
-    started = datetime.datetime.now(datetime.UTC)
-    t0 = time.time()
-    sopts = scale_options(opts)
-    cluster = await controlplane.control_plane(sopts)
-    kube = Kube(load_kubeconfig(cluster.kubeconfig))
-    plan = fleet.load_plan(sopts, opts.watches, opts.interval)
-    result: dict[str, Any] = {
+def header(
+    opts: Options,
+    argv: Sequence[str],
+    started: datetime.datetime,
+    plan: dict[str, Any],
+    cluster: controlplane.Cluster,
+) -> dict[str, Any]:
+    """The result's head: the command, code, host, options and the operator's settings."""
+    return {
         "kind": "replicas",
         "started": started.isoformat(timespec="seconds"),
         "command": [Path(sys.argv[0]).name, *argv],
@@ -1329,6 +1330,16 @@ async def bench(opts: Options, children: procs.Children, argv: Sequence[str]) ->
         "apiserver_visible": "apiserver" in cluster.pids,
         "runs": [],
     }
+
+
+async def bench(opts: Options, children: procs.Children, argv: Sequence[str]) -> dict[str, Any]:
+    started = datetime.datetime.now(datetime.UTC)
+    t0 = time.time()
+    sopts = scale_options(opts)
+    cluster = await controlplane.control_plane(sopts)
+    kube = Kube(load_kubeconfig(cluster.kubeconfig))
+    plan = fleet.load_plan(sopts, opts.watches, opts.interval)
+    result = header(opts, argv, started, plan, cluster)
     if "apiserver" not in cluster.pids:
         log("the API server does not run on this machine: its CPU is not measured")
     monitor = Monitor(opts.min_available_gib, dict(cluster.pids))
@@ -1413,6 +1424,86 @@ def _f(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _run_lines(run: Mapping[str, Any]) -> list[str]:
+    """One run's lines of the table: per replica, then the run's figures."""
+    lines: list[str] = []
+    if "start_up" in run:
+        lines.append(_start_up_line(run))
+    if "window" not in run:
+        lines.append(f"    run of {run['replicas']} replica(s) cut short")
+        return lines
+    w = run["window"]
+    for name, r in w["per_replica"].items():
+        lines.append(
+            f"{run['replicas']:>3} {name:<18} {_f(r['polls_per_s']):>8} "
+            f"{_f(r['planned_polls_per_s']):>7} {_f(r['cpu_ms_per_poll'], 4):>11} "
+            f"{_f(r['cores'], 3):>6} {_f(r['rss_mib']):>8} {r['buckets_held']:>7}"
+        )
+    g = w["gaps"]
+    writes = w["apiserver_writes_per_s"]
+    lines.append(
+        f"    job service {w['job_service_polls_per_s']}/s (plan {w['planned_polls_per_s']}),"
+        f" {g['jobs_polled']} jobs; gaps p50 {g['p50_s']} p99 {g['p99_s']} max {g['max_s']} s,"
+        f" duplicates (< {g['duplicate_below_s']}s) {g['duplicates']}"
+    )
+    lines.append(
+        f"    control plane (window): apiserver {_f(w['apiserver_cores'], 3)} cores RSS "
+        f"{_f(w['rss_mib']['apiserver'])} MiB; etcd {_f(w['etcd_cores'], 3)} cores RSS "
+        f"{_f(w['rss_mib']['etcd'])} MiB; read bytes/s {w['read_bytes_per_s']}"
+    )
+    if "staleness" in run:
+        lines.append("    after the window:" + _staleness_line(run["staleness"]["all"]))
+    if "rollout" in run:
+        lines.append("  " + _rollout_line(run["rollout"]))
+    lines.append(
+        f"    apiserver {_f(w['apiserver_cores'], 3)} cores; writes/s: leases PUT "
+        f"{_sum(writes, 'PUT leases')}, POST {_sum(writes, 'POST leases')}; "
+        f"jobwatches/status PATCH {_sum(writes, 'PATCH jobwatches/status')}; events POST "
+        f"{_sum(writes, 'POST events')}; reads/s {w['apiserver_reads_per_s']}"
+    )
+    lines.append(
+        f"    two requests of one job in flight at once: while settling "
+        f"{_twice(run['settle']['in_flight_twice'])}; steady {_twice(w['in_flight_twice'])}"
+    )
+    top = list(w.get("events_by_reason", {}).items())[:4]
+    lines.append(f"    Events in the window by reason: {dict(top) or 'none'}")
+    lines.append(
+        f"    settled {run['settle']['settled']} after {run['settle']['after_s']}s "
+        f"(lease mode {run['settle']['lease_mode']}); queues empty after "
+        f"{run['queues_empty_after_s']}s; window from "
+        f"{run['window_start_after_start_s']}s after the start; operator code "
+        f"{run['operator_code']['operator_sha256']}"
+    )
+    lines += _failover_lines(run.get("failover"))
+    return lines
+
+
+def _failover_lines(fo: Any) -> list[str]:
+    lines: list[str] = []
+    if isinstance(fo, dict):
+        if "join" in fo:
+            j = fo["join"]
+            lines.append(
+                f"    join     {j['replica']}: settled {j['settled']} after "
+                f"{j['settled_after_s']}s, in flight twice {_twice(j['in_flight_twice'])}"
+            )
+        for key in ("kill", "sigterm"):
+            f = fo[key]
+            if isinstance(f, dict):
+                lines.append(
+                    f"    {f['how']:<8} {f['replica']}: {f['jobs']} jobs, all repolled after"
+                    f" {f['all_repolled_s']}s (exit {f['exited_after_s']}s), longest gap "
+                    f"{f['longest_gap_s']}s, duplicates {f['duplicates']} "
+                    f"(whole fleet {f['duplicates_whole_fleet']}), not repolled "
+                    f"{f['not_repolled']}, in flight twice {_twice(f['in_flight_twice'])}"
+                )
+            else:
+                lines.append(f"    {key}: {f}")
+    elif fo:
+        lines.append(f"    failover: {fo}")
+    return lines
+
+
 def table(result: dict[str, Any]) -> str:
     opts = result["options"]
     base = result.get("baseline", {})
@@ -1430,75 +1521,7 @@ def table(result: dict[str, Any]) -> str:
         f"{'cores':>6} {'RSS MiB':>8} {'buckets':>7}",
     ]
     for run in result["runs"]:
-        if "start_up" in run:
-            lines.append(_start_up_line(run))
-        if "window" not in run:
-            lines.append(f"    run of {run['replicas']} replica(s) cut short")
-            continue
-        w = run["window"]
-        for name, r in w["per_replica"].items():
-            lines.append(
-                f"{run['replicas']:>3} {name:<18} {_f(r['polls_per_s']):>8} "
-                f"{_f(r['planned_polls_per_s']):>7} {_f(r['cpu_ms_per_poll'], 4):>11} "
-                f"{_f(r['cores'], 3):>6} {_f(r['rss_mib']):>8} {r['buckets_held']:>7}"
-            )
-        g = w["gaps"]
-        writes = w["apiserver_writes_per_s"]
-        lines.append(
-            f"    job service {w['job_service_polls_per_s']}/s (plan {w['planned_polls_per_s']}),"
-            f" {g['jobs_polled']} jobs; gaps p50 {g['p50_s']} p99 {g['p99_s']} max {g['max_s']} s,"
-            f" duplicates (< {g['duplicate_below_s']}s) {g['duplicates']}"
-        )
-        lines.append(
-            f"    control plane (window): apiserver {_f(w['apiserver_cores'], 3)} cores RSS "
-            f"{_f(w['rss_mib']['apiserver'])} MiB; etcd {_f(w['etcd_cores'], 3)} cores RSS "
-            f"{_f(w['rss_mib']['etcd'])} MiB; read bytes/s {w['read_bytes_per_s']}"
-        )
-        if "staleness" in run:
-            lines.append("    after the window:" + _staleness_line(run["staleness"]["all"]))
-        if "rollout" in run:
-            lines.append("  " + _rollout_line(run["rollout"]))
-        lines.append(
-            f"    apiserver {_f(w['apiserver_cores'], 3)} cores; writes/s: leases PUT "
-            f"{_sum(writes, 'PUT leases')}, POST {_sum(writes, 'POST leases')}; "
-            f"jobwatches/status PATCH {_sum(writes, 'PATCH jobwatches/status')}; events POST "
-            f"{_sum(writes, 'POST events')}; reads/s {w['apiserver_reads_per_s']}"
-        )
-        lines.append(
-            f"    two requests of one job in flight at once: while settling "
-            f"{_twice(run['settle']['in_flight_twice'])}; steady {_twice(w['in_flight_twice'])}"
-        )
-        top = list(w.get("events_by_reason", {}).items())[:4]
-        lines.append(f"    Events in the window by reason: {dict(top) or 'none'}")
-        lines.append(
-            f"    settled {run['settle']['settled']} after {run['settle']['after_s']}s "
-            f"(lease mode {run['settle']['lease_mode']}); queues empty after "
-            f"{run['queues_empty_after_s']}s; window from "
-            f"{run['window_start_after_start_s']}s after the start; operator code "
-            f"{run['operator_code']['operator_sha256']}"
-        )
-        fo = run.get("failover")
-        if isinstance(fo, dict):
-            if "join" in fo:
-                j = fo["join"]
-                lines.append(
-                    f"    join     {j['replica']}: settled {j['settled']} after "
-                    f"{j['settled_after_s']}s, in flight twice {_twice(j['in_flight_twice'])}"
-                )
-            for key in ("kill", "sigterm"):
-                f = fo[key]
-                if isinstance(f, dict):
-                    lines.append(
-                        f"    {f['how']:<8} {f['replica']}: {f['jobs']} jobs, all repolled after"
-                        f" {f['all_repolled_s']}s (exit {f['exited_after_s']}s), longest gap "
-                        f"{f['longest_gap_s']}s, duplicates {f['duplicates']} "
-                        f"(whole fleet {f['duplicates_whole_fleet']}), not repolled "
-                        f"{f['not_repolled']}, in flight twice {_twice(f['in_flight_twice'])}"
-                    )
-                else:
-                    lines.append(f"    {key}: {f}")
-        elif fo:
-            lines.append(f"    failover: {fo}")
+        lines += _run_lines(run)
     limits = result.get("limits", {})
     lines.append(
         f"machine: ran short first: {limits.get('first') or 'nothing'} (memory after "
@@ -1526,7 +1549,7 @@ def _sum(writes: Mapping[str, float], prefix: str) -> str:
     return f"{total:.2f}"
 
 
-def parse_args(argv: Sequence[str]) -> Options:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -1577,6 +1600,11 @@ def parse_args(argv: Sequence[str]) -> Options:
         metavar="NAME=VALUE",
         help="extra environment for every replica (repeatable)",
     )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    parser = build_parser()
     args = parser.parse_args(argv)
     extra = benchenv.parse_operator_env(parser, args.operator_env)
     try:

@@ -133,7 +133,7 @@ async def bench(opts: Options, children: Children) -> dict[str, Any]:
     return result
 
 
-def parse_args(argv: Sequence[str]) -> Options:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -188,6 +188,11 @@ def parse_args(argv: Sequence[str]) -> Options:
         metavar="NAME=VALUE",
         help="extra environment for the operator (repeatable)",
     )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    parser = build_parser()
     args = parser.parse_args(argv)
     extra = parse_operator_env(parser, args.operator_env)
     try:
@@ -204,7 +209,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         interval=args.interval,
         duration=args.duration if args.duration is not None else 30.0 if smoke else 120.0,
         kubeconfig=args.kubeconfig,
-        # A smoke run must not replace the committed results.
+        # A smoke run is a harness check: its results stay apart, with the logs.
         results_dir=args.results_dir or (LOGS if smoke else RESULTS),
         seed=args.seed,
         # A smoke run is short: its jobs must end within it, for detection to be measured.

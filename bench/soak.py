@@ -41,6 +41,7 @@ import datetime
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -338,6 +339,81 @@ def backoff_bound(interval: float, errors: int) -> float:
     return min(MAX_BACKOFF, interval * 2.0**errors) * (1 + SPREAD) + SLACK
 
 
+def _events(watch: Tracked, ledger: Ledger) -> list[tuple[float, int, str, float]]:
+    """The watch's changes and its job's requests, in time order: (time, 1 for a change
+    and 0 for a request, the change or the request's outcome, the change's interval)."""
+    times = ledger.times.get(watch.job, array("d"))
+    outcomes = ledger.outcomes.get(watch.job, bytearray())
+    events: list[tuple[float, int, str, float]] = [
+        (t, 1, change, interval) for t, change, interval in watch.changes
+    ]
+    events += [(t, 0, OUTCOMES[o], 0.0) for t, o in zip(times, outcomes, strict=True)]
+    events.sort()
+    return events
+
+
+def _judge_watch(
+    timing: Timing,
+    watch: Tracked,
+    events: list[tuple[float, int, str, float]],
+    since: float,
+    until: float,
+) -> None:
+    """`judge` for one watch."""
+    timing.checked += 1
+    interval = next((i for _, c, i in watch.changes if c == "create"), watch.interval)
+    deadline: float | None = None
+    stopped_at: float | None = None  # deleted, suspended or ended
+    last: float | None = None
+    previous = ""  # what the last request got
+    errors = 0
+    gap_interval = interval
+    for at, is_change, what, value in events:
+        if at > until:
+            break
+        if is_change:
+            if what in ("create", "edit", "resume"):
+                gap_interval = min(interval, value)
+                interval = value
+                deadline = at + REACH + interval * (1 + SPREAD) + SLACK
+                stopped_at = None
+                if what != "resume":
+                    errors = 0
+            else:  # delete, suspend
+                deadline, stopped_at = None, at
+            continue
+        timing.requests += 1
+        if at < since:
+            last, previous = at, what
+            deadline = at + interval * (1 + SPREAD) + SLACK
+            if what == "done":  # ended during the warm-up: nothing more is due
+                deadline, stopped_at = None, at
+            continue
+        if stopped_at is not None and at > stopped_at + REACH:
+            timing.flag("polled_after_stop", watch, at, at - stopped_at, since)
+        if deadline is not None and at > deadline:
+            timing.flag("late", watch, at, at - deadline, since)
+        if last is not None and at - last < gap_interval * (1 - SPREAD) - 0.02:
+            shortest = gap_interval * (1 - SPREAD)
+            timing.flag(
+                "early", watch, at, shortest - (at - last), since, gap=at - last, after=previous
+            )
+        last, gap_interval, previous = at, interval, what
+        if stopped_at is not None:
+            continue  # one too many, flagged above: it plans nothing
+        if what == "done":
+            deadline, stopped_at = None, at
+        elif what == "ok":
+            errors = 0
+            deadline = at + interval * (1 + SPREAD) + SLACK
+        else:
+            errors += 1
+            held = REQUEST_TIMEOUT if what == "held" else 0.0
+            deadline = at + held + backoff_bound(interval, errors)
+    if deadline is not None and deadline < until:
+        timing.flag("overdue_at_end", watch, until, until - deadline, since)
+
+
 def judge(fleet: Fleet, ledger: Ledger, since: float, until: float) -> Timing:
     """Walks each watch's requests and changes in time order, from `since` (every watch of
     the initial fleet had been polled once) to `until` (the end of the churn).
@@ -350,65 +426,7 @@ def judge(fleet: Fleet, ledger: Ledger, since: float, until: float) -> Timing:
     """
     timing = Timing()
     for watch in fleet.watches.values():
-        times = ledger.times.get(watch.job, array("d"))
-        outcomes = ledger.outcomes.get(watch.job, bytearray())
-        events: list[tuple[float, int, str, float]] = [
-            (t, 1, change, interval) for t, change, interval in watch.changes
-        ]
-        events += [(t, 0, OUTCOMES[o], 0.0) for t, o in zip(times, outcomes, strict=True)]
-        events.sort()
-        timing.checked += 1
-        interval = next((i for _, c, i in watch.changes if c == "create"), watch.interval)
-        deadline: float | None = None
-        stopped_at: float | None = None  # deleted, suspended or ended
-        last: float | None = None
-        previous = ""  # what the last request got
-        errors = 0
-        gap_interval = interval
-        for at, is_change, what, value in events:
-            if at > until:
-                break
-            if is_change:
-                if what in ("create", "edit", "resume"):
-                    gap_interval = min(interval, value)
-                    interval = value
-                    deadline = at + REACH + interval * (1 + SPREAD) + SLACK
-                    stopped_at = None
-                    if what != "resume":
-                        errors = 0
-                else:  # delete, suspend
-                    deadline, stopped_at = None, at
-                continue
-            timing.requests += 1
-            if at < since:
-                last, previous = at, what
-                deadline = at + interval * (1 + SPREAD) + SLACK
-                if what == "done":  # ended during the warm-up: nothing more is due
-                    deadline, stopped_at = None, at
-                continue
-            if stopped_at is not None and at > stopped_at + REACH:
-                timing.flag("polled_after_stop", watch, at, at - stopped_at, since)
-            if deadline is not None and at > deadline:
-                timing.flag("late", watch, at, at - deadline, since)
-            if last is not None and at - last < gap_interval * (1 - SPREAD) - 0.02:
-                shortest = gap_interval * (1 - SPREAD)
-                timing.flag(
-                    "early", watch, at, shortest - (at - last), since, gap=at - last, after=previous
-                )
-            last, gap_interval, previous = at, interval, what
-            if stopped_at is not None:
-                continue  # one too many, flagged above: it plans nothing
-            if what == "done":
-                deadline, stopped_at = None, at
-            elif what == "ok":
-                errors = 0
-                deadline = at + interval * (1 + SPREAD) + SLACK
-            else:
-                errors += 1
-                held = REQUEST_TIMEOUT if what == "held" else 0.0
-                deadline = at + held + backoff_bound(interval, errors)
-        if deadline is not None and deadline < until:
-            timing.flag("overdue_at_end", watch, until, until - deadline, since)
+        _judge_watch(timing, watch, _events(watch, ledger), since, until)
     return timing
 
 
@@ -558,83 +576,73 @@ async def wait_first_polls(fleet: Fleet, ledger: Ledger, operator: Any, limit: f
     raise benchenv.BenchError(f"only {polled} of {len(jobs)} watches polled within {limit:.0f}s")
 
 
-async def soak(opts: Options, children: procs.Children) -> dict[str, Any]:
-    started = datetime.datetime.now(datetime.UTC)
-    cluster = await controlplane.control_plane(_scale_options(opts))
-    kube = Kube(load_kubeconfig(cluster.kubeconfig))
-    ledger = Ledger(opts.seed, opts.mean_polls, opts.pending_fraction)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: jobhttp.HttpProtocol(ledger), "127.0.0.1", 0)
-    port = int(server.sockets[0].getsockname()[1])
-    operator = None
-    try:
-        await controlplane.install(cluster)
-        await controlplane.ensure_namespace(kube)
-        await controlplane.empty_namespace(kube)
-        fleet = Fleet(kube, ledger, port, opts)
-        benchenv.log(f"creating {opts.watches} JobWatches")
-        await create_initial(fleet, opts.watches)
-        with tempfile.TemporaryDirectory(prefix="jobwatch-soak-") as tmp:
-            sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
-            await controlplane.operator_kubeconfig(cluster, sa_kubeconfig)
-            metrics_port = loopback.free_port()
-            env = {
-                **os.environ,
-                "KUBECONFIG": str(sa_kubeconfig),
-                "JOBWATCH_NAMESPACES": benchenv.NAMESPACE,
-                "JOBWATCH_HEALTH_PORT": str(loopback.free_port()),
-                "JOBWATCH_METRICS_PORT": str(metrics_port),
-            }
-            log_path = benchenv.LOGS / "operator-soak.log"
-            log_path.unlink(missing_ok=True)
-            git = resultfiles.git_state()
-            operator = children.start([benchenv.PYTHON, "-m", "jobwatch"], log_path, env)
-            op_started = time.monotonic()
-            benchenv.log(f"operator started (pid {operator.pid})")
-            since = await wait_first_polls(fleet, ledger, operator, 60 + opts.watches / 50)
-            benchenv.log(
-                f"all polled {since - op_started:.1f}s after the start; "
-                f"churn for {opts.minutes:g} min"
-            )
-            stop = asyncio.Event()
-            async with aiohttp.ClientSession() as http:
-                sampler = Sampler(
-                    http,
-                    f"http://127.0.0.1:{metrics_port}/metrics",
-                    psutil.Process(operator.pid),
-                    ledger,
-                    fleet,
-                    op_started,
-                )
-                tasks = [
-                    asyncio.create_task(sampler.run(stop)),
-                    asyncio.create_task(fleet.churn(opts.churn * opts.watches, opts.watches, stop)),
-                ]
-                end = since + opts.minutes * 60
-                while (left := end - time.monotonic()) > 0:
-                    if operator.poll() is not None:
-                        stop.set()
-                        raise benchenv.BenchError(
-                            f"the operator exited with {operator.returncode}:\n"
-                            f"{procs.tail(log_path)}"
-                        )
-                    await asyncio.sleep(min(1.0, left))
-                until = time.monotonic()
+async def churn(
+    opts: Options,
+    fleet: Fleet,
+    ledger: Ledger,
+    operator: subprocess.Popen[bytes],
+    *,
+    log_path: Path,
+    metrics_port: int,
+    window: tuple[float, float],
+) -> tuple[Sampler, float]:
+    """The churn, sampled, for --minutes from `window`'s second time (every watch polled
+    once; the first: the operator's start); the sampler, and when the churn stopped."""
+    op_started, since = window
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        sampler = Sampler(
+            http,
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            psutil.Process(operator.pid),
+            ledger,
+            fleet,
+            op_started,
+        )
+        tasks = [
+            asyncio.create_task(sampler.run(stop)),
+            asyncio.create_task(fleet.churn(opts.churn * opts.watches, opts.watches, stop)),
+        ]
+        end = since + opts.minutes * 60
+        while (left := end - time.monotonic()) > 0:
+            if operator.poll() is not None:
                 stop.set()
-                await asyncio.gather(*tasks)
-            shutdown_s, killed = await children.stop(operator, grace=30)
-    finally:
-        if operator is not None:
-            await children.stop(operator, grace=30)
-        server.close()
-        try:
-            async with asyncio.timeout(300):  # not waited for: the next run empties it
-                await kube.request("DELETE", benchenv.JW_PATH, ok=(200, 404))
-        finally:
-            await kube.aclose()
-    timing = judge(fleet, ledger, since, until - REACH)
-    warmup = (since - op_started) + max(60.0, opts.minutes * 60 / 4)
-    found, failed = verdicts(sampler.points, timing, warmup)
+                raise benchenv.BenchError(
+                    f"the operator exited with {operator.returncode}:\n{procs.tail(log_path)}"
+                )
+            await asyncio.sleep(min(1.0, left))
+        until = time.monotonic()
+        stop.set()
+        await asyncio.gather(*tasks)
+    return sampler, until
+
+
+def operator_env(sa_kubeconfig: Path, metrics_port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KUBECONFIG": str(sa_kubeconfig),
+        "JOBWATCH_NAMESPACES": benchenv.NAMESPACE,
+        "JOBWATCH_HEALTH_PORT": str(loopback.free_port()),
+        "JOBWATCH_METRICS_PORT": str(metrics_port),
+    }
+
+
+def report(
+    opts: Options,
+    fleet: Fleet,
+    ledger: Ledger,
+    sampler: Sampler,
+    *,
+    started: datetime.datetime,
+    git: dict[str, Any],
+    env: dict[str, str],
+    log_path: Path,
+    shutdown: dict[str, Any],
+    verdict: tuple[float, dict[str, Any], list[str]],
+) -> dict[str, Any]:
+    """The results file's content; `verdict`: the warm-up left out, the figures and the
+    targets they failed (`verdicts`)."""
+    warmup, found, failed = verdict
     return {
         "kind": "soak",
         "started": started.isoformat(timespec="seconds"),
@@ -656,12 +664,85 @@ async def soak(opts: Options, children: procs.Children) -> dict[str, Any]:
             for code, name in enumerate(OUTCOMES)
         },
         "jobs_completed": ledger.completed,
-        "shutdown": {"seconds": round(shutdown_s, 2), "killed": killed},
+        "shutdown": shutdown,
         "operator_log": resultfiles.log_summary(log_path),
         **found,
         "failed": failed,
         "series": sampler.points,
     }
+
+
+async def prepare(opts: Options, cluster: controlplane.Cluster, kube: Kube, fleet: Fleet) -> Fleet:
+    """The CRD and RBAC installed, the namespace empty, the initial fleet created."""
+    await controlplane.install(cluster)
+    await controlplane.ensure_namespace(kube)
+    await controlplane.empty_namespace(kube)
+    benchenv.log(f"creating {opts.watches} JobWatches")
+    await create_initial(fleet, opts.watches)
+    return fleet
+
+
+async def soak(opts: Options, children: procs.Children) -> dict[str, Any]:
+    started = datetime.datetime.now(datetime.UTC)
+    cluster = await controlplane.control_plane(_scale_options(opts))
+    kube = Kube(load_kubeconfig(cluster.kubeconfig))
+    ledger = Ledger(opts.seed, opts.mean_polls, opts.pending_fraction)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: jobhttp.HttpProtocol(ledger), "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    operator = None
+    try:
+        fleet = await prepare(opts, cluster, kube, Fleet(kube, ledger, port, opts))
+        with tempfile.TemporaryDirectory(prefix="jobwatch-soak-") as tmp:
+            sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
+            await controlplane.operator_kubeconfig(cluster, sa_kubeconfig)
+            metrics_port = loopback.free_port()
+            env = operator_env(sa_kubeconfig, metrics_port)
+            log_path = benchenv.LOGS / "operator-soak.log"
+            log_path.unlink(missing_ok=True)
+            git = resultfiles.git_state()
+            operator = children.start([benchenv.PYTHON, "-m", "jobwatch"], log_path, env)
+            op_started = time.monotonic()
+            benchenv.log(f"operator started (pid {operator.pid})")
+            since = await wait_first_polls(fleet, ledger, operator, 60 + opts.watches / 50)
+            benchenv.log(
+                f"all polled {since - op_started:.1f}s after the start; "
+                f"churn for {opts.minutes:g} min"
+            )
+            sampler, until = await churn(
+                opts,
+                fleet,
+                ledger,
+                operator,
+                log_path=log_path,
+                metrics_port=metrics_port,
+                window=(op_started, since),
+            )
+            shutdown_s, killed = await children.stop(operator, grace=30)
+    finally:
+        if operator is not None:
+            await children.stop(operator, grace=30)
+        server.close()
+        try:
+            async with asyncio.timeout(300):  # not waited for: the next run empties it
+                await kube.request("DELETE", benchenv.JW_PATH, ok=(200, 404))
+        finally:
+            await kube.aclose()
+    timing = judge(fleet, ledger, since, until - REACH)
+    warmup = (since - op_started) + max(60.0, opts.minutes * 60 / 4)
+    found, failed = verdicts(sampler.points, timing, warmup)
+    return report(
+        opts,
+        fleet,
+        ledger,
+        sampler,
+        started=started,
+        git=git,
+        env=env,
+        log_path=log_path,
+        shutdown={"seconds": round(shutdown_s, 2), "killed": killed},
+        verdict=(warmup, found, failed),
+    )
 
 
 def _scale_options(opts: Options) -> FleetOptions:
