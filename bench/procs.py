@@ -9,7 +9,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from benchenv import REPO, BenchError
@@ -99,6 +99,16 @@ async def run_command(
             f"{' '.join(argv)} failed ({proc.returncode}):\n{out.decode()}\n{err.decode()}"
         )
     return out.decode()
+
+
+async def sleep_checking(seconds: float, check: Callable[[], None]) -> None:
+    """Sleeps `seconds`, calling `check` (it raises when a child process died) every second
+    and at the end: a harness fails early rather than after its whole wait."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        check()
+        await asyncio.sleep(min(1.0, left))
+    check()
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -603,11 +603,7 @@ class Stage:
         )
 
     async def sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.check()
-            await asyncio.sleep(min(1.0, left))
-        self.check()
+        await procs.sleep_checking(seconds, self.check)
 
 
 @dataclass

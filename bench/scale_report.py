@@ -239,6 +239,15 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig: Any, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_scale(result: dict[str, Any], path: Path) -> None:
     import matplotlib  # noqa: PLC0415 - a second of import time, only when plotting
 
@@ -288,12 +297,11 @@ def plot_scale(result: dict[str, Any], path: Path) -> None:
     commit = ", ".join(commits)
     if any((r.get("git") or {}).get("operator_changes") for r in runs):
         commit += " + uncommitted operator changes"
-    fig.suptitle(
-        f"jobwatch scale benchmark, interval {interval:g}s, {result['started'][:16]}, {commit}"
+    _save(
+        fig,
+        f"jobwatch scale benchmark, interval {interval:g}s, {result['started'][:16]}, {commit}",
+        path,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_overload(result: dict[str, Any], path: Path) -> None:
@@ -324,12 +332,11 @@ def plot_overload(result: dict[str, Any], path: Path) -> None:
     queue.axhline(r["n"], color="red", linestyle="--", label="N")
     queue.set(xlabel="s since operator start", ylabel="polls", title="jobwatch_polls_queued (max)")
     queue.legend()
-    fig.suptitle(
-        f"jobwatch overload: N={r['n']}, interval {r['interval_s']:g}s, {result['started'][:16]}"
+    _save(
+        fig,
+        f"jobwatch overload: N={r['n']}, interval {r['interval_s']:g}s, {result['started'][:16]}",
+        path,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_results(result: dict[str, Any], opts: Options) -> Path:

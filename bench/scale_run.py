@@ -36,7 +36,7 @@ from controlplane import Cluster, empty_namespace
 from fleet import FleetWatch, JobApi, Options, create_watches, load_plan
 from kubeclient import Kube
 from loopback import free_port
-from procs import Children, run_command, tail
+from procs import Children, run_command, sleep_checking, tail
 from resultfiles import git_state
 from sampling import cpu_seconds, host_cpu, scrape
 from scale_figures import LAG, summarize, to_ms
@@ -97,11 +97,7 @@ class Run:
 
     async def sleep(self, seconds: float) -> None:
         """Sleeps, failing early if the operator dies meanwhile."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.check_operator()
-            await asyncio.sleep(min(1.0, left))
-        self.check_operator()
+        await sleep_checking(seconds, self.check_operator)
 
     async def snapshot(self, fleet: FleetWatch) -> Snapshot:
         assert self.jobs is not None

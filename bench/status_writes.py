@@ -16,8 +16,8 @@ bucket paces the writes at --rate (the operator's budget is 18/s). No polling ha
    follows is what a running operator writes: progress of a known status.
 2. Idle: the process's CPU for --idle seconds with the watch open and nothing written;
    then what waking the idle process costs at the write rate (asyncio.sleep(1/rate) in
-   a loop; on a busy shared machine about 0.2 ms a wakeup): a write wakes it at least
-   three times (for its token, the answer, the echo), which at 18/s is most of its cost.
+   a loop), for scale: a write wakes it at least three times (for its token, the
+   answer, the echo); docs/benchmarks.md has what these cost.
 3. Window: --writes progress writes (attempts, lastPollTime, nextPollTime and
    lastResponse change, as after a poll), round-robin over the N watches, until the
    informer has seen the echo of every one. The process's CPU over the window
