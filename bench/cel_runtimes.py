@@ -1,7 +1,7 @@
 """Compare CEL runtimes for jobwatch: time per evaluation, attack cases, corner semantics.
 
 Run: .venv/bin/python bench/cel_runtimes.py
-(prints figures, writes bench/results/cel-runtimes-*.json)
+(prints figures, writes _out/bench/results/cel-runtimes-*.json)
 """
 
 from __future__ import annotations
@@ -145,7 +145,10 @@ def main() -> None:
             figures["corners"][label] = result
             print(f"  {label}: {result}")
         results["runtimes"][runtime.name] = figures
-    out = Path(__file__).parent / "results" / f"cel-runtimes-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    # git-ignored; see docs/benchmarks.md, "Keeping a result"
+    out = Path(__file__).parents[1] / "_out" / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    out /= f"cel-runtimes-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten {out}")
 

@@ -1,4 +1,9 @@
-"""The scale benchmark's job API: a fast, seeded job status endpoint on loopback.
+"""The fake job service: the benchmarks' fast, seeded job API, and the demo's jobs.
+
+Bench kit (no jobwatch layer). One service for every user: the benchmarks run this
+script (or, bench/soak.py, its `Jobs` in-process), `make demo` runs it with --demo
+(through demo/jobservice.py), and the e2e tests script their replies per path on the
+same HTTP server (bench/jobhttp.py) through bench/jobscript.py.
 
     GET /api/jobs/{id}/status -> {"id", "status", "progress", "message"[, "resultLink"]}
     GET /stats                -> totals: polls, distinct jobs, completed, CPU seconds
@@ -12,7 +17,7 @@
                                  clock; end None: still in flight); ?since=T: those in
                                  flight at T or later, and the last one before T
 
-The answers have the seed service's shape (demo/jobservice.py); each job's fate is
+The answers have the seed service's shape (as --demo's); each job's fate is
 drawn once from an RNG seeded with (--seed, id). With probability --pending-fraction
 the job stays PROCESSING forever (the fleet keeps polling at steady state). Otherwise:
 
@@ -47,6 +52,16 @@ in /stats, so the harness can tell whether it keeps up.
 
     .venv/bin/python bench/jobapi.py --port 0 --port 0 --seed 1 --mean-seconds 1000 \
         --latency lognormal:median=50ms,p99=1s,hang=0.5%
+
+--demo serves the demo's jobs instead (`Phased`):
+
+    POST /api/jobs             -> 201 {"id", "statusUrl"}   (starts a new job)
+    GET  /api/jobs/{id}/status -> {"id", "status", "progress", "message", "resultLink"?}
+
+A job is QUEUED for --queued seconds, then PROCESSING for --processing seconds, then
+COMPLETED (with `resultLink`), or FAILED when its id contains "fail". A job asked about
+before it was created starts at that moment, so a JobWatch can name any id. It prints
+"demo job API on http://HOST:PORT" once it accepts connections.
 """
 
 from __future__ import annotations
@@ -54,16 +69,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import itertools
 import json
 import math
 import random
 import re
 import time
 from array import array
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import cast
 
 import uvloop
+
+from jobhttp import Answer, HttpProtocol, Request, Service
 
 PREFIX, SUFFIX = "/api/jobs/", "/status"
 PROBE = "x-"
@@ -225,13 +244,42 @@ class Jobs:
             f'"resultLink": "https://reports.example.com/results/{job_id}.pdf"}}'
         ).encode()
 
+    def respond(self, request: Request) -> Answer:
+        path = request.path
+        if request.method != "GET":
+            return Answer(405, b'{"error": "only GET"}')
+        if path.startswith(PREFIX) and path.endswith(SUFFIX):
+            job_id = path[len(PREFIX) : -len(SUFFIX)]
+            routed = self.poll_answer(job_id)
+            tracked = not job_id.startswith(PROBE) and job_id in self.ends
+            ticket = self.ticket(job_id) if tracked else None
+            if routed is None:  # held: never answered
+                return Answer(0, b"", None, ticket)
+            return Answer(routed[0], routed[1], self.delay(job_id), ticket)
+        if path == "/stats":
+            return Answer(200, json.dumps(self.stats()).encode())
+        if path == "/stats/jobs":
+            return Answer(200, json.dumps(self.per_job()).encode())
+        if path == "/stats/requests":
+            return Answer(200, json.dumps(self.request_times(_since(request.target))).encode())
+        if path == "/stats/delays":
+            return Answer(200, json.dumps(self.request_delays()).encode())
+        if path == "/stats/spans":
+            return Answer(200, json.dumps(self.request_spans(_since(request.target))).encode())
+        return Answer(404, b'{"error": "no such path"}')
+
+    def poll_answer(self, job_id: str) -> tuple[int, bytes] | None:
+        """(code, body) of a job poll; None holds it unanswered (subclasses that simulate
+        a hung job service)."""
+        return 200, self.poll(job_id)
+
     def ticket(self, job_id: str) -> Ticket:
         """The job's latest request, to tell when it leaves flight (`ended`)."""
         return job_id, len(self.ends[job_id]) - 1
 
-    def ended(self, ticket: Ticket) -> None:
+    def ended(self, ticket: Hashable, gone: bool = False) -> None:
         """The request was answered or its client left; only the first end counts."""
-        job_id, index = ticket
+        job_id, index = cast(Ticket, ticket)
         ends = self.ends[job_id]
         if ends[index] == OPEN:
             ends[index] = time.time()
@@ -317,146 +365,6 @@ def _pending(job_id: str, polls: int) -> bytes:
     ).encode()
 
 
-class HttpProtocol(asyncio.Protocol):
-    """Just enough HTTP/1.1 for GET with keep-alive (and pipelining, for free).
-
-    Not aiohttp's server: measured on the 2-core machine, its low-level server and
-    a web.Application both cost about 0.09 ms of CPU per request, this about 0.02 ms;
-    at 2,000 polls/s that is 0.14 of a core handed back to the operator under test.
-    """
-
-    def __init__(self, jobs: Jobs) -> None:
-        self._jobs = jobs
-        self._buffer = b""
-        self._skip = 0  # body bytes of the current request still to discard
-        self._transport: asyncio.Transport | None = None
-        self._held = False  # a request got no answer: neither does anything after it
-        self._due = 0.0  # loop time of the last delayed answer: later ones keep the order
-        self._open: set[Ticket] = set()  # job polls of this connection not answered yet
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # The client closed (or the server): nobody waits for these answers any more.
-        for ticket in self._open:
-            self._jobs.ended(ticket)
-        self._open.clear()
-
-    def data_received(self, data: bytes) -> None:
-        transport = self._transport
-        assert transport is not None
-        if self._held:
-            return
-        loop = asyncio.get_running_loop()
-        buffer = self._buffer + data if self._buffer else data
-        replies: list[bytes] = []
-        answered: list[Ticket] = []  # job polls among `replies`
-        close = False
-        while buffer and not close:
-            if self._skip:
-                taken = min(self._skip, len(buffer))
-                buffer, self._skip = buffer[taken:], self._skip - taken
-                continue
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    replies.append(_reply(431, b'{"error": "request head too large"}', True))
-                    close = True
-                break
-            head, buffer = buffer[:end], buffer[end + 4 :]
-            line, _, headers = head.partition(b"\r\n")
-            parts = line.split(b" ")
-            if len(parts) != 3:
-                replies.append(_reply(400, b'{"error": "bad request line"}', True))
-                close = True
-                break
-            method, target, version = parts
-            lowered = headers.lower()
-            close = version != b"HTTP/1.1" or b"connection: close" in lowered
-            length = _content_length(lowered)
-            if length is None:
-                replies.append(_reply(400, b'{"error": "bad content-length"}', True))
-                close = True
-                break
-            self._skip = length
-            path = target.decode("latin-1")
-            routed = self._route(method, path)
-            delay = self._delay(method, path) if routed is not None else 0.0
-            ticket = self._ticket(method, path)
-            if routed is None or delay is None:  # held: the client's timeout ends this connection
-                if ticket is not None:
-                    self._open.add(ticket)
-                self._held = True
-                break
-            reply = _reply(routed[0], routed[1], close)
-            now = loop.time()
-            if delay <= 0 and self._due <= now:
-                replies.append(reply)
-                if ticket is not None:
-                    answered.append(ticket)
-                continue
-            # Pipelined answers go out in order: none before the one delayed ahead of it.
-            self._due = max(now + delay, self._due)
-            if ticket is not None:
-                self._open.add(ticket)
-            loop.call_at(self._due, self._send, reply, close, ticket)
-        self._buffer = buffer
-        if replies:
-            transport.write(b"".join(replies))
-            for ticket in answered:
-                self._jobs.ended(ticket)
-        if close and self._due <= loop.time():
-            transport.close()
-
-    def _send(self, reply: bytes, close: bool, ticket: Ticket | None) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(reply)
-        if ticket is not None:
-            self._open.discard(ticket)
-            self._jobs.ended(ticket)
-        if close:
-            transport.close()
-
-    def _ticket(self, method: bytes, target: str) -> Ticket | None:
-        """The job poll this request is (see `_route`), None for anything else."""
-        path = target.partition("?")[0]
-        if method == b"GET" and path.startswith(PREFIX) and path.endswith(SUFFIX):
-            job_id = path[len(PREFIX) : -len(SUFFIX)]
-            if not job_id.startswith(PROBE):
-                return self._jobs.ticket(job_id)
-        return None
-
-    def _delay(self, method: bytes, target: str) -> float | None:
-        path = target.partition("?")[0]
-        if method == b"GET" and path.startswith(PREFIX) and path.endswith(SUFFIX):
-            return self._jobs.delay(path[len(PREFIX) : -len(SUFFIX)])
-        return 0.0
-
-    def _route(self, method: bytes, target: str) -> tuple[int, bytes] | None:
-        """(code, body) of the reply; None holds the request unanswered (subclasses
-        that simulate a hung job service)."""
-        path = target.partition("?")[0]
-        if method != b"GET":
-            return 405, b'{"error": "only GET"}'
-        if path.startswith(PREFIX) and path.endswith(SUFFIX):
-            return 200, self._jobs.poll(path[len(PREFIX) : -len(SUFFIX)])
-        if path == "/stats":
-            return 200, json.dumps(self._jobs.stats()).encode()
-        if path == "/stats/jobs":
-            return 200, json.dumps(self._jobs.per_job()).encode()
-        if path == "/stats/requests":
-            return 200, json.dumps(self._jobs.request_times(_since(target))).encode()
-        if path == "/stats/delays":
-            return 200, json.dumps(self._jobs.request_delays()).encode()
-        if path == "/stats/spans":
-            return 200, json.dumps(self._jobs.request_spans(_since(target))).encode()
-        return 404, b'{"error": "no such path"}'
-
-
 def _since(target: str) -> float | None:
     """The `since` query parameter (wall-clock seconds), None if absent or malformed."""
     for pair in target.partition("?")[2].split("&"):
@@ -469,44 +377,78 @@ def _since(target: str) -> float | None:
     return None
 
 
-MAX_HEAD = 65536
-_REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    503: b"Service Unavailable",
-}
+class Phased:
+    """The demo's jobs (`make demo`), in the seed service's shape: QUEUED for `queued`
+    seconds from the first time a job is asked about (or created, POST /api/jobs), then
+    PROCESSING for `processing` seconds, then COMPLETED with a `resultLink`, or FAILED
+    when its id contains "fail"; so a JobWatch can name any id."""
+
+    def __init__(self, queued: float, processing: float) -> None:
+        self.queued, self.processing = queued, processing
+        self.started: dict[str, float] = {}
+        self._ids = itertools.count(1000)
+
+    def status(self, job_id: str) -> dict[str, object]:
+        started = self.started.setdefault(job_id, time.monotonic())
+        elapsed = time.monotonic() - started
+        if elapsed < self.queued:
+            return {
+                "id": job_id,
+                "status": "QUEUED",
+                "progress": 0,
+                "message": "waiting for a worker",
+            }
+        if elapsed < self.queued + self.processing:
+            progress = int(100 * (elapsed - self.queued) / self.processing)
+            return {
+                "id": job_id,
+                "status": "PROCESSING",
+                "progress": progress,
+                "message": f"{progress}% done",
+            }
+        if "fail" in job_id:
+            return {
+                "id": job_id,
+                "status": "FAILED",
+                "progress": 100,
+                "message": "the report generator ran out of memory",
+            }
+        return {
+            "id": job_id,
+            "status": "COMPLETED",
+            "progress": 100,
+            "message": "report ready",
+            "resultLink": f"https://reports.example.com/results/{job_id}.pdf",
+        }
+
+    def respond(self, request: Request) -> Answer:
+        path = request.path
+        if path.startswith(PREFIX) and path.endswith(SUFFIX):
+            if request.method != "GET":
+                return Answer(405, b'{"error": "only GET"}')
+            return Answer(200, json.dumps(self.status(path[len(PREFIX) : -len(SUFFIX)])).encode())
+        if path == "/api/jobs":
+            if request.method != "POST":
+                return Answer(405, b'{"error": "only POST"}')
+            job_id = str(next(self._ids))
+            self.status(job_id)
+            created = {"id": job_id, "statusUrl": f"{PREFIX}{job_id}{SUFFIX}"}
+            return Answer(201, json.dumps(created).encode())
+        return Answer(404, b'{"error": "no such path"}')
+
+    def ended(self, ticket: Hashable, gone: bool = False) -> None:
+        """Nothing is tracked per request."""
 
 
-def _reply(code: int, body: bytes, close: bool) -> bytes:
-    return b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
-        code,
-        _REASONS[code],
-        len(body),
-        b"connection: close\r\n" if close else b"",
-        body,
-    )
-
-
-def _content_length(lowered_headers: bytes) -> int | None:
-    at = lowered_headers.find(b"content-length:")
-    if at < 0:
-        return 0
-    value = lowered_headers[at + 15 :].partition(b"\r\n")[0].strip()
-    return int(value) if value.isdigit() else None
-
-
-async def serve(host: str, ports: list[int], jobs: Jobs) -> None:
+async def serve(
+    host: str, ports: list[int], service: Service, banner: Callable[[list[int]], str]
+) -> None:
     loop = asyncio.get_running_loop()
     servers = [
-        await loop.create_server(lambda: HttpProtocol(jobs), host, port, backlog=4096)
+        await loop.create_server(lambda: HttpProtocol(service), host, port, backlog=4096)
         for port in ports
     ]
-    bound = ",".join(str(server.sockets[0].getsockname()[1]) for server in servers)
-    print(f"listening on {bound}", flush=True)
+    print(banner([int(server.sockets[0].getsockname()[1]) for server in servers]), flush=True)
     await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
@@ -529,7 +471,24 @@ def main() -> None:
     parser.add_argument(
         "--slow-seconds", type=float, default=10.0, help="their answer time, s (10)"
     )
+    demo = parser.add_argument_group("the demo's jobs (--demo): by time, not seeded")
+    demo.add_argument("--demo", action="store_true", help="serve the demo's jobs")
+    demo.add_argument("--queued", type=float, default=3.0, help="seconds a job stays QUEUED")
+    demo.add_argument(
+        "--processing", type=float, default=8.0, help="seconds a job stays PROCESSING"
+    )
     args = parser.parse_args()
+    if args.demo:
+        host = args.host
+        uvloop.run(
+            serve(
+                host,
+                args.port or [0],
+                Phased(args.queued, args.processing),
+                lambda ports: f"demo job API on http://{host}:{ports[0]}",
+            )
+        )
+        return
     try:
         latency = parse_latency(args.latency)
     except ValueError as exc:
@@ -543,7 +502,14 @@ def main() -> None:
         slow=frozenset(f"j{k}" for k in range(args.slow)),
         slow_seconds=args.slow_seconds,
     )
-    uvloop.run(serve(args.host, args.port or [0], jobs))
+    uvloop.run(
+        serve(
+            args.host,
+            args.port or [0],
+            jobs,
+            lambda ports: "listening on " + ",".join(str(port) for port in ports),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ Verdicts (figures on stdout, everything in the results file):
   suspend or the job's end (allowing 1 s for the change to reach the operator), and
   every created, edited or resumed watch polled within 1 s + one interval.
 
-Results: bench/results/soak-<time>.json (a --smoke run: _out/bench/). Exit status 0
+Results: _out/bench/results/soak-<time>.json (a --smoke run: _out/bench/). Exit status 0
 when the harness did its job, whatever the figures; 1 when it broke.
 """
 
@@ -41,6 +41,7 @@ import datetime
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,9 +54,17 @@ from typing import Any
 import aiohttp
 import psutil
 
+import benchenv
 import benchstats as st
+import controlplane
 import jobapi
-import scale
+import jobhttp
+import loopback
+import procs
+import resultfiles
+import runner
+import sampling
+from fleet import Options as FleetOptions
 from kubeclient import Kube, KubeError, load_kubeconfig
 
 INTERVALS = (2.0, 5.0)
@@ -108,7 +117,7 @@ class Ledger(jobapi.Jobs):
         self.faults: dict[str, tuple[int, float]] = {}  # job -> (outcome, until)
         self.requests = 0
 
-    def answer(self, job_id: str) -> tuple[int, bytes] | None:
+    def poll_answer(self, job_id: str) -> tuple[int, bytes] | None:
         now = time.monotonic()
         fault = self.faults.get(job_id)
         if fault is not None and now < fault[1]:
@@ -124,21 +133,9 @@ class Ledger(jobapi.Jobs):
             return None
         return (503, body) if outcome == UNAVAILABLE else (200, body)
 
-    def ended(self, job_id: str) -> bool:
+    def job_ended(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)
         return job is not None and job.completed_at is not None
-
-
-class LedgerProtocol(jobapi.HttpProtocol):
-    def __init__(self, ledger: Ledger) -> None:
-        super().__init__(ledger)
-        self._ledger = ledger
-
-    def _route(self, method: bytes, target: str) -> tuple[int, bytes] | None:
-        path = target.partition("?")[0]
-        if method == b"GET" and path.startswith(jobapi.PREFIX) and path.endswith(jobapi.SUFFIX):
-            return self._ledger.answer(path[len(jobapi.PREFIX) : -len(jobapi.SUFFIX)])
-        return super()._route(method, target)
 
 
 # --- the fleet ----------------------------------------------------------------------
@@ -161,15 +158,15 @@ class Tracked:
 
 def body(name: str, job: str, port: int, interval: float, timeout: str) -> dict[str, Any]:
     return {
-        "apiVersion": f"{scale.GROUP}/{scale.VERSION}",
+        "apiVersion": f"{benchenv.GROUP}/{benchenv.VERSION}",
         "kind": "JobWatch",
         "metadata": {"name": name},
         "spec": {
             "url": f"http://127.0.0.1:{port}{jobapi.PREFIX}{job}{jobapi.SUFFIX}",
-            "interval": scale.go_duration(interval),
+            "interval": benchenv.go_duration(interval),
             "timeout": timeout,
-            "requestTimeout": scale.go_duration(REQUEST_TIMEOUT),
-            "backoff": {"maxInterval": scale.go_duration(MAX_BACKOFF)},
+            "requestTimeout": benchenv.go_duration(REQUEST_TIMEOUT),
+            "backoff": {"maxInterval": benchenv.go_duration(MAX_BACKOFF)},
             "successWhen": 'response.body.status == "COMPLETED"',
         },
     }
@@ -180,7 +177,7 @@ class Fleet:
         self._kube, self._ledger, self._port = kube, ledger, port
         self._rng = random.Random(opts.seed)
         # Long enough that no watch times out during the run.
-        self._timeout = scale.go_duration(max(3600.0, opts.minutes * 120))
+        self._timeout = benchenv.go_duration(max(3600.0, opts.minutes * 120))
         self.watches: dict[str, Tracked] = {}
         self._next = 0
         self.counts = {"create": 0, "delete": 0, "edit": 0, "suspend": 0, "resume": 0}
@@ -214,22 +211,22 @@ class Fleet:
         interval = self._rng.choice(INTERVALS)
         payload = body(name, job, self._port, interval, self._timeout)
         sent = time.monotonic()
-        if await self._call("POST", scale.JW_PATH, payload):
+        if await self._call("POST", benchenv.JW_PATH, payload):
             watch = Tracked(name, job, interval)
             watch.changes.append((sent, "create", interval))
             self.watches[name] = watch
             self.counts["create"] += 1
 
     async def delete(self, watch: Tracked) -> None:
-        if await self._call("DELETE", f"{scale.JW_PATH}/{watch.name}"):
+        if await self._call("DELETE", f"{benchenv.JW_PATH}/{watch.name}"):
             watch.changes.append((time.monotonic(), "delete", watch.interval))
             self.counts["delete"] += 1
 
     async def edit(self, watch: Tracked) -> None:
         interval = next(i for i in INTERVALS if i != watch.interval)
-        patch = {"spec": {"interval": scale.go_duration(interval)}}
+        patch = {"spec": {"interval": benchenv.go_duration(interval)}}
         sent = time.monotonic()
-        if await self._call("PATCH", f"{scale.JW_PATH}/{watch.name}", patch):
+        if await self._call("PATCH", f"{benchenv.JW_PATH}/{watch.name}", patch):
             watch.interval = interval
             watch.changes.append((sent, "edit", interval))
             self.counts["edit"] += 1
@@ -237,7 +234,7 @@ class Fleet:
     async def suspend(self, watch: Tracked, seconds: float) -> None:
         watch.suspended = True
         if not await self._call(
-            "PATCH", f"{scale.JW_PATH}/{watch.name}", {"spec": {"suspend": True}}
+            "PATCH", f"{benchenv.JW_PATH}/{watch.name}", {"spec": {"suspend": True}}
         ):
             watch.suspended = False
             return
@@ -247,7 +244,9 @@ class Fleet:
         if watch.deleted:
             return
         sent = time.monotonic()
-        if await self._call("PATCH", f"{scale.JW_PATH}/{watch.name}", {"spec": {"suspend": False}}):
+        if await self._call(
+            "PATCH", f"{benchenv.JW_PATH}/{watch.name}", {"spec": {"suspend": False}}
+        ):
             watch.changes.append((sent, "resume", watch.interval))
             self.counts["resume"] += 1
         watch.suspended = False
@@ -273,7 +272,7 @@ class Fleet:
                         for w in self.live()
                         if w.name not in chosen
                         and not w.suspended
-                        and (kind == "delete" or not self._ledger.ended(w.job))
+                        and (kind == "delete" or not self._ledger.job_ended(w.job))
                     ]
                     if not candidates:
                         break
@@ -340,6 +339,81 @@ def backoff_bound(interval: float, errors: int) -> float:
     return min(MAX_BACKOFF, interval * 2.0**errors) * (1 + SPREAD) + SLACK
 
 
+def _events(watch: Tracked, ledger: Ledger) -> list[tuple[float, int, str, float]]:
+    """The watch's changes and its job's requests, in time order: (time, 1 for a change
+    and 0 for a request, the change or the request's outcome, the change's interval)."""
+    times = ledger.times.get(watch.job, array("d"))
+    outcomes = ledger.outcomes.get(watch.job, bytearray())
+    events: list[tuple[float, int, str, float]] = [
+        (t, 1, change, interval) for t, change, interval in watch.changes
+    ]
+    events += [(t, 0, OUTCOMES[o], 0.0) for t, o in zip(times, outcomes, strict=True)]
+    events.sort()
+    return events
+
+
+def _judge_watch(
+    timing: Timing,
+    watch: Tracked,
+    events: list[tuple[float, int, str, float]],
+    since: float,
+    until: float,
+) -> None:
+    """`judge` for one watch."""
+    timing.checked += 1
+    interval = next((i for _, c, i in watch.changes if c == "create"), watch.interval)
+    deadline: float | None = None
+    stopped_at: float | None = None  # deleted, suspended or ended
+    last: float | None = None
+    previous = ""  # what the last request got
+    errors = 0
+    gap_interval = interval
+    for at, is_change, what, value in events:
+        if at > until:
+            break
+        if is_change:
+            if what in ("create", "edit", "resume"):
+                gap_interval = min(interval, value)
+                interval = value
+                deadline = at + REACH + interval * (1 + SPREAD) + SLACK
+                stopped_at = None
+                if what != "resume":
+                    errors = 0
+            else:  # delete, suspend
+                deadline, stopped_at = None, at
+            continue
+        timing.requests += 1
+        if at < since:
+            last, previous = at, what
+            deadline = at + interval * (1 + SPREAD) + SLACK
+            if what == "done":  # ended during the warm-up: nothing more is due
+                deadline, stopped_at = None, at
+            continue
+        if stopped_at is not None and at > stopped_at + REACH:
+            timing.flag("polled_after_stop", watch, at, at - stopped_at, since)
+        if deadline is not None and at > deadline:
+            timing.flag("late", watch, at, at - deadline, since)
+        if last is not None and at - last < gap_interval * (1 - SPREAD) - 0.02:
+            shortest = gap_interval * (1 - SPREAD)
+            timing.flag(
+                "early", watch, at, shortest - (at - last), since, gap=at - last, after=previous
+            )
+        last, gap_interval, previous = at, interval, what
+        if stopped_at is not None:
+            continue  # one too many, flagged above: it plans nothing
+        if what == "done":
+            deadline, stopped_at = None, at
+        elif what == "ok":
+            errors = 0
+            deadline = at + interval * (1 + SPREAD) + SLACK
+        else:
+            errors += 1
+            held = REQUEST_TIMEOUT if what == "held" else 0.0
+            deadline = at + held + backoff_bound(interval, errors)
+    if deadline is not None and deadline < until:
+        timing.flag("overdue_at_end", watch, until, until - deadline, since)
+
+
 def judge(fleet: Fleet, ledger: Ledger, since: float, until: float) -> Timing:
     """Walks each watch's requests and changes in time order, from `since` (every watch of
     the initial fleet had been polled once) to `until` (the end of the churn).
@@ -352,65 +426,7 @@ def judge(fleet: Fleet, ledger: Ledger, since: float, until: float) -> Timing:
     """
     timing = Timing()
     for watch in fleet.watches.values():
-        times = ledger.times.get(watch.job, array("d"))
-        outcomes = ledger.outcomes.get(watch.job, bytearray())
-        events: list[tuple[float, int, str, float]] = [
-            (t, 1, change, interval) for t, change, interval in watch.changes
-        ]
-        events += [(t, 0, OUTCOMES[o], 0.0) for t, o in zip(times, outcomes, strict=True)]
-        events.sort()
-        timing.checked += 1
-        interval = next((i for _, c, i in watch.changes if c == "create"), watch.interval)
-        deadline: float | None = None
-        stopped_at: float | None = None  # deleted, suspended or ended
-        last: float | None = None
-        previous = ""  # what the last request got
-        errors = 0
-        gap_interval = interval
-        for at, is_change, what, value in events:
-            if at > until:
-                break
-            if is_change:
-                if what in ("create", "edit", "resume"):
-                    gap_interval = min(interval, value)
-                    interval = value
-                    deadline = at + REACH + interval * (1 + SPREAD) + SLACK
-                    stopped_at = None
-                    if what != "resume":
-                        errors = 0
-                else:  # delete, suspend
-                    deadline, stopped_at = None, at
-                continue
-            timing.requests += 1
-            if at < since:
-                last, previous = at, what
-                deadline = at + interval * (1 + SPREAD) + SLACK
-                if what == "done":  # ended during the warm-up: nothing more is due
-                    deadline, stopped_at = None, at
-                continue
-            if stopped_at is not None and at > stopped_at + REACH:
-                timing.flag("polled_after_stop", watch, at, at - stopped_at, since)
-            if deadline is not None and at > deadline:
-                timing.flag("late", watch, at, at - deadline, since)
-            if last is not None and at - last < gap_interval * (1 - SPREAD) - 0.02:
-                shortest = gap_interval * (1 - SPREAD)
-                timing.flag(
-                    "early", watch, at, shortest - (at - last), since, gap=at - last, after=previous
-                )
-            last, gap_interval, previous = at, interval, what
-            if stopped_at is not None:
-                continue  # one too many, flagged above: it plans nothing
-            if what == "done":
-                deadline, stopped_at = None, at
-            elif what == "ok":
-                errors = 0
-                deadline = at + interval * (1 + SPREAD) + SLACK
-            else:
-                errors += 1
-                held = REQUEST_TIMEOUT if what == "held" else 0.0
-                deadline = at + held + backoff_bound(interval, errors)
-        if deadline is not None and deadline < until:
-            timing.flag("overdue_at_end", watch, until, until - deadline, since)
+        _judge_watch(timing, watch, _events(watch, ledger), since, until)
     return timing
 
 
@@ -440,7 +456,7 @@ class Sampler:
                 rss = self.process.memory_info().rss / MiB
             except psutil.Error:
                 return
-            metrics = await scale.scrape(self.http, self.metrics_url) or {}
+            metrics = await sampling.scrape(self.http, self.metrics_url) or {}
             point: dict[str, Any] = {
                 "t": round(now - self.started, 1),
                 "rss_mib": round(rss, 1),
@@ -456,7 +472,7 @@ class Sampler:
             )
             self.points.append(point)
             last_requests, last_at = self.ledger.requests, now
-            scale.log(
+            benchenv.log(
                 f"  t={point['t']:.0f}s rss {rss:.1f} MiB, {point['polls_per_s']:.0f} polls/s, "
                 f"{point['objects']} objects, watches {point['watches']}, "
                 f"entries {point['scheduler_entries']}, tasks {point['asyncio_tasks']}"
@@ -552,91 +568,81 @@ async def wait_first_polls(fleet: Fleet, ledger: Ledger, operator: Any, limit: f
     jobs = [w.job for w in fleet.watches.values()]
     while time.monotonic() < deadline:
         if operator.poll() is not None:
-            raise scale.BenchError(f"the operator exited with {operator.returncode}")
+            raise benchenv.BenchError(f"the operator exited with {operator.returncode}")
         if all(job in ledger.times for job in jobs):
             return time.monotonic()
         await asyncio.sleep(0.25)
     polled = sum(1 for job in jobs if job in ledger.times)
-    raise scale.BenchError(f"only {polled} of {len(jobs)} watches polled within {limit:.0f}s")
+    raise benchenv.BenchError(f"only {polled} of {len(jobs)} watches polled within {limit:.0f}s")
 
 
-async def soak(opts: Options, children: scale.Children) -> dict[str, Any]:
-    started = datetime.datetime.now(datetime.UTC)
-    cluster = await scale.control_plane(_scale_options(opts))
-    kube = Kube(load_kubeconfig(cluster.kubeconfig))
-    ledger = Ledger(opts.seed, opts.mean_polls, opts.pending_fraction)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: LedgerProtocol(ledger), "127.0.0.1", 0)
-    port = int(server.sockets[0].getsockname()[1])
-    operator = None
-    try:
-        await scale.install(cluster)
-        await scale.ensure_namespace(kube)
-        await scale.empty_namespace(kube)
-        fleet = Fleet(kube, ledger, port, opts)
-        scale.log(f"creating {opts.watches} JobWatches")
-        await create_initial(fleet, opts.watches)
-        with tempfile.TemporaryDirectory(prefix="jobwatch-soak-") as tmp:
-            sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
-            await scale.operator_kubeconfig(cluster, sa_kubeconfig)
-            metrics_port = scale.free_port()
-            env = {
-                **os.environ,
-                "KUBECONFIG": str(sa_kubeconfig),
-                "JOBWATCH_NAMESPACES": scale.NAMESPACE,
-                "JOBWATCH_HEALTH_PORT": str(scale.free_port()),
-                "JOBWATCH_METRICS_PORT": str(metrics_port),
-            }
-            log_path = scale.LOGS / "operator-soak.log"
-            log_path.unlink(missing_ok=True)
-            git = scale.git_state()
-            operator = children.start([scale.PYTHON, "-m", "jobwatch"], log_path, env)
-            op_started = time.monotonic()
-            scale.log(f"operator started (pid {operator.pid})")
-            since = await wait_first_polls(fleet, ledger, operator, 60 + opts.watches / 50)
-            scale.log(
-                f"all polled {since - op_started:.1f}s after the start; "
-                f"churn for {opts.minutes:g} min"
-            )
-            stop = asyncio.Event()
-            async with aiohttp.ClientSession() as http:
-                sampler = Sampler(
-                    http,
-                    f"http://127.0.0.1:{metrics_port}/metrics",
-                    psutil.Process(operator.pid),
-                    ledger,
-                    fleet,
-                    op_started,
-                )
-                tasks = [
-                    asyncio.create_task(sampler.run(stop)),
-                    asyncio.create_task(fleet.churn(opts.churn * opts.watches, opts.watches, stop)),
-                ]
-                end = since + opts.minutes * 60
-                while (left := end - time.monotonic()) > 0:
-                    if operator.poll() is not None:
-                        stop.set()
-                        raise scale.BenchError(
-                            f"the operator exited with {operator.returncode}:\n"
-                            f"{scale.tail(log_path)}"
-                        )
-                    await asyncio.sleep(min(1.0, left))
-                until = time.monotonic()
+async def churn(
+    opts: Options,
+    fleet: Fleet,
+    ledger: Ledger,
+    operator: subprocess.Popen[bytes],
+    *,
+    log_path: Path,
+    metrics_port: int,
+    window: tuple[float, float],
+) -> tuple[Sampler, float]:
+    """The churn, sampled, for --minutes from `window`'s second time (every watch polled
+    once; the first: the operator's start); the sampler, and when the churn stopped."""
+    op_started, since = window
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        sampler = Sampler(
+            http,
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            psutil.Process(operator.pid),
+            ledger,
+            fleet,
+            op_started,
+        )
+        tasks = [
+            asyncio.create_task(sampler.run(stop)),
+            asyncio.create_task(fleet.churn(opts.churn * opts.watches, opts.watches, stop)),
+        ]
+        end = since + opts.minutes * 60
+        while (left := end - time.monotonic()) > 0:
+            if operator.poll() is not None:
                 stop.set()
-                await asyncio.gather(*tasks)
-            shutdown_s, killed = await children.stop(operator, grace=30)
-    finally:
-        if operator is not None:
-            await children.stop(operator, grace=30)
-        server.close()
-        try:
-            async with asyncio.timeout(300):  # not waited for: the next run empties it
-                await kube.request("DELETE", scale.JW_PATH, ok=(200, 404))
-        finally:
-            await kube.aclose()
-    timing = judge(fleet, ledger, since, until - REACH)
-    warmup = (since - op_started) + max(60.0, opts.minutes * 60 / 4)
-    found, failed = verdicts(sampler.points, timing, warmup)
+                raise benchenv.BenchError(
+                    f"the operator exited with {operator.returncode}:\n{procs.tail(log_path)}"
+                )
+            await asyncio.sleep(min(1.0, left))
+        until = time.monotonic()
+        stop.set()
+        await asyncio.gather(*tasks)
+    return sampler, until
+
+
+def operator_env(sa_kubeconfig: Path, metrics_port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KUBECONFIG": str(sa_kubeconfig),
+        "JOBWATCH_NAMESPACES": benchenv.NAMESPACE,
+        "JOBWATCH_HEALTH_PORT": str(loopback.free_port()),
+        "JOBWATCH_METRICS_PORT": str(metrics_port),
+    }
+
+
+def report(
+    opts: Options,
+    fleet: Fleet,
+    ledger: Ledger,
+    sampler: Sampler,
+    *,
+    started: datetime.datetime,
+    git: dict[str, Any],
+    env: dict[str, str],
+    log_path: Path,
+    shutdown: dict[str, Any],
+    verdict: tuple[float, dict[str, Any], list[str]],
+) -> dict[str, Any]:
+    """The results file's content; `verdict`: the warm-up left out, the figures and the
+    targets they failed (`verdicts`)."""
+    warmup, found, failed = verdict
     return {
         "kind": "soak",
         "started": started.isoformat(timespec="seconds"),
@@ -658,17 +664,90 @@ async def soak(opts: Options, children: scale.Children) -> dict[str, Any]:
             for code, name in enumerate(OUTCOMES)
         },
         "jobs_completed": ledger.completed,
-        "shutdown": {"seconds": round(shutdown_s, 2), "killed": killed},
-        "operator_log": scale.log_summary(log_path),
+        "shutdown": shutdown,
+        "operator_log": resultfiles.log_summary(log_path),
         **found,
         "failed": failed,
         "series": sampler.points,
     }
 
 
-def _scale_options(opts: Options) -> scale.Options:
+async def prepare(opts: Options, cluster: controlplane.Cluster, kube: Kube, fleet: Fleet) -> Fleet:
+    """The CRD and RBAC installed, the namespace empty, the initial fleet created."""
+    await controlplane.install(cluster)
+    await controlplane.ensure_namespace(kube)
+    await controlplane.empty_namespace(kube)
+    benchenv.log(f"creating {opts.watches} JobWatches")
+    await create_initial(fleet, opts.watches)
+    return fleet
+
+
+async def soak(opts: Options, children: procs.Children) -> dict[str, Any]:
+    started = datetime.datetime.now(datetime.UTC)
+    cluster = await controlplane.control_plane(_scale_options(opts))
+    kube = Kube(load_kubeconfig(cluster.kubeconfig))
+    ledger = Ledger(opts.seed, opts.mean_polls, opts.pending_fraction)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: jobhttp.HttpProtocol(ledger), "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    operator = None
+    try:
+        fleet = await prepare(opts, cluster, kube, Fleet(kube, ledger, port, opts))
+        with tempfile.TemporaryDirectory(prefix="jobwatch-soak-") as tmp:
+            sa_kubeconfig = Path(tmp) / "operator.kubeconfig"
+            await controlplane.operator_kubeconfig(cluster, sa_kubeconfig)
+            metrics_port = loopback.free_port()
+            env = operator_env(sa_kubeconfig, metrics_port)
+            log_path = benchenv.LOGS / "operator-soak.log"
+            log_path.unlink(missing_ok=True)
+            git = resultfiles.git_state()
+            operator = children.start([benchenv.PYTHON, "-m", "jobwatch"], log_path, env)
+            op_started = time.monotonic()
+            benchenv.log(f"operator started (pid {operator.pid})")
+            since = await wait_first_polls(fleet, ledger, operator, 60 + opts.watches / 50)
+            benchenv.log(
+                f"all polled {since - op_started:.1f}s after the start; "
+                f"churn for {opts.minutes:g} min"
+            )
+            sampler, until = await churn(
+                opts,
+                fleet,
+                ledger,
+                operator,
+                log_path=log_path,
+                metrics_port=metrics_port,
+                window=(op_started, since),
+            )
+            shutdown_s, killed = await children.stop(operator, grace=30)
+    finally:
+        if operator is not None:
+            await children.stop(operator, grace=30)
+        server.close()
+        try:
+            async with asyncio.timeout(300):  # not waited for: the next run empties it
+                await kube.request("DELETE", benchenv.JW_PATH, ok=(200, 404))
+        finally:
+            await kube.aclose()
+    timing = judge(fleet, ledger, since, until - REACH)
+    warmup = (since - op_started) + max(60.0, opts.minutes * 60 / 4)
+    found, failed = verdicts(sampler.points, timing, warmup)
+    return report(
+        opts,
+        fleet,
+        ledger,
+        sampler,
+        started=started,
+        git=git,
+        env=env,
+        log_path=log_path,
+        shutdown={"seconds": round(shutdown_s, 2), "killed": killed},
+        verdict=(warmup, found, failed),
+    )
+
+
+def _scale_options(opts: Options) -> FleetOptions:
     """bench/scale.py's options, for its control-plane helper (it reads the kubeconfig)."""
-    return scale.Options(
+    return FleetOptions(
         mode="soak",
         sizes=(opts.watches,),
         interval=INTERVALS[0],
@@ -746,7 +825,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         smoke=smoke,
         churn=churn,
         kubeconfig=args.kubeconfig,
-        results_dir=args.results_dir or (scale.LOGS if smoke else scale.RESULTS),
+        results_dir=args.results_dir or (benchenv.LOGS if smoke else benchenv.RESULTS),
         seed=args.seed,
         mean_polls=args.mean_polls or (20.0 if smoke else 400.0),
         pending_fraction=args.pending_fraction,
@@ -755,12 +834,12 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 def main(argv: Sequence[str]) -> int:
     opts = parse_args(argv)
-    result = scale.run_harness(
+    result = runner.run_harness(
         "soak", lambda children: soak(opts, children), own_cluster=opts.kubeconfig is None
     )
     if isinstance(result, int):
         return result
-    path = scale.save_results(result, opts.results_dir, "soak")
+    path = resultfiles.save_results(result, opts.results_dir, "soak")
     print(figures(result))
     print(f"\nresults: {path}")
     return 0

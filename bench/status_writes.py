@@ -16,8 +16,8 @@ bucket paces the writes at --rate (the operator's budget is 18/s). No polling ha
    follows is what a running operator writes: progress of a known status.
 2. Idle: the process's CPU for --idle seconds with the watch open and nothing written;
    then what waking the idle process costs at the write rate (asyncio.sleep(1/rate) in
-   a loop; on a busy shared machine about 0.2 ms a wakeup): a write wakes it at least
-   three times (for its token, the answer, the echo), which at 18/s is most of its cost.
+   a loop), for scale: a write wakes it at least three times (for its token, the
+   answer, the echo); docs/benchmarks.md has what these cost.
 3. Window: --writes progress writes (attempts, lastPollTime, nextPollTime and
    lastResponse change, as after a poll), round-robin over the N watches, until the
    informer has seen the echo of every one. The process's CPU over the window
@@ -25,7 +25,7 @@ bucket paces the writes at --rate (the operator's budget is 18/s). No polling ha
    "CPU per write, echo included". The API server's own count of status PATCHes over the
    window (apiserver_request_total) is printed next to ours, and must match.
 
-Results: bench/results/status-writes-<timestamp>.json. Only loopback is used. To
+Results: _out/bench/results/status-writes-<timestamp>.json. Only loopback is used. To
 measure another version of the operator's code, put its package first on PYTHONPATH
 (the harness uses only interfaces that version has too).
 """
@@ -66,7 +66,7 @@ from kubeclient import Kube, KubeError, load_kubeconfig
 from sampling_profiler import Sampler
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+RESULTS = REPO / "_out" / "bench" / "results"  # git-ignored; see docs/benchmarks.md
 CLUSTER = REPO / ".cache" / "status-writes-cluster"
 NAMESPACE = "jobwatch-status-writes"
 GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
@@ -204,6 +204,117 @@ def git_state() -> dict[str, Any]:
     }
 
 
+def make_writer(
+    args: argparse.Namespace, api: KubeApi, loop: asyncio.AbstractEventLoop
+) -> StatusWriter:
+    return StatusWriter(
+        api,
+        Metrics(),
+        qps=args.rate,
+        # Paced: one write per token. Progress: the operator's own budget.
+        burst=50 if args.progress else 1,
+        event_qps=1,  # no Events here
+        event_burst=1,
+        progress_interval=15.0,
+        wall=time.time,
+        clock=loop.time,
+        identity="bench",
+    )
+
+
+async def idle_cost(
+    args: argparse.Namespace, loop: asyncio.AbstractEventLoop
+) -> tuple[float, float]:
+    """(cores this process uses idle, ms of CPU per wakeup at the write rate)."""
+    idle_cpu, idle_start = time.process_time(), loop.time()
+    await asyncio.sleep(args.idle)
+    idle_rate = (time.process_time() - idle_cpu) / (loop.time() - idle_start)
+    # What merely waking this process costs at the write rate, for scale: a write
+    # wakes it at least three times (its token, the answer, the echo).
+    wakeups = int(args.idle * args.rate)
+    wake_cpu = time.process_time()
+    for _ in range(wakeups):
+        await asyncio.sleep(1 / args.rate)
+    return idle_rate, 1000 * (time.process_time() - wake_cpu) / wakeups
+
+
+async def write_once(
+    args: argparse.Namespace, watches: list[Watch], writer: StatusWriter, echoes: Echoes
+) -> None:
+    """Each watch written once, whole: the window then writes progress of a known status."""
+    for watch in watches:
+        progress(watch, time.time())
+        writer.submit(watch, urgent=True)
+    await echoes.until(len(watches), limit=60 + len(watches) / args.rate)
+    await asyncio.sleep(1)
+
+
+async def poll_round(watches: list[Watch], writer: StatusWriter, second: int) -> None:
+    """As the operator writes progress: every watch "polled" every 5 s (a fifth of them
+    each second), a write falling due 15 s after its object's last one."""
+    for watch in watches[second % 5 :: 5]:
+        progress(watch, time.time())
+        writer.submit(watch, urgent=False)
+
+
+async def paced_writes(
+    args: argparse.Namespace,
+    watches: list[Watch],
+    writer: StatusWriter,
+    echoes: Echoes,
+    before: int,
+) -> None:
+    """--writes writes, a round of all watches at a time; `before`: the echoes so far."""
+    for i in range(args.writes):
+        watch = watches[i % len(watches)]
+        progress(watch, time.time())
+        writer.submit(watch, urgent=True)
+        if i % len(watches) == len(watches) - 1:  # one round queued: let it drain
+            await echoes.until(before + i + 1, limit=60 + len(watches) / args.rate)
+    await echoes.until(before + args.writes, limit=60 + args.writes / args.rate)
+
+
+async def window(
+    args: argparse.Namespace,
+    kube: Kube,
+    watches: list[Watch],
+    writer: StatusWriter,
+    echoes: Echoes,
+) -> dict[str, Any]:
+    """The measured writes: their CPU (process, event loop thread, kernel), the window's
+    length, the writes, and the API server's count of them."""
+    loop = asyncio.get_running_loop()
+    sampler = Sampler(0.002, Path(args.profile)) if args.profile else None
+    before = echoes.count
+    patches_before = await apiserver_patches(kube)
+    if sampler is not None:
+        sampler.start()
+    cpu, thread_cpu, start = time.process_time(), time.thread_time(), loop.time()
+    times = os.times()
+    if args.progress:
+        for second in range(args.warmup, args.warmup + args.seconds):
+            await poll_round(watches, writer, second)
+            await asyncio.sleep(1)
+    else:
+        await paced_writes(args, watches, writer, echoes, before)
+    cpu, seconds = time.process_time() - cpu, loop.time() - start
+    thread_cpu = time.thread_time() - thread_cpu
+    ended = os.times()
+    if sampler is not None:
+        sampler.stop()
+        sampler.report()
+    return {
+        "cpu": cpu,
+        "thread_cpu": thread_cpu,
+        "seconds": seconds,
+        "system": ended.system - times.system,
+        "patches": await apiserver_patches(kube) - patches_before,
+        # Progress: the echoes seen in the window (writes on their way at its ends differ).
+        "writes": echoes.count - before if args.progress else args.writes,
+        "echoes_before": before,
+    }
+
+
 async def measure(args: argparse.Namespace, admin: Path, operator: Path) -> dict[str, Any]:
     kube = Kube(load_kubeconfig(admin))
     await fresh_namespace(kube, args.watches)
@@ -222,82 +333,20 @@ async def measure(args: argparse.Namespace, admin: Path, operator: Path) -> dict
     runtime = Runtime(Config.from_env({"JOBWATCH_NAMESPACES": NAMESPACE}), api, http, Metrics())
     echoes = Echoes(runtime)
     informer = Informer(api, (NAMESPACE,), (), observe=echoes.observe, keep_only=runtime.keep_only)
-    writer = StatusWriter(
-        api,
-        Metrics(),
-        qps=args.rate,
-        # Paced: one write per token. Progress: the operator's own budget.
-        burst=50 if args.progress else 1,
-        event_qps=1,  # no Events here
-        event_burst=1,
-        progress_interval=15.0,
-        wall=time.time,
-        clock=loop.time,
-        identity="bench",
-    )
+    writer = make_writer(args, api, loop)
     tasks = [asyncio.create_task(informer.run()), asyncio.create_task(writer.run())]
-    sampler = Sampler(0.002, Path(args.profile)) if args.profile else None
     try:
         async with asyncio.timeout(60):
             await informer.synced.wait()
         watches = [runtime.watches[key] for key in sorted(runtime.watches)]
         assert len(watches) == args.watches, len(watches)
-        # Each written once, whole: the window then writes progress of a known status.
-        for watch in watches:
-            progress(watch, time.time())
-            writer.submit(watch, urgent=True)
-        await echoes.until(len(watches), limit=60 + len(watches) / args.rate)
-        await asyncio.sleep(1)
-
-        idle_cpu, idle_start = time.process_time(), loop.time()
-        await asyncio.sleep(args.idle)
-        idle_rate = (time.process_time() - idle_cpu) / (loop.time() - idle_start)
-        # What merely waking this process costs at the write rate, for scale: a write
-        # wakes it at least three times (its token, the answer, the echo).
-        wakeups = int(args.idle * args.rate)
-        wake_cpu = time.process_time()
-        for _ in range(wakeups):
-            await asyncio.sleep(1 / args.rate)
-        wake_ms = 1000 * (time.process_time() - wake_cpu) / wakeups
-
+        await write_once(args, watches, writer, echoes)
+        idle_rate, wake_ms = await idle_cost(args, loop)
         if args.progress:
-            # As the operator writes progress: every watch "polled" every 5 s (a fifth of
-            # them each second), a write falling due 15 s after its object's last one.
-            async def poll_round(second: int) -> None:
-                for watch in watches[second % 5 :: 5]:
-                    progress(watch, time.time())
-                    writer.submit(watch, urgent=False)
-
             for second in range(args.warmup):  # until the writes run as they will
-                await poll_round(second)
+                await poll_round(watches, writer, second)
                 await asyncio.sleep(1)
-        before = echoes.count
-        patches_before = await apiserver_patches(kube)
-        if sampler is not None:
-            sampler.start()
-        cpu, thread_cpu, start = time.process_time(), time.thread_time(), loop.time()
-        times = os.times()
-        if args.progress:
-            for second in range(args.warmup, args.warmup + args.seconds):
-                await poll_round(second)
-                await asyncio.sleep(1)
-        else:
-            for i in range(args.writes):
-                watch = watches[i % len(watches)]
-                progress(watch, time.time())
-                writer.submit(watch, urgent=True)
-                if i % len(watches) == len(watches) - 1:  # one round queued: let it drain
-                    await echoes.until(before + i + 1, limit=60 + len(watches) / args.rate)
-            await echoes.until(before + args.writes, limit=60 + args.writes / args.rate)
-        cpu, seconds = time.process_time() - cpu, loop.time() - start
-        thread_cpu = time.thread_time() - thread_cpu
-        ended = os.times()
-        if sampler is not None:
-            sampler.stop()
-            sampler.report()
-        patches = await apiserver_patches(kube) - patches_before
-        # Progress: the echoes seen in the window (writes on their way at its ends differ).
-        writes = echoes.count - before if args.progress else args.writes
+        w = await window(args, kube, watches, writer, echoes)
     finally:
         for task in tasks:
             task.cancel()
@@ -306,20 +355,21 @@ async def measure(args: argparse.Namespace, admin: Path, operator: Path) -> dict
         await http.aclose()
         await api.aclose()
         await kube.aclose()
+    cpu, seconds, writes = w["cpu"], w["seconds"], w["writes"]
     net = cpu - idle_rate * seconds
     return {
         "mode": "progress" if args.progress else "paced",
         "watches": args.watches,
         "rate_per_s": args.rate,
         "writes": writes,
-        "echoes": echoes.count - before,
-        "apiserver_status_patches": patches,
+        "echoes": echoes.count - w["echoes_before"],
+        "apiserver_status_patches": w["patches"],
         "window_s": round(seconds, 2),
         "writes_per_s": round(writes / seconds, 1),
         "cpu_s": round(cpu, 4),
-        "event_loop_thread_cpu_s": round(thread_cpu, 4),
+        "event_loop_thread_cpu_s": round(w["thread_cpu"], 4),
         # In the kernel: the syscalls of sockets and of each wakeup.
-        "system_cpu_s": round(ended.system - times.system, 3),
+        "system_cpu_s": round(w["system"], 3),
         "idle_cores": round(idle_rate, 5),
         "cpu_ms_per_write": round(1000 * cpu / writes, 3),
         "cpu_ms_per_write_net_of_idle": round(1000 * net / writes, 3),

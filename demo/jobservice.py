@@ -1,78 +1,19 @@
-"""A demo job API shaped like the seed service's, for `make demo` and the benchmark.
+"""The demo job API for `make demo`: bench/jobapi.py's --demo jobs, with the demo's options.
 
-GET  /api/jobs/{id}/status  -> {"id", "status", "progress", "message", "resultLink"?}
-POST /api/jobs              -> 201 {"id", "statusUrl"}   (starts a new job)
-
-A job is QUEUED, then PROCESSING, then COMPLETED (with `resultLink`), or FAILED
-when its id contains "fail". A job that is asked about before it was created
-starts at that moment, so a JobWatch can name any id.
+QUEUED, then PROCESSING, then COMPLETED (with `resultLink`), or FAILED when the job's id
+contains "fail"; POST /api/jobs starts a new job. The one fake job service is
+bench/jobapi.py: this script hands it its command line (the same process, so a pid file
+still names the server).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import time
+import os
+import sys
+from pathlib import Path
 
-from aiohttp import web
-
-_ids = itertools.count(1000)
-
-
-class Jobs:
-    def __init__(self, queued: float, processing: float) -> None:
-        self.queued, self.processing = queued, processing
-        self.started: dict[str, float] = {}
-
-    def status(self, job_id: str) -> dict[str, object]:
-        started = self.started.setdefault(job_id, time.monotonic())
-        elapsed = time.monotonic() - started
-        if elapsed < self.queued:
-            return {
-                "id": job_id,
-                "status": "QUEUED",
-                "progress": 0,
-                "message": "waiting for a worker",
-            }
-        if elapsed < self.queued + self.processing:
-            progress = int(100 * (elapsed - self.queued) / self.processing)
-            return {
-                "id": job_id,
-                "status": "PROCESSING",
-                "progress": progress,
-                "message": f"{progress}% done",
-            }
-        if "fail" in job_id:
-            return {
-                "id": job_id,
-                "status": "FAILED",
-                "progress": 100,
-                "message": "the report generator ran out of memory",
-            }
-        return {
-            "id": job_id,
-            "status": "COMPLETED",
-            "progress": 100,
-            "message": "report ready",
-            "resultLink": f"https://reports.example.com/results/{job_id}.pdf",
-        }
-
-
-def make_app(jobs: Jobs) -> web.Application:
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response(jobs.status(request.match_info["job_id"]))
-
-    async def create(request: web.Request) -> web.Response:
-        job_id = str(next(_ids))
-        jobs.status(job_id)
-        return web.json_response(
-            {"id": job_id, "statusUrl": f"/api/jobs/{job_id}/status"}, status=201
-        )
-
-    app = web.Application()
-    app.router.add_get("/api/jobs/{job_id}/status", status)
-    app.router.add_post("/api/jobs", create)
-    return app
+JOBAPI = Path(__file__).resolve().parents[1] / "bench" / "jobapi.py"
 
 
 def main() -> None:
@@ -84,13 +25,10 @@ def main() -> None:
         "--processing", type=float, default=8.0, help="seconds a job stays PROCESSING"
     )
     args = parser.parse_args()
-    web.run_app(
-        make_app(Jobs(args.queued, args.processing)),
-        host=args.host,
-        port=args.port,
-        print=lambda *_: print(f"demo job API on http://{args.host}:{args.port}", flush=True),
-        access_log=None,
-    )
+    argv = [sys.executable, str(JOBAPI), "--demo", "--host", args.host, "--port", str(args.port)]
+    argv += ["--queued", str(args.queued), "--processing", str(args.processing)]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
 
 
 if __name__ == "__main__":

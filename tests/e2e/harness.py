@@ -5,13 +5,10 @@ Tests wait on observable state (`wait_for`), never on fixed sleeps.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
-import select
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,22 +18,40 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from kubernetes import client as k8s
 
+from jobscript import JobServer, Reply, Seen
+from loopback import free_port
+
+# What the tests import from here; the job API they script (JobServer, Reply, Seen) and
+# free_port are the ones the benchmarks use too (bench/jobscript.py, bench/loopback.py).
+__all__ = [
+    "GROUP",
+    "PLURAL",
+    "REPO",
+    "VERSION",
+    "Cluster",
+    "ControlPlane",
+    "JobServer",
+    "Namespace",
+    "Operator",
+    "Reply",
+    "Seen",
+    "condition",
+    "free_port",
+    "gaps",
+    "iter_docs",
+    "overlaps",
+    "wait_for",
+]
+
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "jobwatch.dev", "v1alpha1", "jobwatches"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
@@ -339,188 +354,6 @@ class Operator:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-@dataclass
-class Reply:
-    code: int = 200
-    body: Any = None  # dict/list → JSON; str → sent as is
-    headers: Mapping[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-
-
-@dataclass
-class Seen:
-    at: float  # time.monotonic()
-    method: str
-    headers: dict[str, str]
-    body: bytes
-    concurrent: int = 0  # requests to the same path still in flight when it came
-    in_server: int = 0  # requests to any path being answered or queued when it came
-    # When it stopped being in flight: its answer sent, or its client gone before that
-    # (`gone`). None: still in flight.
-    end: float | None = None
-    gone: bool = False
-
-
-class _Server(ThreadingHTTPServer):
-    # The default listen backlog (5) drops the connections of a burst of first polls
-    # (several operators adopting hundreds of watches at once): they would hang in
-    # SYN retries, which no real job service behind a load balancer does.
-    request_queue_size = 1024
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that left before its answer (an operator stopped with requests queued
-        # here) is no fault of the server's: no traceback for it.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class JobServer:
-    """A job API on loopback whose answers each test scripts per path.
-
-    A path answers its replies in order and then repeats the last one. With `capacity`,
-    at most that many requests are answered at once (a reply's `delay` included) and the
-    others queue, as at a service with that many workers.
-
-    A request is in flight from its arrival until its answer is sent or, during a
-    reply's `delay`, its client closes the connection: a client that gives a request up
-    (its timeout, a replica killed) no longer waits for it, so it is not in flight any
-    more even though no answer went out (`Seen.end`, `Seen.gone`).
-    """
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        tls: ssl.SSLContext | None = None,
-        capacity: int | None = None,
-    ) -> None:
-        self._routes: dict[str, list[Reply]] = {}
-        self._seen: dict[str, list[Seen]] = {}
-        self._active: dict[str, int] = {}
-        self._in_server = 0
-        self._lock = threading.Lock()
-        workers = threading.BoundedSemaphore(capacity) if capacity else contextlib.nullcontext()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
-                seen, reply = server._record(self.path, self.command, dict(self.headers), body)
-                try:
-                    with workers:
-                        self._answer(reply, seen)
-                finally:
-                    server._done(self.path, seen)
-
-            def _answer(self, reply: Reply, seen: Seen) -> None:
-                if reply.delay and self._client_left_within(reply.delay):
-                    server._done(self.path, seen, gone=True)
-                    self.close_connection = True
-                    return
-                payload = (
-                    reply.body.encode()
-                    if isinstance(reply.body, str)
-                    else b""
-                    if reply.body is None
-                    else json.dumps(reply.body).encode()
-                )
-                self.send_response(reply.code)
-                headers = {"content-type": "application/json", **reply.headers}
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-                server._done(self.path, seen)
-
-            def _client_left_within(self, seconds: float) -> bool:
-                """Waits `seconds`; True as soon as the client closes the connection.
-
-                The socket turns readable on the client's FIN (or its next request,
-                which keep-alive clients send only after this answer); a peek then
-                tells the two apart without taking bytes from the request stream. On
-                TLS the raw bytes are peeked: a close_notify alert is data, so such a
-                close is seen at the FIN that follows it."""
-                deadline = time.monotonic() + seconds
-                while (left := deadline - time.monotonic()) > 0:
-                    readable, _, _ = select.select([self.connection], [], [], left)
-                    if not readable:
-                        continue
-                    try:
-                        peeked = socket.socket.recv(self.connection, 1, socket.MSG_PEEK)
-                    except OSError:
-                        return True
-                    if not peeked:
-                        return True
-                    time.sleep(min(left, 0.05))  # data waiting: no spin on it
-                return False
-
-            do_GET = do_POST = do_PUT = do_HEAD = _serve
-
-        self._httpd = _Server((host, 0), Handler)
-        self._httpd.daemon_threads = True
-        self.scheme = "http"
-        if tls is not None:
-            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
-            self.scheme = "https"
-        self.port = int(self._httpd.server_address[1])
-        self.host = host
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def url(self, path: str) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}{path}"
-
-    def script(self, path: str, replies: Sequence[Reply]) -> str:
-        with self._lock:
-            self._routes[path] = list(replies)
-        return self.url(path)
-
-    def seen(self, path: str) -> list[Seen]:
-        with self._lock:
-            return list(self._seen.get(path, []))
-
-    def _record(
-        self, path: str, method: str, headers: dict[str, str], body: bytes
-    ) -> tuple[Seen, Reply]:
-        with self._lock:
-            active = self._active.get(path, 0)
-            self._active[path] = active + 1
-            seen = Seen(
-                time.monotonic(),
-                method,
-                {k.lower(): v for k, v in headers.items()},
-                body,
-                active,
-                self._in_server,
-            )
-            self._seen.setdefault(path, []).append(seen)
-            self._in_server += 1
-            replies = self._routes.get(path)
-            if not replies:
-                return seen, Reply(404, {"error": "no such path"})
-            return seen, replies.pop(0) if len(replies) > 1 else replies[0]
-
-    def _done(self, path: str, seen: Seen, gone: bool = False) -> None:
-        """The request is no longer in flight; only its first end counts."""
-        with self._lock:
-            if seen.end is not None:
-                return
-            seen.end, seen.gone = time.monotonic(), gone
-            self._active[path] -= 1
-            self._in_server -= 1
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
 
 def gaps(seen: Sequence[Seen]) -> list[float]:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
 import benchstats as st
 import jobapi
+import jobhttp
 
 
 def test_gaps_belong_to_the_span_of_their_later_request() -> None:
@@ -155,7 +152,7 @@ class ScriptedDelays(jobapi.Jobs):
 
 async def serve(jobs: jobapi.Jobs) -> tuple[asyncio.Server, int]:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: jobapi.HttpProtocol(jobs), "127.0.0.1", 0)
+    server = await loop.create_server(lambda: jobhttp.HttpProtocol(jobs), "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 
 

@@ -13,6 +13,7 @@ import pytest
 from jobwatch import __main__ as main_module
 from jobwatch.config import Config
 from jobwatch.startup import Operator, Running
+from loopback import free_port
 
 
 async def get_healthz(listener: socket.socket) -> tuple[int, str]:
@@ -82,9 +83,3 @@ async def test_healthz_fails_once_a_long_lived_part_has_stopped(
     else:
         await stop(getattr(parts, part))
     assert await get_healthz(listener) == (503, f"{problem}\n")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -31,6 +31,7 @@ from jobwatch import httpclient
 from jobwatch.egress import EgressPolicy, GuardedResolver, parse_networks
 from jobwatch.httpclient import HttpClient, Request, TLSSettings
 from jobwatch.outcome import FailureKind, RequestFailure, Response
+from loopback import free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -128,13 +129,6 @@ def expect_failure(outcome: Response | RequestFailure, kind: FailureKind) -> Req
     assert isinstance(outcome, RequestFailure), outcome
     assert outcome.kind is kind, outcome
     return outcome
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- plain exchanges --------------------------------------------------------------
