@@ -18,9 +18,10 @@ from jobwatch.egress import EgressPolicy
 from jobwatch.httpclient import HttpClient
 from jobwatch.kube import PATCH_NOT_APPLIED, ApiError, Fence, KubeApi, ObjectRef
 from jobwatch.metrics import Metrics
-from jobwatch.runtime import START_UP_POLLS_PER_SECOND, Runtime
+from jobwatch.runtime import Runtime
 from jobwatch.spec import spec_hash
 from jobwatch.watch import format_time
+from jobwatch.watchbook import START_UP_POLLS_PER_SECOND
 
 NOW = 1_800_000_000.0
 SPEC = {"url": "http://127.0.0.1:1/status", "interval": "5s"}
