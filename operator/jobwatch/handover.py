@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 
 from .adoption import Adoption
+from .hostwaits import Key
 from .leases import Handed, Ownership
 from .watch import Watch
-from .watchbook import Key, WatchBook
+from .watchbook import WatchBook
 
 # How long a handover waits for the polls it cut to unwind (a cut is immediate).
 CUT_WAIT = 1.0

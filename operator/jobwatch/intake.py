@@ -13,13 +13,14 @@ from . import policy
 from .adoption import Adoption
 from .expressions import CompiledWatch, ExpressionError
 from .handover import take_over
+from .hostwaits import Key
 from .kube import KubeApi, ObjectRef
 from .leases import Ownership
 from .logs import about
 from .metrics import Metrics
 from .spec import SpecError, WatchSpec, parse_spec, spec_digest
 from .watch import Watch
-from .watchbook import Key, WatchBook, log
+from .watchbook import WatchBook, log
 
 
 class _Parsed(NamedTuple):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from . import policy
 from .hosts import Held, HeldReason, HostKey, Hosts, Ticket, Verdict, host_key, verdict
+from .hostwaits import Key
 from .httpclient import HttpClient, Request
 from .leases import Ownership
 from .metrics import Metrics
@@ -19,7 +20,7 @@ from .policy import ErrorClass, LastError
 from .requestparts import PartsReader, RequestParts, SecretProblem
 from .secrets import SecretUnavailable
 from .watch import Watch
-from .watchbook import Key, WatchBook
+from .watchbook import WatchBook
 
 # A poll released this much before its floor (the scheduler releases up to EARLY early)
 # still goes: re-planning it would only spin.

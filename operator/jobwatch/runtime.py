@@ -3,7 +3,8 @@ scheduler and the status writer around the watches they share, and starts and st
 
 Layer: control. What each part does is in its own module: intake.py (events into
 watches), poller.py (one poll), handover.py (buckets between replicas), watchbook.py
-(the shared watches, planning and recording), requestparts.py (Secrets into requests).
+(the shared watches, planning and recording), hostwaits.py (polls held by their host's
+limits), requestparts.py (Secrets into requests).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from .config import Config
 from .handover import BucketHandover
 from .hosts import Hosts
-from .hostwaits import HostWaits
+from .hostwaits import HostWaits, Key
 from .httpclient import HttpClient
 from .intake import Intake
 from .kube import KubeApi, ObjectRef
@@ -29,10 +30,13 @@ from .requestparts import PartsReader
 from .scheduler import Scheduler
 from .secrets import SecretCache
 from .status import StatusWriter
-from .watchbook import START_UP_POLLS_PER_SECOND, Key, WatchBook
+from .watchbook import START_UP_POLLS_PER_SECOND, WatchBook
 
 
 class Runtime:
+    """The parts of one replica's polling, wired around the watches they share; what
+    `startup`, the handlers and the elector call."""
+
     def __init__(
         self,
         config: Config,

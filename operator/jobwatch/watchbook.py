@@ -12,7 +12,7 @@ from collections.abc import Callable
 from . import policy
 from .expressions import final_result
 from .hosts import HeldReason
-from .hostwaits import HostWaits
+from .hostwaits import HostWaits, Key
 from .logs import about
 from .metrics import Metrics
 from .outcome import Response
@@ -24,8 +24,6 @@ from .watch import Watch
 # The polling side's log lines keep the logger name they have always had, whichever of
 # its modules writes them: users filter on it, and the JSON log test finds the ends there.
 log = logging.getLogger("jobwatch.runtime")
-
-Key = tuple[str, str]
 
 # A timer that fires a hair early must not poll just before the deadline with
 # a request timeout of a few milliseconds: aim just past it instead.

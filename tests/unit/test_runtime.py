@@ -1,7 +1,9 @@
 """When polling starts: the first round after start-up is spread, not one burst; an
 end another replica wrote is taken in, not written over.
 
-Everything else the runtime does is seen by users and tested end to end (tests/e2e).
+Its parts have their own tests: test_intake.py, test_poller.py (and test_isolation.py),
+test_handover.py, test_hostwaits.py, test_requestparts.py; what users see of them is
+tested end to end (tests/e2e).
 """
 
 from __future__ import annotations
