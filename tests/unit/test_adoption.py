@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from test_isolation import FakeApi, FakeHttp, jobwatch  # the runtime's fakes
+from runtime_fakes import FakeApi, FakeHttp, jobwatch  # the runtime's fakes
 
 from jobwatch import adoption as adoption_module
 from jobwatch.adoption import Adoption

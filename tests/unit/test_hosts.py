@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from test_isolation import FakeApi, assert_invariant, jobwatch, until
+from runtime_fakes import FakeApi, assert_invariant, jobwatch, until
 
 from jobwatch import policy
 from jobwatch.config import Config, ConfigError

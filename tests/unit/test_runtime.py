@@ -1,7 +1,9 @@
 """When polling starts: the first round after start-up is spread, not one burst; an
 end another replica wrote is taken in, not written over.
 
-Everything else the runtime does is seen by users and tested end to end (tests/e2e).
+Its parts have their own tests: test_intake.py, test_poller.py (and test_isolation.py),
+test_handover.py, test_hostwaits.py, test_requestparts.py; what users see of them is
+tested end to end (tests/e2e).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from jobwatch.kube import KubeApi
 from jobwatch.kubeerrors import PATCH_NOT_APPLIED, ApiError
 from jobwatch.metrics import Metrics
 from jobwatch.refs import ObjectRef
-from jobwatch.runtime import START_UP_POLLS_PER_SECOND, Runtime
+from jobwatch.runtime import Runtime
 from jobwatch.spec import spec_hash
 from jobwatch.statuspatch import Fence
 from jobwatch.watch import format_time
+from jobwatch.watchbook import START_UP_POLLS_PER_SECOND
 
 NOW = 1_800_000_000.0
 SPEC = {"url": "http://127.0.0.1:1/status", "interval": "5s"}
