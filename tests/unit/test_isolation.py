@@ -20,7 +20,7 @@ import pytest
 
 from jobwatch import policy
 from jobwatch import runtime as runtime_module
-from jobwatch import status as status_module
+from jobwatch import status_render as status_module
 from jobwatch.config import Config
 from jobwatch.expressions import CompiledWatch
 from jobwatch.httpclient import Request
