@@ -18,13 +18,14 @@ from . import policy
 from .adoption import Adoption
 from .config import Config
 from .expressions import CompiledWatch, ExpressionError, final_result
+from .handover import Handed
 from .hosts import Held, HeldReason, HostKey, Hosts, Verdict, host_key, verdict
 from .httpclient import HttpClient, Request, TLSSettings
 from .kube import KubeApi, ObjectRef
-from .leases import Handed, Ownership
 from .logs import about
 from .metrics import FleetFigures, HostFigures, Metrics
 from .outcome import Outcome, Response
+from .ownership import Ownership
 from .policy import Decision, ErrorClass, LastError, Phase
 from .scheduler import Scheduler
 from .secrets import SecretCache, SecretUnavailable

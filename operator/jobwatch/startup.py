@@ -24,11 +24,13 @@ from aiohttp import web
 
 from . import kube
 from .config import Config
+from .elector import Elector
+from .handover import Handed
 from .httpclient import HttpClient
 from .informer import Informer
 from .kube import KubeApi
-from .leases import Elector, Handed, Ownership
 from .metrics import Metrics
+from .ownership import Ownership
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,13 @@ from jobwatch import runtime as runtime_module
 from jobwatch import status_render as status_module
 from jobwatch.config import Config
 from jobwatch.expressions import CompiledWatch
+from jobwatch.handover import Handed
 from jobwatch.httpclient import Request
 from jobwatch.kube import ApiError, Fence, ObjectRef, Secret
-from jobwatch.leases import Handed, LeaseSettings, Ownership
+from jobwatch.leases import LeaseSettings
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import Outcome, Response
+from jobwatch.ownership import Ownership
 from jobwatch.runtime import Runtime
 from jobwatch.spec import spec_hash
 from jobwatch.watch import Watch
