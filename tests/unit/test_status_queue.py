@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from status_fakes import FakeApi, TimedApi, make_watch, make_writer, until
 
 from jobwatch.policy import Phase
+from jobwatch.status_queue import WriteQueue
 
 
 async def test_ends_are_written_before_other_phase_changes() -> None:
@@ -83,3 +85,31 @@ async def test_a_grid_step_takes_no_more_progress_writes_than_its_tokens() -> No
     await until(lambda: len(api.sent) == 12, timeout=3)
     task.cancel()
     assert groups([moment for _, moment in api.sent[6:]]) == [2, 2, 2]
+
+
+def test_the_queue_gives_ends_first_and_never_an_object_already_in_flight() -> None:
+    queue = WriteQueue(qps=10, progress_interval=60.0, clock=lambda: 0.0)
+    queue.put(make_watch("a"), urgent=True, written_at=None)
+    queue.put(make_watch("b", phase=Phase.SUCCEEDED), urgent=True, written_at=None)
+    first, _ = queue.pop(draining=False)
+    assert first is not None and first.ref.name == "b"
+    queue.put(make_watch("b", phase=Phase.SUCCEEDED), urgent=True, written_at=None)
+    second, _ = queue.pop(draining=False)
+    assert second is not None and second.ref.name == "a"  # "b" is being written: it waits
+    assert queue.pop(draining=False) == (None, float("inf"))
+    assert queue.busy(first.ref) and queue.pending == 1
+    queue.inflight.discard(first.ref)
+    again, _ = queue.pop(draining=False)
+    assert again is not None and again.ref.name == "b"
+
+
+def test_progress_falls_due_an_interval_after_the_last_write_rounded_up_to_the_grid() -> None:
+    now = [100.0]
+    queue = WriteQueue(qps=10, progress_interval=15.0, clock=lambda: now[0])  # grid: 1 s
+    assert queue.put(make_watch("w"), urgent=False, written_at=90.3)  # the new earliest
+    assert queue.pop(draining=False) == (None, pytest.approx(6.0))  # 105.3, up to 106
+    assert not queue.put(make_watch("w"), urgent=False, written_at=None)  # queued already
+    assert queue.sizes() == {"final": 0, "urgent": 0, "progress": 1}
+    now[0] = 106.0
+    watch, wait = queue.pop(draining=False)
+    assert watch is not None and wait == 0.0
