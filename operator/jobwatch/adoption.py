@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from .leases import Ownership
+from .ownership import Ownership
 
 log = logging.getLogger(__name__)
 

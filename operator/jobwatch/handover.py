@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 
 from .adoption import Adoption
+from .handed import Handed
 from .hostwaits import Key
-from .leases import Handed, Ownership
+from .ownership import Ownership
 from .watch import Watch
 from .watchbook import WatchBook
 

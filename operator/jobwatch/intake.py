@@ -15,9 +15,9 @@ from .expressions import Cel, CompiledWatch, ExpressionError
 from .handover import take_over
 from .hostwaits import Key
 from .kube import KubeApi
-from .leases import Ownership
 from .logs import about
 from .metrics import Metrics
+from .ownership import Ownership
 from .refs import ObjectRef
 from .spec import SpecError, WatchSpec, parse_spec, spec_digest
 from .watch import Watch

@@ -13,9 +13,9 @@ from . import policy
 from .hosts import Held, HeldReason, HostKey, Hosts, Ticket, Verdict, verdict
 from .hostwaits import Key
 from .httpclient import HttpClient, Request
-from .leases import Ownership
 from .metrics import Metrics
 from .outcome import Outcome, Response
+from .ownership import Ownership
 from .policy import ErrorClass, LastError
 from .requestparts import PartsReader, RequestParts, SecretProblem
 from .secrets import SecretUnavailable

@@ -17,14 +17,15 @@ from typing import Any
 
 from .config import Config
 from .expressions import Cel
+from .handed import Handed
 from .handover import BucketHandover
 from .hosts import Hosts
 from .hostwaits import HostWaits, Key
 from .httpclient import HttpClient
 from .intake import Intake
 from .kube import KubeApi
-from .leases import Handed, Ownership
 from .metrics import FleetFigures, HostFigures, Metrics
+from .ownership import Ownership
 from .policy import Phase
 from .poller import Poller
 from .refs import ObjectRef

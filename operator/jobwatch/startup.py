@@ -24,12 +24,15 @@ from aiohttp import web
 
 from . import kubelogin
 from .config import Config
+from .elector import Elector
 from .expressions import Cel
+from .handed import Handed
 from .httpclient import HttpClient
 from .informer import Informer
 from .kube import KubeApi
-from .leases import Elector, Handed, LeaseSettings, Ownership
+from .leases import LeaseSettings
 from .metrics import Metrics
+from .ownership import Ownership
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Fakes of what the lease elector talks to, shared by test_leases.py and
+"""Fakes of what the lease elector talks to, shared by test_elector.py and
 test_interleavings.py: a clock, an in-memory Lease store with the API server's
 optimistic concurrency, and a Handover that records what it was asked."""
 
@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from jobwatch.handed import Handed
 from jobwatch.kubeerrors import ApiError, Unreachable
-from jobwatch.leases import Handed, bucket_of
+from jobwatch.leases import bucket_of
 
 
 def _copied(value: Any) -> Any:

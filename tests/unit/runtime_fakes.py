@@ -18,9 +18,10 @@ import pytest
 from jobwatch.config import Config
 from jobwatch.httpclient import Request
 from jobwatch.kube import Secret
-from jobwatch.leases import LeaseSettings, Ownership
+from jobwatch.leases import LeaseSettings
 from jobwatch.metrics import Metrics
 from jobwatch.outcome import Outcome, Response
+from jobwatch.ownership import Ownership
 from jobwatch.refs import ObjectRef
 from jobwatch.runtime import Runtime
 from jobwatch.statuspatch import Fence

@@ -14,8 +14,9 @@ from runtime_fakes import FakeApi, FakeHttp, jobwatch  # the runtime's fakes
 from jobwatch import adoption as adoption_module
 from jobwatch.adoption import Adoption
 from jobwatch.config import Config
-from jobwatch.leases import LeaseSettings, Ownership, bucket_of
+from jobwatch.leases import LeaseSettings, bucket_of
 from jobwatch.metrics import Metrics
+from jobwatch.ownership import Ownership
 from jobwatch.runtime import Runtime
 
 BUCKETS = 4

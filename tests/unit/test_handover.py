@@ -18,8 +18,10 @@ from runtime_fakes import (
 )
 
 from jobwatch.config import Config
-from jobwatch.leases import Handed, LeaseSettings, Ownership
+from jobwatch.handed import Handed
+from jobwatch.leases import LeaseSettings
 from jobwatch.metrics import Metrics
+from jobwatch.ownership import Ownership
 from jobwatch.runtime import Runtime
 
 

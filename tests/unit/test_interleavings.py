@@ -48,9 +48,12 @@ from typing import Any, TypeVar
 import pytest
 from lease_fakes import Clock, Handover, Store
 
+from jobwatch.elector import Elector
+from jobwatch.handed import Handed
 from jobwatch.kubeclient import DEADLINE
 from jobwatch.kubeerrors import ApiError, Unreachable
-from jobwatch.leases import Elector, Handed, LeaseSettings, Ownership, bucket_of
+from jobwatch.leases import LeaseSettings, bucket_of
+from jobwatch.ownership import Ownership
 
 T = TypeVar("T")
 Key = tuple[str, str]

@@ -11,6 +11,7 @@ fail on purpose.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -28,8 +29,7 @@ from runtime_fakes import (
     until_ended,
 )
 
-from jobwatch import policy
-from jobwatch import status as status_module
+from jobwatch import policy, status_render
 from jobwatch import watchbook as watchbook_module
 from jobwatch.expressions import CompiledWatch
 from jobwatch.httpclient import Request
@@ -78,7 +78,7 @@ async def test_a_secret_read_that_crashes_is_a_transient_error(env: Env) -> None
             "result not evaluated (RuntimeError)",
         ),
         (
-            (status_module, "render", raising(ValueError("render"))),
+            (status_render, "render", raising(ValueError("render"))),
             "status could not be rendered (ValueError)",
         ),
     ],
@@ -112,7 +112,7 @@ async def test_a_final_body_with_non_finite_numbers_is_written(env: Env) -> None
     runtime.observe("ADDED", jobwatch("w", successWhen="response.code == 200"))
     final = await until_ended(env, "w")
     assert final["phase"] == "Succeeded"
-    status_module.json.dumps(final, allow_nan=False)  # what the API server receives
+    json.dumps(final, allow_nan=False)  # what the API server receives
 
 
 # --- timing -------------------------------------------------------------------------
