@@ -39,10 +39,11 @@ demo: venv ## the main job: control plane + operator + demo job service + a JobW
 demo-down: ## stop everything `make demo` started
 	@hack/demo.sh --down
 
-lint: venv ## ruff, mypy and hadolint
+lint: venv ## ruff, mypy, the layer contracts (import-linter) and hadolint
 	$(VENV)/bin/ruff check operator tests bench demo
 	$(VENV)/bin/ruff format --check operator tests bench demo
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/hadolint Dockerfile
 
 test: venv lint ## the whole suite: lint, unit tests, e2e tests on a local control plane (or KUBECONFIG, see README)

@@ -16,9 +16,9 @@ from typing import Any
 import cel
 import cel_expr_python.cel as gcel
 
-from jobwatch.expressions import Cel
-from jobwatch.outcome import Response
-from jobwatch.spec import parse_spec
+from jobwatch.core.expressions import Cel
+from jobwatch.core.outcome import Response
+from jobwatch.core.spec import parse_spec
 
 SMALL = {"status": "COMPLETED", "n": 3}
 EXPRESSIONS = ['response.body.status == "COMPLETED"', "response.code >= 200 && response.code < 300"]

@@ -35,9 +35,9 @@ import uvloop
 from aiohttp import web
 from httpx_aiohttp import AiohttpTransport
 
-from jobwatch.egress import EgressPolicy
-from jobwatch.httpclient import HttpClient, Request
-from jobwatch.outcome import Response
+from jobwatch.core.outcome import Response
+from jobwatch.jobservice.client import HttpClient, Request
+from jobwatch.jobservice.egress import EgressPolicy
 
 BODY = b'{"status": "RUNNING", "progress": 42, "message": "still working"}'
 

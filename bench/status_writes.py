@@ -52,16 +52,16 @@ import uvloop
 import yaml
 
 import jobwatch
-from jobwatch.config import Config
-from jobwatch.egress import EgressPolicy
-from jobwatch.httpclient import HttpClient
-from jobwatch.informer import Informer
-from jobwatch.kube import KubeApi
-from jobwatch.metrics import Metrics
-from jobwatch.policy import Phase
-from jobwatch.runtime import Runtime
-from jobwatch.status import StatusWriter
-from jobwatch.watch import Watch
+from jobwatch.app.config import Config
+from jobwatch.control.runtime import Runtime
+from jobwatch.control.status.writer import StatusWriter
+from jobwatch.core.policy import Phase
+from jobwatch.core.watch import Watch
+from jobwatch.jobservice.client import HttpClient
+from jobwatch.jobservice.egress import EgressPolicy
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kube.api import KubeApi
+from jobwatch.kube.informer import Informer
 from kubeclient import Kube, KubeError, load_kubeconfig
 from sampling_profiler import Sampler
 

@@ -12,14 +12,11 @@ import kopf
 import uvloop
 from aiohttp import web
 
-from . import (
-    endpoints,
-    handlers,  # noqa: F401  # registers the kopf handlers
-    logs,
-)
-from .config import Config, ConfigError, log_settings_from_env
-from .logs import LogFormat, LogSettings
-from .startup import Operator
+from jobwatch.app import handlers  # noqa: F401  # registers the kopf handlers
+from jobwatch.app.config import Config, ConfigError, log_settings_from_env
+from jobwatch.app.startup import Operator
+from jobwatch.kits import endpoints, logs
+from jobwatch.kits.logs import LogFormat, LogSettings
 
 # Every interface: the kubelet probes the pod's IP, and Prometheus scrapes it.
 LISTEN_HOST = "0.0.0.0"

@@ -86,7 +86,7 @@ def test_every_line_is_json_and_names_its_jobwatch(
     ends = {
         entry["name"]: entry["message"]
         for entry in entries
-        if entry.get("name") and entry["logger"] == "jobwatch.runtime"
+        if entry.get("name") and entry["logger"] == "jobwatch.control.runtime"
     }
     assert set(ends) == {"succeeds", "fails", "recovers"}, ends
     assert " Failed: " in ends["fails"]

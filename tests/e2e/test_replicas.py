@@ -50,7 +50,7 @@ from harness import (
 )
 from kubernetes import watch as k8s_watch
 
-from jobwatch.leases import bucket_of
+from jobwatch.control.sharding.leases import bucket_of
 
 pytestmark = pytest.mark.e2e
 

@@ -30,15 +30,15 @@ import kopf
 import pytest
 from harness import GROUP, PLURAL, VERSION, Namespace, condition
 
-from jobwatch import status as status_module
-from jobwatch.kube import KubeApi
-from jobwatch.kubeerrors import PATCH_NOT_APPLIED, ApiError
-from jobwatch.metrics import Metrics
-from jobwatch.policy import Phase
-from jobwatch.refs import ObjectRef
-from jobwatch.status import StatusWriter
-from jobwatch.statuspatch import Fence
-from jobwatch.watch import Watch
+from jobwatch.control.status import writer as status_module
+from jobwatch.control.status.writer import StatusWriter
+from jobwatch.core.patch import Fence
+from jobwatch.core.policy import Phase
+from jobwatch.core.refs import ObjectRef
+from jobwatch.core.watch import Watch
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kube.api import KubeApi
+from jobwatch.kube.errors import PATCH_NOT_APPLIED, ApiError
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from loopback_api import LoopbackApi
 
-from jobwatch.kube import KubeApi
+from jobwatch.kube.api import KubeApi
 
 
 @pytest.fixture

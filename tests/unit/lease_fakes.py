@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jobwatch.handed import Handed
-from jobwatch.kubeerrors import ApiError, Unreachable
-from jobwatch.leases import bucket_of
+from jobwatch.control.sharding.handed import Handed
+from jobwatch.control.sharding.leases import bucket_of
+from jobwatch.kube.errors import ApiError, Unreachable
 
 
 def _copied(value: Any) -> Any:

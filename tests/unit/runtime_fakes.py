@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 
-from jobwatch.config import Config
-from jobwatch.httpclient import Request
-from jobwatch.kube import Secret
-from jobwatch.leases import LeaseSettings
-from jobwatch.metrics import Metrics
-from jobwatch.outcome import Outcome, Response
-from jobwatch.ownership import Ownership
-from jobwatch.refs import ObjectRef
-from jobwatch.runtime import Runtime
-from jobwatch.statuspatch import Fence
+from jobwatch.app.config import Config
+from jobwatch.control.runtime import Runtime
+from jobwatch.control.sharding.leases import LeaseSettings
+from jobwatch.control.sharding.ownership import Ownership
+from jobwatch.core.outcome import Outcome, Response
+from jobwatch.core.patch import Fence
+from jobwatch.core.refs import ObjectRef
+from jobwatch.jobservice.client import Request
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kube.api import Secret
 
 END = ("Succeeded", "Failed", "TimedOut")
 # Short enough that a deadline ends each test within about a second.

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jobwatch import status
-from jobwatch.kubeerrors import ApiError
-from jobwatch.metrics import Metrics
-from jobwatch.refs import ObjectRef
-from jobwatch.status import StatusWriter
-from jobwatch.statuspatch import Fence
-from jobwatch.watch import Watch
+from jobwatch.control.status import writer as status
+from jobwatch.control.status.writer import StatusWriter
+from jobwatch.core.patch import Fence
+from jobwatch.core.refs import ObjectRef
+from jobwatch.core.watch import Watch
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kube.errors import ApiError
 
 # Longer than StatusWriter's retry delay: a retry that was going to come has come.
 RETRY_WAIT = status.RETRY_DELAY + 0.3

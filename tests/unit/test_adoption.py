@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from runtime_fakes import FakeApi, FakeHttp, jobwatch  # the runtime's fakes
 
-from jobwatch import adoption as adoption_module
-from jobwatch.adoption import Adoption
-from jobwatch.config import Config
-from jobwatch.leases import LeaseSettings, bucket_of
-from jobwatch.metrics import Metrics
-from jobwatch.ownership import Ownership
-from jobwatch.runtime import Runtime
+from jobwatch.app.config import Config
+from jobwatch.control.runtime import Runtime
+from jobwatch.control.sharding import adoption as adoption_module
+from jobwatch.control.sharding.adoption import Adoption
+from jobwatch.control.sharding.leases import LeaseSettings, bucket_of
+from jobwatch.control.sharding.ownership import Ownership
+from jobwatch.kits.metrics import Metrics
 
 BUCKETS = 4
 

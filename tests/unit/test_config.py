@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobwatch.config import Config, ConfigError
+from jobwatch.app.config import Config, ConfigError
 
 
 def test_defaults() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobwatch.durations import format_duration, parse_duration
+from jobwatch.core.durations import format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,12 @@ import socket
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from jobwatch.egress import EgressDeniedError, EgressPolicy, GuardedResolver, parse_networks
+from jobwatch.jobservice.egress import (
+    EgressDeniedError,
+    EgressPolicy,
+    GuardedResolver,
+    parse_networks,
+)
 
 
 def nets(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

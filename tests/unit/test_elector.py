@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from lease_fakes import Clock, Handover, Store
 
-from jobwatch.elector import Elector
-from jobwatch.handed import HANDOVER_ANNOTATION, Handed
-from jobwatch.kubeerrors import ApiError, Unreachable
-from jobwatch.leases import LeaseSettings, bucket_of
-from jobwatch.ownership import Ownership
+from jobwatch.control.sharding.elector import Elector
+from jobwatch.control.sharding.handed import HANDOVER_ANNOTATION, Handed
+from jobwatch.control.sharding.leases import LeaseSettings, bucket_of
+from jobwatch.control.sharding.ownership import Ownership
+from jobwatch.kube.errors import ApiError, Unreachable
 
 BUCKETS = 32
 

@@ -29,13 +29,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobwatch import policy
-from jobwatch.egress import EgressPolicy
-from jobwatch.expressions import Cel, final_result
-from jobwatch.httpclient import HttpClient, MiB, Request, TLSSettings
-from jobwatch.outcome import MAX_JSON_DEPTH, FailureKind, Outcome, RequestFailure, Response
-from jobwatch.policy import Decision, ErrorClass
-from jobwatch.spec import parse_spec
+from jobwatch.core import policy
+from jobwatch.core.expressions import Cel, final_result
+from jobwatch.core.outcome import MAX_JSON_DEPTH, FailureKind, Outcome, RequestFailure, Response
+from jobwatch.core.policy import Decision, ErrorClass
+from jobwatch.core.spec import parse_spec
+from jobwatch.jobservice.client import HttpClient, MiB, Request, TLSSettings
+from jobwatch.jobservice.egress import EgressPolicy
 
 # Every request carries these, as a watch with a Secret-valued header would: no message
 # may ever show them.

@@ -9,11 +9,11 @@ import time
 import pytest
 from status_fakes import FakeApi, TimedApi, until
 
-from jobwatch import events
-from jobwatch.events import EventRecorder
-from jobwatch.kubeerrors import ApiError
-from jobwatch.metrics import Metrics
-from jobwatch.refs import ObjectRef
+from jobwatch.control.status import events
+from jobwatch.control.status.events import EventRecorder
+from jobwatch.core.refs import ObjectRef
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kube.errors import ApiError
 
 # --- Events -------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from jobwatch.expressions import (
+from jobwatch.core.expressions import (
     MAX_BODY_VALUES,
     Cel,
     CompiledWatch,
@@ -21,8 +21,8 @@ from jobwatch.expressions import (
     ExpressionError,
     final_result,
 )
-from jobwatch.outcome import Response
-from jobwatch.spec import parse_spec
+from jobwatch.core.outcome import Response
+from jobwatch.core.spec import parse_spec
 
 
 def compiled(**fields: Any) -> CompiledWatch:

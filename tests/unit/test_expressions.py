@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from jobwatch.__main__ import quiet_libraries
-from jobwatch.expressions import (
+from jobwatch.core.expressions import (
     Cel,
     CompiledWatch,
     EvaluationError,
@@ -17,8 +17,8 @@ from jobwatch.expressions import (
     excerpt,
     final_result,
 )
-from jobwatch.outcome import Response
-from jobwatch.spec import parse_spec
+from jobwatch.core.outcome import Response
+from jobwatch.core.spec import parse_spec
 
 JOB = {"status": "COMPLETED", "resultLink": "http://reports/42.pdf", "message": "done", "n": 3}
 

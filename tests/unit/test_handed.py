@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from jobwatch.handed import HANDOVER_ANNOTATION, Handed, decode_handover, encode_handover
+from jobwatch.control.sharding.handed import (
+    HANDOVER_ANNOTATION,
+    Handed,
+    decode_handover,
+    encode_handover,
+)
 
 
 def carried(handed: dict[tuple[str, str], Handed], now: float) -> dict[tuple[str, str], Handed]:

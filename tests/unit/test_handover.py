@@ -17,12 +17,12 @@ from runtime_fakes import (
     replica,
 )
 
-from jobwatch.config import Config
-from jobwatch.handed import Handed
-from jobwatch.leases import LeaseSettings
-from jobwatch.metrics import Metrics
-from jobwatch.ownership import Ownership
-from jobwatch.runtime import Runtime
+from jobwatch.app.config import Config
+from jobwatch.control.runtime import Runtime
+from jobwatch.control.sharding.handed import Handed
+from jobwatch.control.sharding.leases import LeaseSettings
+from jobwatch.control.sharding.ownership import Ownership
+from jobwatch.kits.metrics import Metrics
 
 
 async def test_a_handover_cuts_the_request_still_out_and_hands_since_when() -> None:

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from jobwatch import __main__ as main_module
-from jobwatch.config import Config
-from jobwatch.startup import Operator, Running
+from jobwatch.app.config import Config
+from jobwatch.app.startup import Operator, Running
 from loopback import free_port
 
 

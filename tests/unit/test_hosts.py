@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 from runtime_fakes import FakeApi, assert_invariant, jobwatch, until
 
-from jobwatch import policy
-from jobwatch.config import Config, ConfigError
-from jobwatch.hosts import (
+from jobwatch.app.config import Config, ConfigError
+from jobwatch.control.runtime import Runtime
+from jobwatch.core import policy
+from jobwatch.core.outcome import FailureKind, Outcome, RequestFailure, Response
+from jobwatch.jobservice.client import Request
+from jobwatch.jobservice.hosts import (
     MAX_LABELLED_HOSTS,
     MIN_IN_FLIGHT,
     RECHECK_SECONDS,
@@ -38,10 +41,7 @@ from jobwatch.hosts import (
     parse_limits,
     verdict,
 )
-from jobwatch.httpclient import Request
-from jobwatch.metrics import Metrics
-from jobwatch.outcome import FailureKind, Outcome, RequestFailure, Response
-from jobwatch.runtime import Runtime
+from jobwatch.kits.metrics import Metrics
 
 A = ("ns", ("http", "jobs.test", 80))
 B = ("ns", ("https", "other.test", 443))

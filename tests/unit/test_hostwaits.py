@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import random
 
-from jobwatch.hosts import Hosts, HostSettings, origin
-from jobwatch.hostwaits import HostWaits
+from jobwatch.control.hostwaits import HostWaits
+from jobwatch.jobservice.hosts import Hosts, HostSettings, origin
 
 _KEYS = Hosts(HostSettings(), random.Random(1).random)
 HOST = _KEYS.key("ns", "http://jobs.test/")

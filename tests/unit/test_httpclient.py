@@ -27,10 +27,10 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from jobwatch import httpclient
-from jobwatch.egress import EgressPolicy, GuardedResolver, parse_networks
-from jobwatch.httpclient import HttpClient, Request, TLSSettings
-from jobwatch.outcome import FailureKind, RequestFailure, Response
+from jobwatch.core.outcome import FailureKind, RequestFailure, Response
+from jobwatch.jobservice import client as httpclient
+from jobwatch.jobservice.client import HttpClient, Request, TLSSettings
+from jobwatch.jobservice.egress import EgressPolicy, GuardedResolver, parse_networks
 from loopback import free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -1090,7 +1090,7 @@ async def test_tls_to_a_plain_port(start_server: StartServer, make_client: MakeC
 
 
 # --- what a failure says about the URL's own host ---------------------------------------
-# A host's circuit breaker (jobwatch.hosts) counts only failures of the first hop itself:
+# A host's circuit breaker (jobwatch.jobservice.hosts) counts only failures of the first hop itself:
 # a watch's own unusable setting or a redirect target's fault must not open it.
 
 

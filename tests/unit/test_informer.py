@@ -15,14 +15,14 @@ import pytest
 from aiohttp import web
 from loopback_api import Drop, LoopbackApi, Seen, listing, reply, stream
 
-from jobwatch import informer as informer_module
-from jobwatch.config import Config
-from jobwatch.egress import EgressPolicy
-from jobwatch.httpclient import HttpClient
-from jobwatch.informer import Informer
-from jobwatch.kube import KubeApi
-from jobwatch.metrics import Metrics
-from jobwatch.runtime import Runtime
+from jobwatch.app.config import Config
+from jobwatch.control.runtime import Runtime
+from jobwatch.jobservice.client import HttpClient
+from jobwatch.jobservice.egress import EgressPolicy
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kube import informer as informer_module
+from jobwatch.kube.api import KubeApi
+from jobwatch.kube.informer import Informer
 
 COLLECTION = "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches"
 

@@ -17,9 +17,9 @@ from runtime_fakes import (
     until_ended,
 )
 
-from jobwatch import intake as intake_module
-from jobwatch.spec import spec_hash
-from jobwatch.watch import Watch
+from jobwatch.control import intake as intake_module
+from jobwatch.core.spec import spec_hash
+from jobwatch.core.watch import Watch
 
 
 async def test_an_object_the_parser_crashes_on_fails_as_invalid_spec(

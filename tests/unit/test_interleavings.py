@@ -48,12 +48,12 @@ from typing import Any, TypeVar
 import pytest
 from lease_fakes import Clock, Handover, Store
 
-from jobwatch.elector import Elector
-from jobwatch.handed import Handed
-from jobwatch.kubeclient import DEADLINE
-from jobwatch.kubeerrors import ApiError, Unreachable
-from jobwatch.leases import LeaseSettings, bucket_of
-from jobwatch.ownership import Ownership
+from jobwatch.control.sharding.elector import Elector
+from jobwatch.control.sharding.handed import Handed
+from jobwatch.control.sharding.leases import LeaseSettings, bucket_of
+from jobwatch.control.sharding.ownership import Ownership
+from jobwatch.kube.client import DEADLINE
+from jobwatch.kube.errors import ApiError, Unreachable
 
 T = TypeVar("T")
 Key = tuple[str, str]

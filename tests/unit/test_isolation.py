@@ -21,8 +21,8 @@ from runtime_fakes import (
     until,
 )
 
-from jobwatch.kube import Secret
-from jobwatch.kubeerrors import ApiError
+from jobwatch.kube.api import Secret
+from jobwatch.kube.errors import ApiError
 
 
 async def ends_with_the_error(env: Env, name: str, error_class: str) -> dict[str, Any]:

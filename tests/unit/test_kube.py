@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from loopback_api import Drop, LoopbackApi, Seen, listing, reply, stream
 
-from jobwatch import statuspatch
-from jobwatch.kube import KubeApi
-from jobwatch.kubeerrors import ApiError, Expired, Unreachable
-from jobwatch.refs import ObjectRef
-from jobwatch.statuspatch import EncodedStatus
+from jobwatch.core import patch as statuspatch
+from jobwatch.core.patch import EncodedStatus
+from jobwatch.core.refs import ObjectRef
+from jobwatch.kube.api import KubeApi
+from jobwatch.kube.errors import ApiError, Expired, Unreachable
 
 REF = ObjectRef("ns", "build-1", "uid-1")
 STATUS_PATH = "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches/build-1/status"

@@ -15,11 +15,11 @@ import kopf
 import pytest
 import respx
 
-from jobwatch import kubeclient
-from jobwatch.kube import KubeApi
-from jobwatch.kubeerrors import ApiError, Expired, Unreachable
-from jobwatch.refs import ObjectRef
-from jobwatch.statuspatch import Fence
+from jobwatch.core.patch import Fence
+from jobwatch.core.refs import ObjectRef
+from jobwatch.kube import client as kubeclient
+from jobwatch.kube.api import KubeApi
+from jobwatch.kube.errors import ApiError, Expired, Unreachable
 
 SERVER = "https://api.test:6443"
 REF = ObjectRef("ns", "build-1", "uid-1")

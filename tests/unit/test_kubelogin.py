@@ -18,9 +18,9 @@ import kopf
 import pytest
 from loopback_api import LoopbackApi
 
-from jobwatch import kubelogin
-from jobwatch.kube import KubeApi
-from jobwatch.kubeerrors import Unreachable
+from jobwatch.kube import login as kubelogin
+from jobwatch.kube.api import KubeApi
+from jobwatch.kube.errors import Unreachable
 
 SETTINGS = kopf.OperatorSettings()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from jobwatch.lease_plan import ORPHAN_ROUNDS, in_force, plan, to_give
-from jobwatch.leases import BUCKET, MEMBER, LeaseSettings, Seen
+from jobwatch.control.sharding.leases import BUCKET, MEMBER, LeaseSettings, Seen
+from jobwatch.control.sharding.plan import ORPHAN_ROUNDS, in_force, plan, to_give
 
 
 def lease(name: str, role: str, holder: str, since: float, agreement: str | None = None) -> Seen:

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from jobwatch.leases import LeaseSettings, bucket_of
+from jobwatch.control.sharding.leases import LeaseSettings, bucket_of
 
 BUCKETS = 32
 

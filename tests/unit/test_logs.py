@@ -13,9 +13,9 @@ import kopf
 import pytest
 from kopf._core.actions.loggers import ObjectLogger
 
-from jobwatch.config import ConfigError, log_settings_from_env
-from jobwatch.logs import JsonFormatter, LogFormat, LogSettings, about
-from jobwatch.refs import ObjectRef
+from jobwatch.app.config import ConfigError, log_settings_from_env
+from jobwatch.core.refs import ObjectRef
+from jobwatch.kits.logs import JsonFormatter, LogFormat, LogSettings, about
 
 REF = ObjectRef("team-a", "report-42", "6f1c2a1e-0000-4000-8000-000000000042")
 
@@ -152,8 +152,8 @@ def test_everything_the_process_prints_is_json() -> None:
     # Records of any logger, a Python warning, and the exception that ends the process.
     ran = run(
         "import logging, warnings\n"
-        "from jobwatch import logs\n"
-        "from jobwatch.config import log_settings_from_env\n"
+        "from jobwatch.kits import logs\n"
+        "from jobwatch.app.config import log_settings_from_env\n"
         "logs.setup(log_settings_from_env())\n"
         "logging.getLogger('kopf.activities.startup').info('started')\n"
         "warnings.warn('deprecated')\n"

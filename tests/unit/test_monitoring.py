@@ -161,7 +161,7 @@ def test_dashboard_is_valid_grafana_json() -> None:
 def test_reasons_named_in_queries_are_ones_the_operator_gives() -> None:
     """A misspelt reason in a `reason=~` matcher matches nothing, silently."""
     given = set(
-        re.findall(r'"([A-Z][A-Za-z]+)"', "".join(p.read_text() for p in SOURCE.glob("*.py")))
+        re.findall(r'"([A-Z][A-Za-z]+)"', "".join(p.read_text() for p in SOURCE.rglob("*.py")))
     )
     exprs = dashboard_queries() + [rule["expr"] for rule in alert_rules()]
     named = {

@@ -9,8 +9,8 @@ import time
 
 from lease_fakes import Clock
 
-from jobwatch.leases import LeaseSettings, bucket_of
-from jobwatch.ownership import Ownership
+from jobwatch.control.sharding.leases import LeaseSettings, bucket_of
+from jobwatch.control.sharding.ownership import Ownership
 
 BUCKETS = 32
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from jobwatch.expressions import Cel
-from jobwatch.outcome import FailureKind, Outcome, RequestFailure, Response
-from jobwatch.policy import (
+from jobwatch.core.expressions import Cel
+from jobwatch.core.outcome import FailureKind, Outcome, RequestFailure, Response
+from jobwatch.core.policy import (
     END_PHASES,
     Decision,
     ErrorClass,
@@ -28,7 +28,7 @@ from jobwatch.policy import (
     timed_out,
     waiting,
 )
-from jobwatch.spec import WatchSpec, parse_spec
+from jobwatch.core.spec import WatchSpec, parse_spec
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 LATER = NOW + 7200  # a deadline far enough not to matter

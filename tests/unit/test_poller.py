@@ -29,12 +29,13 @@ from runtime_fakes import (
     until_ended,
 )
 
-from jobwatch import policy, status_render
-from jobwatch import watchbook as watchbook_module
-from jobwatch.expressions import CompiledWatch
-from jobwatch.httpclient import Request
-from jobwatch.outcome import Outcome, Response
-from jobwatch.watch import Watch
+from jobwatch.control import watchbook as watchbook_module
+from jobwatch.core import policy
+from jobwatch.core import render as status_render
+from jobwatch.core.expressions import CompiledWatch
+from jobwatch.core.outcome import Outcome, Response
+from jobwatch.core.watch import Watch
+from jobwatch.jobservice.client import Request
 
 # --- each step of a poll ------------------------------------------------------------
 

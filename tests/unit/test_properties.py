@@ -13,16 +13,16 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobwatch import policy
-from jobwatch.expressions import Cel, EvaluationError, ExpressionError, final_result
-from jobwatch.metrics import Metrics
-from jobwatch.outcome import FailureKind, RequestFailure, Response
-from jobwatch.policy import ErrorClass, LastError, Phase
-from jobwatch.refs import ObjectRef
-from jobwatch.spec import SpecError, WatchSpec, parse_spec
-from jobwatch.status import StatusWriter
-from jobwatch.statuspatch import Fence
-from jobwatch.watch import Watch
+from jobwatch.control.status.writer import StatusWriter
+from jobwatch.core import policy
+from jobwatch.core.expressions import Cel, EvaluationError, ExpressionError, final_result
+from jobwatch.core.outcome import FailureKind, RequestFailure, Response
+from jobwatch.core.patch import Fence
+from jobwatch.core.policy import ErrorClass, LastError, Phase
+from jobwatch.core.refs import ObjectRef
+from jobwatch.core.spec import SpecError, WatchSpec, parse_spec
+from jobwatch.core.watch import Watch
+from jobwatch.kits.metrics import Metrics
 
 NOW = 1_800_000_000.0
 FIELDS = [

@@ -35,7 +35,7 @@ def test_bucket_is_crc32_of_namespace_and_name() -> None:
 
 
 def test_bucket_is_the_operators() -> None:
-    leases = pytest.importorskip("jobwatch.leases")
+    leases = pytest.importorskip("jobwatch.control.sharding.leases")
     for i in range(500):
         name = replicas_figures.watch_name(i)
         assert replicas_figures.bucket_of(name, 32) == leases.bucket_of("jobwatch-bench", name, 32)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from jobwatch.httpclient import Request, TLSSettings
-from jobwatch.kube import Secret
-from jobwatch.refs import ObjectRef
-from jobwatch.requestparts import ALLOW_LABEL, PartsReader, SecretProblem
-from jobwatch.secrets import SecretCache, SecretUnavailable
-from jobwatch.spec import parse_spec
-from jobwatch.watch import Watch
+from jobwatch.control.requestparts import ALLOW_LABEL, PartsReader, SecretProblem
+from jobwatch.core.refs import ObjectRef
+from jobwatch.core.spec import parse_spec
+from jobwatch.core.watch import Watch
+from jobwatch.jobservice.client import Request, TLSSettings
+from jobwatch.kube.api import Secret
+from jobwatch.kube.secrets import SecretCache, SecretUnavailable
 
 ALLOWED = {ALLOW_LABEL: "true"}
 SPEC = {

@@ -18,11 +18,16 @@ from typing import Any, cast
 import pytest
 from aiohttp import web
 
-import jobwatch.egress
-from jobwatch.egress import EgressDeniedError, EgressPolicy, GuardedResolver, parse_networks
-from jobwatch.httpclient import HttpClient, Request
-from jobwatch.outcome import FailureKind, RequestFailure, Response
-from jobwatch.resolver import CachingResolver
+import jobwatch.jobservice.egress
+from jobwatch.core.outcome import FailureKind, RequestFailure, Response
+from jobwatch.jobservice.client import HttpClient, Request
+from jobwatch.jobservice.egress import (
+    EgressDeniedError,
+    EgressPolicy,
+    GuardedResolver,
+    parse_networks,
+)
+from jobwatch.jobservice.resolver import CachingResolver
 
 A, AAAA = 1, 28
 NOERROR, NXDOMAIN = 0, 3
@@ -352,7 +357,7 @@ def aim_resolver(dns: DnsServer, monkeypatch: pytest.MonkeyPatch) -> AimResolver
         resolver = functools.partial(
             CachingResolver, nameservers=[f"127.0.0.1:{dns.port}"], **options
         )
-        monkeypatch.setattr(jobwatch.egress, "CachingResolver", resolver)
+        monkeypatch.setattr(jobwatch.jobservice.egress, "CachingResolver", resolver)
 
     return aim
 

@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 
-from jobwatch.config import Config
-from jobwatch.egress import EgressPolicy
-from jobwatch.httpclient import HttpClient
-from jobwatch.kube import KubeApi
-from jobwatch.kubeerrors import PATCH_NOT_APPLIED, ApiError
-from jobwatch.metrics import Metrics
-from jobwatch.refs import ObjectRef
-from jobwatch.runtime import Runtime
-from jobwatch.spec import spec_hash
-from jobwatch.statuspatch import Fence
-from jobwatch.watch import format_time
-from jobwatch.watchbook import START_UP_POLLS_PER_SECOND
+from jobwatch.app.config import Config
+from jobwatch.control.runtime import Runtime
+from jobwatch.control.watchbook import START_UP_POLLS_PER_SECOND
+from jobwatch.core.patch import Fence
+from jobwatch.core.refs import ObjectRef
+from jobwatch.core.spec import spec_hash
+from jobwatch.core.watch import format_time
+from jobwatch.jobservice.client import HttpClient
+from jobwatch.jobservice.egress import EgressPolicy
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kube.api import KubeApi
+from jobwatch.kube.errors import PATCH_NOT_APPLIED, ApiError
 
 NOW = 1_800_000_000.0
 SPEC = {"url": "http://127.0.0.1:1/status", "interval": "5s"}

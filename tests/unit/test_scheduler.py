@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from jobwatch.metrics import Metrics
-from jobwatch.scheduler import Scheduler
+from jobwatch.control.scheduler import Scheduler
+from jobwatch.kits.metrics import Metrics
 
 
 async def wait_until(predicate: object, timeout: float = 2.0) -> None:

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from jobwatch.kube import Secret
-from jobwatch.kubeerrors import ApiError, Unreachable
-from jobwatch.secrets import SecretCache, SecretUnavailable
+from jobwatch.kube.api import Secret
+from jobwatch.kube.errors import ApiError, Unreachable
+from jobwatch.kube.secrets import SecretCache, SecretUnavailable
 
 TOKEN = Secret(labels={"jobwatch.dev/allow-use": "true"}, data={"token": b"s3cr3t-value"})
 

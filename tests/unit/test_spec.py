@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from jobwatch.spec import (
+from jobwatch.core.spec import (
     BackoffSpec,
     HeaderSpec,
     Jitter,

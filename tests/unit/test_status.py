@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from status_fakes import RETRY_WAIT, FakeApi, make_watch, make_writer, until
 
-from jobwatch import status
-from jobwatch.kubeerrors import ApiError
-from jobwatch.metrics import Metrics
-from jobwatch.policy import Phase
-from jobwatch.ratelimit import TokenBucket
-from jobwatch.refs import ObjectRef
-from jobwatch.statuspatch import Fence
+from jobwatch.control.status import writer as status
+from jobwatch.core.patch import Fence
+from jobwatch.core.policy import Phase
+from jobwatch.core.refs import ObjectRef
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kits.ratelimit import TokenBucket
+from jobwatch.kube.errors import ApiError
 
 
 async def test_latest_wins_and_identical_status_is_not_rewritten() -> None:

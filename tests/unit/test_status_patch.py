@@ -12,14 +12,16 @@ from typing import Any
 import pytest
 from status_fakes import RETRY_WAIT, FakeApi, make_watch, make_writer, until
 
-from jobwatch import kubeerrors, status, statuspatch
-from jobwatch.kubeerrors import ApiError
-from jobwatch.metrics import Metrics
-from jobwatch.policy import Phase
-from jobwatch.refs import ObjectRef
-from jobwatch.status import StatusWriter
-from jobwatch.statuspatch import Fence
-from jobwatch.watch import Watch
+from jobwatch.control.status import writer as status
+from jobwatch.control.status.writer import StatusWriter
+from jobwatch.core import patch as statuspatch
+from jobwatch.core.patch import Fence
+from jobwatch.core.policy import Phase
+from jobwatch.core.refs import ObjectRef
+from jobwatch.core.watch import Watch
+from jobwatch.kits.metrics import Metrics
+from jobwatch.kube import errors as kubeerrors
+from jobwatch.kube.errors import ApiError
 
 
 async def test_a_status_that_cannot_be_encoded_is_written_without_the_endpoint_parts() -> None:

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from status_fakes import FakeApi, TimedApi, make_watch, make_writer, until
 
-from jobwatch.policy import Phase
-from jobwatch.status_queue import WriteQueue
+from jobwatch.control.status.queue import WriteQueue
+from jobwatch.core.policy import Phase
 
 
 async def test_ends_are_written_before_other_phase_changes() -> None:

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from status_fakes import make_watch
 
-from jobwatch import status_render
-from jobwatch.policy import ErrorClass, LastError, Phase
-from jobwatch.status_render import render
+from jobwatch.core import render as status_render
+from jobwatch.core.policy import ErrorClass, LastError, Phase
+from jobwatch.core.render import render
 
 
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from jobwatch import statuspatch
-from jobwatch.statuspatch import EncodedStatus
+from jobwatch.core import patch as statuspatch
+from jobwatch.core.patch import EncodedStatus
 
 
 def test_a_patch_is_plain_ascii_json_whatever_the_strings_hold() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from jobwatch.ttlcache import TtlCache
+from jobwatch.kits.ttlcache import TtlCache
 
 
 class Clock:
