@@ -22,11 +22,11 @@ import jobapi
 from benchenv import GROUP, JW_PATH, VERSION, BenchError, go_duration
 from kubeclient import Kube, KubeError
 
-# The operator's defaults, for the figures that depend on them (config.py).
+# The operator's defaults, for the figures that depend on them (app/config.py).
 DEFAULT_MAX_IN_FLIGHT = 200
 DEFAULT_REQUEST_TIMEOUT = 30.0  # spec.requestTimeout
 # The operator spreads the first round of polls at up to this rate, or over one interval
-# when that is faster (runtime.START_UP_POLLS_PER_SECOND).
+# when that is faster (control.watchbook.START_UP_POLLS_PER_SECOND).
 START_UP_POLLS_PER_S = 1000.0
 
 

@@ -56,7 +56,8 @@ from replicas_report import rollout_line, staleness_line, takeover_line, twice, 
 # A cluster directory of its own: a scale run of another session may use bench-cluster.
 CLUSTER_DIR = benchenv.REPO / ".cache" / "replicas-cluster"
 LEASE_NAMESPACE = benchenv.OPERATOR_NAMESPACE
-LEASE_GROUP_LABEL = "jobwatch.dev/lease-group"  # operator/jobwatch/leases.py, GROUP_LABEL
+# operator/jobwatch/control/sharding/leases.py, GROUP_LABEL
+LEASE_GROUP_LABEL = "jobwatch.dev/lease-group"
 LEASES_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"
 # A request that reaches the job service this soon after a replica was killed may have
 # been sent before; no survivor can take a bucket that fast (it waits a lease duration).

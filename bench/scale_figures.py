@@ -35,7 +35,7 @@ TARGET_HTTP_RATIO = 3.0
 # The pending interval's spread (API.md: +-10 %) plus the lag targets, as the job service
 # sees them: no gap longer than interval x 1.1 + 250 ms, 99 % within interval x 1.1 + 50 ms.
 GAP_SPREAD = 0.1
-# The operator's defaults, for the figures that depend on them (config.py).
+# The operator's defaults, for the figures that depend on them (app/config.py).
 DEFAULT_STATUS_QPS, DEFAULT_STATUS_BURST = 18.0, 50
 
 

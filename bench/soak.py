@@ -76,7 +76,8 @@ REACH = 1.0  # a change made through the API server reaches the operator within 
 SAMPLE_EVERY = 10.0
 TARGET_RSS_GROWTH = 0.05
 # The scheduler rebuilds its heap when stale entries outnumber live ones plus this many
-# (operator/jobwatch/scheduler.py, COMPACT_SLACK): the bound on its heap is 2 x watches + it.
+# (operator/jobwatch/control/scheduler.py, COMPACT_SLACK): the bound on its heap is
+# 2 x watches + it.
 HEAP_SLACK = 1024
 GAUGES = {
     "watches": "jobwatch_watches",

@@ -1,4 +1,4 @@
-"""`python -m jobwatch`: run the operator. Configuration: environment variables (config.py)."""
+"""`python -m jobwatch`: run the operator. Configuration: environment variables (app/config.py)."""
 
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def main() -> None:
     except ListenError as exc:
         _stop(log_settings, str(exc), 1)
     operator = Operator(config, metrics)
-    # CEL expressions that iterate run on a thread of their own (expressions.py) and hold
+    # CEL expressions that iterate run on a thread of their own (core/expressions.py) and hold
     # the GIL between switches: 1 ms instead of 5 ms lets the event loop in five times as
     # often (measured: longest loop pause 12.8 -> 6.3 ms during a 10k-item `exists`).
     sys.setswitchinterval(0.001)

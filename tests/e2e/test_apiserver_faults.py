@@ -29,7 +29,7 @@ LONGEST_GAP = INTERVAL * 1.1 + 0.25
 SHORTEST_GAP = INTERVAL * 0.9
 # After an error the next poll may wait up to the backoff cap (jittered).
 MAX_BACKOFF = 2.0
-# The operator's API client gives up on a request after this long (kube.py): a Secret
+# The operator's API client gives up on a request after this long (kube/client.py): a Secret
 # read sent while etcd was away may hold that watch's poll this long.
 KUBE_REQUEST_TIMEOUT = 10.0
 PENDING = Reply(200, {"status": "PROCESSING"})

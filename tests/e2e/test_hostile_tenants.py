@@ -1,8 +1,9 @@
 """Hostile tenants, end to end: what one JobWatch or its endpoint does stays with that
 watch, which says what went wrong in its status, and every other watch carries on.
 
-The seams inside the operator are made to fail one by one in tests/unit/test_isolation.py;
-here are the cases a tenant can cause from outside, through the real API server.
+The seams inside the operator are made to fail one by one in tests/unit/test_isolation.py,
+test_poller.py and test_intake.py; here are the cases a tenant can cause from outside,
+through the real API server.
 """
 
 from __future__ import annotations

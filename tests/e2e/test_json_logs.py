@@ -1,4 +1,4 @@
-"""JOBWATCH_LOG_FORMAT=json: everything the operator prints is a JSON line (logs.py)."""
+"""JOBWATCH_LOG_FORMAT=json: everything the operator prints is a JSON line (kits/logs.py)."""
 
 from __future__ import annotations
 

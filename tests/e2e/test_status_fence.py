@@ -9,9 +9,9 @@ These tests drive two StatusWriters with different identities, each with its own
 client holding only the operator's ServiceAccount token (its real RBAC), on one real
 JobWatch: no operator process runs.
 
-What kube-apiserver answers (measured on 1.35 with this CRD), which kube.py relies on:
+What kube-apiserver answers (measured on 1.35 with this CRD), which kube/api.py relies on:
 - a failed `test` refuses the whole patch with 422, reason Invalid, no details, and the
-  generic message kube.PATCH_NOT_APPLIED (the same as a failed uid test); a refusal by
+  generic message kube.errors.PATCH_NOT_APPLIED (the same as a failed uid test); a refusal by
   the schema is 422 too, but names the object and the fields;
 - a `test` with value null passes on a field that is absent when its parent exists;
 - the CRD defaults `status` to {observedGeneration: 0}, so the patch always sees a

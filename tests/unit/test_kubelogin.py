@@ -1,4 +1,4 @@
-"""Logging in (kubelogin.py): where the credentials come from, and what they allow: a
+"""Logging in (kube/login.py): where the credentials come from, and what they allow: a
 server URL, TLS settings or a proxy we cannot use stop the login rather than connect
 unsafely. Requests go to a loopback stand-in for the API server (loopback_api.py).
 """

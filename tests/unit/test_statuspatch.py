@@ -1,4 +1,4 @@
-"""The JSON patch a status write sends (statuspatch.py): what its bytes hold.
+"""The JSON patch a status write sends (core/patch.py): what its bytes hold.
 
 What the API server does with it (the uid and fence tests) is in test_kube.py and,
 end to end, in tests/e2e/test_status_fence.py.

@@ -99,7 +99,7 @@ class Config:
             part.strip() for part in read.text("JOBWATCH_NAMESPACES", "").split(",") if part.strip()
         )
         # What decides which replica owns a JobWatch besides the bucket count: replicas
-        # of one lease group must agree on it (leases.Elector refuses a mismatch).
+        # of one lease group must agree on it (the sharding Elector refuses a mismatch).
         scope = (
             ("JOBWATCH_NAMESPACES", ",".join(sorted(namespaces)) or "*"),
             ("JOBWATCH_LABEL_SELECTOR", ",".join(f"{k}={v}" for k, v in sorted(labels))),

@@ -4,7 +4,7 @@ kopf runs the process: credentials, signals, start-up and clean-up (`/healthz` i
 ours, served by __main__.py on a socket bound before kopf starts). What the handlers
 share is kopf's `memo`, the `startup.Operator` __main__ hands to `kopf.operator`;
 start-up fills it through `startup.build`. JobWatch events come from our own informer
-(informer.py), not from kopf's watching, which costs milliseconds of CPU per event (our
+(kube/informer.py), not from kopf's watching, which costs milliseconds of CPU per event (our
 status echoes included) and took minutes to adopt 10k JobWatches. kopf's daemons and
 timers would also have put a finalizer on every JobWatch (kopf issues #1074, #833): a
 JobWatch, or its namespace, could then not be deleted while the operator is not

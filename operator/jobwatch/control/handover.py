@@ -23,7 +23,7 @@ CUT_WAIT = 1.0
 
 class BucketHandover:
     """What happens to this replica's watches when the elector gives up, loses or takes
-    back a bucket (the `leases.Handover` calls other than `adopt`)."""
+    back a bucket (the `elector.Handover` calls other than `adopt`)."""
 
     def __init__(self, book: WatchBook, ownership: Ownership, adoption: Adoption) -> None:
         self._book, self._ownership, self._adoption = book, ownership, adoption

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 # Entries due within this much of a timer's firing are released with it: fewer
 # wake-ups, and a timer that fires a hair early does not spin. Well inside
-# runtime.DEADLINE_SLACK, so a poll planned just past a deadline stays past it.
+# watchbook.DEADLINE_SLACK, so a poll planned just past a deadline stays past it.
 EARLY = 0.001
 # The heap is rebuilt from the live entries when it holds more than twice as many,
 # plus this many (so that small heaps are not rebuilt over and over).
@@ -182,7 +182,7 @@ class Scheduler(Generic[K]):
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # The job guards itself (Runtime.poll); this is the last line of defence.
+                # The job guards itself (Poller.poll); this is the last line of defence.
                 log.exception("poll of %s failed unexpectedly", key)
             finally:
                 self._running.discard(key)

@@ -69,7 +69,7 @@ class Watch:
     # `status`; after a restart `lastPollTime` (when it started) stands in for it.
     last_end: float | None = None
     # No request before this (wall clock): a request another replica may still have
-    # open at the job service ends by then at the latest (see Runtime._take_over).
+    # open at the job service ends by then at the latest (see control.handover.take_over).
     not_before: float | None = None
     next_poll_time: float | None = None
     completion_time: float | None = None

@@ -2,9 +2,9 @@
 adapter).
 
 JobWatch reads, lists and watches (the informer's), status patches with their fence,
-Secret reads, Events and Leases, each one request through `KubeClient` (kubeclient.py:
+Secret reads, Events and Leases, each one request through `KubeClient` (client.py:
 connections, deadlines, retries, re-login), authenticated with the credentials kopf
-logged in with (kubelogin.py).
+logged in with (login.py).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ class KubeApi:
         if code >= 400:
             raise api_error(code, body)
 
-    # --- Leases (leases.py): the buckets replicas share, and one per replica ---------
+    # --- Leases (control/sharding/): the buckets replicas share, and one per replica ---------
 
     @staticmethod
     def _leases(namespace: str) -> str:

@@ -118,7 +118,7 @@ class Informer:
 
     def relist(self) -> None:
         """Closes every scope's stream and lists it again (buckets were taken: their
-        watches are adopted from that list, see leases.Ownership)."""
+        watches are adopted from that list, see control.sharding.ownership)."""
         for event in self._relist.values():
             event.set()
 

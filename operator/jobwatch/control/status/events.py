@@ -115,7 +115,7 @@ class EventRecorder:
     ) -> None:
         self._api, self._metrics = api, metrics
         self._wall, self._clock = wall, clock
-        self._may_write = may_write  # as for status writes: see status.py
+        self._may_write = may_write  # as for status writes: see writer.py
         self._bucket = TokenBucket(qps, burst, clock)
         # Occurrences with a token of their own, oldest first: no more than the tokens.
         self._alone: deque[tuple[_EventKind, _Pending]] = deque()

@@ -7,7 +7,7 @@ sending only what changed, fenced, and what a refusal means.
   again without its result and last response, saying why, instead of being retried
   forever;
 - every status says which replica wrote it (`holder`), every write is fenced by what the
-  writer last knew of the stored status (kube.Fence: the API server refuses it if the
+  writer last knew of the stored status (core.patch.Fence: the API server refuses it if the
   holder or phase changed since), and a refused write reads the object once: an end
   another replica wrote stands, anything else is written over whole (`_refused`);
 - whether the object is still this replica's (`may_write`) is asked right before each

@@ -4,19 +4,19 @@ politely to the API server at any fleet size.
 - a phase or reason change is queued as urgent and written first;
 - a still-pending watch's progress is written at most once per progress
   interval (one object, one write, however often it polls), on a grid so that the
-  progress writes of many objects go out together (status_queue.py);
+  progress writes of many objects go out together (queue.py);
 - latest wins: a watch queued twice is written once, with its state at write time;
 - all status writes share one token bucket (`JOBWATCH_STATUS_QPS`);
 - a write always sends the newest state of its object, a retry included: the queues
   hold the latest `Watch` submitted for each object, never an older one;
-- each write (status_patch.py) sends only what changed since the last, fenced by what
+- each write (patcher.py) sends only what changed since the last, fenced by what
   this writer last knew of the stored status; a refusal is repaired, a status the API
   server cannot take goes without what came from the endpoint;
 - whether the object is still this replica's (`may_write`) is asked right before each
   request, status and Event alike: a write that waited must not go out after the
   replica's lease ran out.
 
-The status itself is rendered in status_render.py; Events are events.py's, with a budget
+The status itself is rendered in core/render.py; Events are events.py's, with a budget
 and a task of their own.
 """
 
