@@ -49,8 +49,17 @@ def test_a_bucket_free_for_the_orphan_rounds_is_taken_beyond_the_share() -> None
 def test_the_fullest_gives_one_bucket_back_while_another_is_below_the_floor() -> None:
     counts = {"a": 8, "b": 8, "c": 8, "d": 8, "e": 0}
     held = frozenset(range(8))
-    assert to_give("a", held, counts, floor=6) == (7,)
-    assert to_give("a", held, {**counts, "e": 6}, floor=6) == ()  # nobody short
+    assert to_give("a", held, counts, floor=6, share=7) == (7,)
+    even = {"a": 7, "b": 7, "c": 6, "d": 6, "e": 6}
+    assert to_give("a", frozenset(range(7)), even, floor=6, share=7) == ()  # nobody short
+
+
+def test_a_replica_above_the_share_gives_one_back_though_nobody_is_below_the_floor() -> None:
+    # 32 over 3: 12, 10, 10 has nobody under the floor (10), but 12 is above the share
+    # (11); left so, one replica polls a fifth more than the others for good.
+    counts = {"a": 10, "b": 12, "c": 10}
+    assert to_give("b", frozenset(range(12)), counts, floor=10, share=11) == (11,)
+    assert to_give("a", frozenset(range(10)), counts, floor=10, share=11) == ()
 
 
 def test_the_settings_in_force_are_those_on_the_most_live_bucket_leases() -> None:

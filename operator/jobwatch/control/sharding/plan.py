@@ -91,16 +91,20 @@ def plan(
             if want > 0 or now - since >= ORPHAN_ROUNDS * settings.retry_period:
                 take.append(bucket)
                 want -= 1
-    return Plan(tuple(take), to_give(me, held, counts, floor), share, live)
+    return Plan(tuple(take), to_give(me, held, counts, floor, share), share, live)
 
 
 def to_give(
-    me: str, held: frozenset[int], counts: Mapping[str, int], floor: int
+    me: str, held: frozenset[int], counts: Mapping[str, int], floor: int, share: int
 ) -> tuple[int, ...]:
-    """One bucket back this round if another replica holds fewer than the floor and this
-    one is among the fullest that together make up that shortfall (ties by name): every
-    replica decides alike from the same listing, so about as many move as must. (Giving
-    only above the share left 32 buckets over 5 replicas at 7, 7, 7, 7 and 4 for good.)"""
+    """One bucket back this round if this replica holds more than the share, or if
+    another holds fewer than the floor and this one is among the fullest that together
+    make up that shortfall (ties by name): every replica decides alike from the same
+    listing, so about as many move as must. (Giving only above the share left 32 buckets
+    over 5 replicas at 7, 7, 7, 7 and 4 for good; giving only to one below the floor left
+    them over 3 replicas at 12, 10 and 10.)"""
+    if len(held) > share:
+        return tuple(sorted(held, reverse=True)[:RELEASES_PER_ROUND])
     short = sum(floor - n for m, n in counts.items() if m != me and n < floor)
     if not short or len(held) <= floor:
         return ()
