@@ -19,7 +19,7 @@ DEPLOYMENT = "jobwatch-operator"
 SELECTOR = "app.kubernetes.io/name=jobwatch,app.kubernetes.io/component=operator"
 # manifests/rbac/role.yaml, as (resource as `can-i --list` names it, verb).
 PROMISED = {
-    *(("jobwatches.jobwatch.dev", verb) for verb in ("get", "list", "watch")),
+    *(("jobwatches.jobwatch.dev", verb) for verb in ("get", "list", "watch", "delete")),
     *(("jobwatches.jobwatch.dev/status", verb) for verb in ("get", "patch", "update")),
     ("secrets", "get"),
     *(("events", verb) for verb in ("create", "patch")),
@@ -149,10 +149,10 @@ def test_leases_only_in_the_operators_own_namespace(
             (verb, "secrets", False)
             for verb in ("list", "watch", "create", "update", "patch", "delete")
         ),
-        *((verb, "jobwatches.jobwatch.dev", True) for verb in ("get", "list", "watch")),
+        *((verb, "jobwatches.jobwatch.dev", True) for verb in ("get", "list", "watch", "delete")),
         *(
             (verb, "jobwatches.jobwatch.dev", False)
-            for verb in ("create", "update", "patch", "delete", "deletecollection")
+            for verb in ("create", "update", "patch", "deletecollection")
         ),
         ("patch", "jobwatches.jobwatch.dev/status", True),
         ("update", "jobwatches.jobwatch.dev/status", True),
