@@ -129,21 +129,7 @@ def installed(cluster: Cluster) -> Cluster:
 def operator_kubeconfig(installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A kubeconfig holding only a token of the operator's ServiceAccount."""
     out = tmp_path_factory.mktemp("operator") / "kubeconfig"
-    made = subprocess.run(
-        [
-            str(REPO / "hack" / "sa-kubeconfig.sh"),
-            OPERATOR_NAMESPACE,
-            OPERATOR_SA,
-            str(out),
-            str(installed.kubeconfig),
-        ],
-        env={**os.environ, "KUBECTL": installed.kubectl_bin},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
-    return out
+    return installed.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA, out)
 
 
 @pytest.fixture
