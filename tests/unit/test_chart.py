@@ -327,6 +327,22 @@ def test_another_release_name_shares_no_name_with_manifests(helm: Helm, kubectl_
         assert all(name.startswith(prefix) for _, name in names), names
 
 
+@pytest.mark.parametrize(
+    ("release", "group"),
+    [
+        ("team-a", "team-a-jobwatch"),
+        ("jobwatch-b", "jobwatch-b"),
+        ("a.b." + "x" * 40, "a-b-" + "x" * 36),
+    ],
+)
+def test_each_release_has_a_lease_group_of_its_own(helm: Helm, release: str, group: str) -> None:
+    """Two releases in one namespace must not share Leases: the group is the name prefix
+    (release `jobwatch` keeps the operator's default, as in manifests/)."""
+    env = operator_env(the_deployment(helm.template(release=release)))
+    assert env["JOBWATCH_LEASE_GROUP"] == group
+    assert Config.from_env(env).leases is not None  # a group the operator accepts
+
+
 def test_namespaced_values_grant_nothing_cluster_wide(helm: Helm) -> None:
     objs = helm.template("-f", str(CHART / "ci" / "namespaced-values.yaml"))
     kinds = {obj["kind"] for obj in objs}

@@ -58,8 +58,16 @@ applies and the default env equals manifests/manager/deployment.yaml's.
   (list "JOBWATCH_SHUTDOWN_BUDGET" $v.shutdownBudget)
 -}}
 {{- if $v.leases.enabled -}}
+{{- /* Two releases in one namespace must not share Leases (their replicas would refuse
+each other's scope): the group defaults to the release's name prefix, and is left to
+the operator's default ("jobwatch") where that is the prefix, as in manifests/. */ -}}
+{{- $group := $v.leases.group -}}
+{{- $prefix := include "jobwatch.fullname" . | replace "." "-" | trunc 40 | trimSuffix "-" -}}
+{{- if and (kindIs "invalid" $group) (ne $prefix "jobwatch") -}}
+{{- $group = $prefix -}}
+{{- end -}}
 {{- $settings = concat $settings (list
-  (list "JOBWATCH_LEASE_GROUP" $v.leases.group)
+  (list "JOBWATCH_LEASE_GROUP" $group)
   (list "JOBWATCH_BUCKETS" $v.leases.buckets)
   (list "JOBWATCH_LEASE_DURATION" $v.leases.duration)
   (list "JOBWATCH_LEASE_RENEW_DEADLINE" $v.leases.renewDeadline)
