@@ -218,6 +218,14 @@ def operator_env(deployment: Obj, namespace: str = NAMESPACE) -> dict[str, str]:
     }
 
 
+def test_helm_is_the_pinned_version(helm: Helm) -> None:
+    """hack/tools/helm/go.mod pins it; the build stamps that version in (version-var)."""
+    go_mod = (REPO / "hack" / "tools" / "helm" / "go.mod").read_text()
+    pinned = re.search(r"^require helm\.sh/helm/v4 (v\S+)$", go_mod, re.MULTILINE)
+    assert pinned is not None
+    assert helm.run("version", "--template", "{{.Version}}").stdout == pinned[1]
+
+
 def test_the_chart_holds_the_crd_files_of_crds() -> None:
     names = {p.name for p in (REPO / "crds").glob("*.yaml") if p.name != "kustomization.yaml"}
     assert {p.name for p in (CHART / "crds").iterdir()} == names
