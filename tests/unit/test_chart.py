@@ -375,6 +375,11 @@ def test_the_namespaced_overlay_lists_the_same_namespaces_twice(kubectl_bin: Pat
     granted = {o["metadata"]["namespace"] for o in by_kind(objs, "RoleBinding")} - {NAMESPACE}
     assert sorted(listed) == sorted(granted) == ["team-a", "team-b"]
     assert not {o["kind"] for o in objs} & {"ClusterRole", "ClusterRoleBinding", "ConfigMap"}
+    # watched-namespace/role.yaml repeats manifests/rbac/role.yaml's rules: they must agree.
+    cluster_role = yaml.safe_load((REPO / "manifests" / "rbac" / "role.yaml").read_text())
+    for role in by_kind(objs, "Role"):
+        if role["metadata"]["namespace"] != NAMESPACE:
+            assert role["rules"] == cluster_role["rules"], role["metadata"]
 
 
 def test_monitoring_values(helm: Helm) -> None:
