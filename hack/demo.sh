@@ -37,7 +37,7 @@ k() { "$bin/kubectl" "$@"; }
 
 echo "== installing the CRD and the operator's ServiceAccount and RBAC"
 k apply -k crds/ >/dev/null
-k apply -f manifests/manager/namespace.yaml >/dev/null
+k apply -f manifests/base/namespace.yaml >/dev/null
 k apply -k manifests/rbac/ >/dev/null
 k wait --for=condition=Established --timeout=60s crd/jobwatches.jobwatch.dev >/dev/null
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gotools import pinned_kubectl
 from harness import (
     REPO,
     Cluster,
@@ -56,19 +57,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 FAILED = pytest.StashKey[bool]()
 
 
-def _pinned_kubectl() -> str:
-    out = subprocess.run(
-        [str(REPO / "hack" / "build-controlplane.sh")], capture_output=True, text=True, check=True
-    )
-    return str(Path(out.stdout.strip()) / "kubectl")
-
-
 @pytest.fixture(scope="session")
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     existing = os.environ.get("JOBWATCH_E2E_EXISTING_CLUSTER") == "1"
     if existing:
         kubeconfig = Path(os.environ["KUBECONFIG"])
-        kubectl = shutil.which("kubectl") or _pinned_kubectl()
+        kubectl = shutil.which("kubectl") or str(pinned_kubectl())
         directory = None
     else:
         directory = Path(
@@ -86,7 +80,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
             pytest.fail(f"the local control plane did not start:\n{up.stdout}\n{up.stderr}")
         print(up.stdout.strip())
         kubeconfig = directory / "admin.kubeconfig"
-        kubectl = _pinned_kubectl()
+        kubectl = str(pinned_kubectl())
     api = k8s_config.new_client_from_config(config_file=str(kubeconfig))
     try:
         yield Cluster(kubeconfig, kubectl, api, directory)
@@ -135,21 +129,7 @@ def installed(cluster: Cluster) -> Cluster:
 def operator_kubeconfig(installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A kubeconfig holding only a token of the operator's ServiceAccount."""
     out = tmp_path_factory.mktemp("operator") / "kubeconfig"
-    made = subprocess.run(
-        [
-            str(REPO / "hack" / "sa-kubeconfig.sh"),
-            OPERATOR_NAMESPACE,
-            OPERATOR_SA,
-            str(out),
-            str(installed.kubeconfig),
-        ],
-        env={**os.environ, "KUBECTL": installed.kubectl_bin},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
-    return out
+    return installed.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA, out)
 
 
 @pytest.fixture

@@ -87,6 +87,24 @@ class Cluster:
             check=False,
         )
 
+    def service_account_kubeconfig(self, namespace: str, name: str, out: Path) -> Path:
+        """A kubeconfig holding only a token of that ServiceAccount (hack/sa-kubeconfig.sh)."""
+        made = subprocess.run(
+            [
+                str(REPO / "hack" / "sa-kubeconfig.sh"),
+                namespace,
+                name,
+                str(out),
+                str(self.kubeconfig),
+            ],
+            env={**os.environ, "KUBECTL": self.kubectl_bin},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr
+        return out
+
     @property
     def custom(self) -> k8s.CustomObjectsApi:
         return k8s.CustomObjectsApi(self.api)

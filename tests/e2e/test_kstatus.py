@@ -13,7 +13,8 @@ import subprocess
 from typing import Any
 
 import pytest
-from harness import REPO, JobServer, Namespace, Operator, Reply, condition
+from gotools import build_tool
+from harness import JobServer, Namespace, Operator, Reply, condition
 
 PENDING = Reply(200, {"status": "PROCESSING"})
 RULES = {
@@ -28,15 +29,7 @@ MISSING_SECRET = [
 @pytest.fixture(scope="session")
 def kstatus() -> str:
     """The kstatus program, built from hack/tools/kstatus (cached once built)."""
-    built = subprocess.run(
-        [str(REPO / "hack" / "build-tool.sh"), "kstatus"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=1200,
-    )
-    assert built.returncode == 0, built.stderr
-    return built.stdout.strip()
+    return str(build_tool("kstatus"))
 
 
 def compute(kstatus: str, obj: dict[str, Any] | None) -> dict[str, str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from gotools import build_tool
 
 REPO = Path(__file__).resolve().parents[2]
 COMPONENT = REPO / "manifests" / "components" / "monitoring"
@@ -51,18 +52,7 @@ def dashboard_queries() -> list[str]:
 @pytest.fixture(scope="module")
 def promtool() -> Path:
     """promtool, built on first use (a cold build takes minutes) and cached."""
-    built = subprocess.run(
-        [
-            str(REPO / "hack" / "build-tool.sh"),
-            "promtool",
-            "github.com/prometheus/prometheus/cmd/promtool",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr
-    return Path(built.stdout.strip())
+    return build_tool("promtool", "github.com/prometheus/prometheus/cmd/promtool")
 
 
 @pytest.fixture
