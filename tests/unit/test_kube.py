@@ -333,7 +333,11 @@ async def test_nothing_to_delete_is_not_an_error(server: LoopbackApi, api: KubeA
 
 @pytest.mark.parametrize("code", [409, 403, 500])
 async def test_a_refused_delete_says_why(server: LoopbackApi, api: KubeApi, code: int) -> None:
-    message = "Precondition failed: UID in precondition: uid-1, UID in object meta: uid-2"
+    message = (
+        'Operation cannot be fulfilled on JobWatch.jobwatch.dev "build-1": the UID in the '
+        "precondition (uid-1) does not match the UID in record (uid-2). The object might have "
+        "been deleted and then recreated"
+    )
     server.answer = lambda seen: reply(code, {"message": message})
     with pytest.raises(ApiError) as raised:
         await api.delete_jobwatch(REF, "1")

@@ -169,9 +169,23 @@ class StoredApi:
             record("gone")
             return False
         meta = body["metadata"]
-        if meta["uid"] != ref.uid or meta["resourceVersion"] != resource_version:
+        # kube-apiserver 1.35's words (tests/e2e/test_ttl.py checks them).
+        cannot = f'Operation cannot be fulfilled on JobWatch.jobwatch.dev "{ref.name}": '
+        if meta["uid"] != ref.uid:
             record("conflict")
-            raise ApiError(409, "Operation cannot be fulfilled: Precondition failed")
+            raise ApiError(
+                409,
+                f"{cannot}the UID in the precondition ({ref.uid}) does not match the UID in "
+                f"record ({meta['uid']}). The object might have been deleted and then recreated",
+            )
+        if meta["resourceVersion"] != resource_version:
+            record("conflict")
+            raise ApiError(
+                409,
+                f"{cannot}the ResourceVersion in the precondition ({resource_version}) does not "
+                f"match the ResourceVersion in record ({meta['resourceVersion']}). The object "
+                "might have been modified",
+            )
         del self.objects[ref.name]
         record("deleted")
         self._send("DELETED", body)
