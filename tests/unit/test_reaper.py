@@ -376,5 +376,23 @@ async def test_a_parked_bucket_taken_back_deletes_on_time() -> None:
         await wait(env, lambda: bool(env.api.deleted("w")))
 
 
+async def test_a_bucket_handed_over_takes_its_deletions_along() -> None:
+    settings = LeaseSettings("ops", "r0", buckets=1)
+    ownership = Ownership(settings, scopes=[None])
+    ownership.take(0, time.monotonic() + 60, {})
+    ownership.listing(None)
+    async with Env(ownership=ownership) as env:
+        env.http.body = DONE
+        env.api.create("w", ttlSecondsAfterFinished=1)
+        at = await ended(env, "w")
+        ownership.releasing(0)
+        handed = await env.runtime.hand_over(frozenset({0}), budget=0.05)
+        assert handed == {}  # a finished watch has no timing to hand on: status has it
+        assert ("ns", "w") not in env.runtime.watches
+        assert not env.runtime.scheduler.planned(("ns", "w"))
+        await asyncio.sleep(max(0.0, at + 1 + SLACK - time.time()))
+        assert env.api.deletes == []  # the next holder decides, from completionTime
+
+
 def _digest(spec: dict[str, object]) -> str:
     return spec_digest(parse_spec(spec))
