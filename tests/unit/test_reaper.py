@@ -299,15 +299,17 @@ async def test_a_spec_edit_cancels_and_the_clock_restarts_at_the_new_end() -> No
         assert second + 1 <= deleted.at < second + 1 + SLACK
 
 
-@pytest.mark.parametrize("ago", [10.0, 0.5])
-async def test_after_a_restart_the_time_comes_from_status(ago: float) -> None:
-    """An object a new process (or a replica taking the bucket over) takes in finished:
-    due at completionTime + TTL as stored, at once if that has passed."""
-    env = Env()
-    env.http.body = DONE
-    env.api.create("w", ttlSecondsAfterFinished=1)  # stored; no runtime saw it yet
+def completed_as_stored(env: Env, name: str) -> float:
+    at = parse_time(env.api.history[env.api.deletes[0].resource_version]["completionTime"])
+    assert at is not None
+    return at
+
+
+def finished_long_ago(env: Env, name: str, ttl: int, ago: float) -> None:
+    """A JobWatch stored as ended `ago` seconds ago, as a restarted operator lists it."""
+    env.api.create(name, ttlSecondsAfterFinished=ttl)
     at = time.time() - ago
-    body = env.api.objects["w"]
+    body = env.api.objects[name]
     body["status"] = {
         "phase": "Succeeded",
         "reason": "SuccessConditionMet",
@@ -319,13 +321,52 @@ async def test_after_a_restart_the_time_comes_from_status(ago: float) -> None:
         "observedGeneration": 1,
         "specHash": _digest(body["spec"]),
     }
-    env.api.touch("w")
+    env.api.touch(name)
+
+
+async def test_a_mass_expiry_keeps_to_the_budget_and_status_writes_go_on() -> None:
+    """An operator back after a long stop finds a fleet due at once: deleted at the
+    deletion budget's pace, while a watch that ends meanwhile has its end written at
+    once (its own budget, and a free worker)."""
+    env = Env(JOBWATCH_DELETE_QPS="50", JOBWATCH_DELETE_BURST="10")
+    env.api.echo = None  # the listing below is what the operator sees first
+    names = [f"old{n}" for n in range(200)]
+    for name in names:
+        finished_long_ago(env, name, ttl=60, ago=3600)
+    env.api.echo = env.runtime.observe
+    for name in names:
+        env.runtime.observe(None, env.api.objects[name])
+    async with env:
+        await wait(env, lambda: len(env.api.deletes) >= 50)
+        env.http.body = DONE
+        env.api.create("live")
+        at = await ended(env, "live")
+        [(_, written)] = [w for w in env.api.status_writes if w[0] == "live"][-1:]
+        assert written - at < 0.1  # not behind 150 deletions still waiting their turn
+        assert len(env.api.deletes) < len(names)  # they were still waiting
+        await wait(env, lambda: len(env.api.deletes) == len(names), timeout=10)
+    times = sorted(d.at for d in env.api.deletes)
+    # 10 at once, then 50 a second: 190 more take 3.8 s.
+    assert times[-1] - times[0] >= 3.6
+    assert all(d.answer == "deleted" for d in env.api.deletes)
+    assert "live" in env.api.objects
+
+
+@pytest.mark.parametrize("ago", [10.0, 0.5])
+async def test_after_a_restart_the_time_comes_from_status(ago: float) -> None:
+    """An object a new process (or a replica taking the bucket over) takes in finished:
+    due at completionTime + TTL as stored, at once if that has passed."""
+    env = Env()
+    env.http.body = DONE
+    env.api.echo = None  # stored before this process ran
+    finished_long_ago(env, "w", ttl=1, ago=ago)
+    env.api.echo = env.runtime.observe
     env.runtime.observe(None, env.api.objects["w"])  # the initial listing
     started = time.time()
     async with env:
         await wait(env, lambda: bool(env.api.deleted("w")))
     [deleted] = env.api.deletes
-    expected = max((parse_time(format_time(at)) or 0.0) + 1, started)
+    expected = max(completed_as_stored(env, "w") + 1, started)
     assert expected <= deleted.at < expected + SLACK
     assert env.http.sent == {}  # resumed as finished: never polled again
 
