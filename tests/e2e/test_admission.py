@@ -27,6 +27,18 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
     ("timeout below interval", {**GOOD, "timeout": "2s", "interval": "5s"}, "timeout"),
     ("body with GET", {**GOOD, "body": "{}"}, "body"),
     ("negative errors", {**GOOD, "maxConsecutiveErrors": -1}, "spec.maxConsecutiveErrors"),
+    ("negative ttl", {**GOOD, "ttlSecondsAfterFinished": -1}, "spec.ttlSecondsAfterFinished"),
+    ("ttl past int32", {**GOOD, "ttlSecondsAfterFinished": 2**31}, "spec.ttlSecondsAfterFinished"),
+    (
+        "ttl not an integer",
+        {**GOOD, "ttlSecondsAfterFinished": 1.5},
+        "spec.ttlSecondsAfterFinished",
+    ),
+    (
+        "ttl as a duration",
+        {**GOOD, "ttlSecondsAfterFinished": "1h"},
+        "spec.ttlSecondsAfterFinished",
+    ),
     ("status code range", {**GOOD, "permanentStatusCodes": [99]}, "spec.permanentStatusCodes"),
     ("header without value", {**GOOD, "headers": [{"name": "X-A"}]}, "spec.headers[0]"),
     (
@@ -87,6 +99,7 @@ def test_defaults_are_filled_in(ns: Namespace) -> None:
     assert spec["permanentStatusCodes"] == [400, 401, 403, 404, 405, 410, 422]
     assert spec["maxConsecutiveErrors"] == 0
     assert spec["suspend"] is False
+    assert "ttlSecondsAfterFinished" not in spec  # nothing is deleted unless asked
 
 
 def test_valid_spec_with_every_field_is_accepted(ns: Namespace) -> None:
@@ -112,9 +125,35 @@ def test_valid_spec_with_every_field_is_accepted(ns: Namespace) -> None:
         "maxConsecutiveErrors": 5,
         "suspend": True,
         "tls": {"insecureSkipVerify": False, "caSecretRef": {"name": "ca", "key": "ca.crt"}},
+        "ttlSecondsAfterFinished": 2**31 - 1,
     }
     code, output = apply(ns, spec, "full")
     assert code == 0, output
+
+
+@pytest.mark.parametrize(
+    ("ttl", "says"),
+    [
+        (-1, "should be greater than or equal to 0"),
+        (2**31, "should be less than or equal to 2147483647"),
+        ("1h", "must be of type integer"),
+        (1.5, "must be of type integer"),
+    ],
+)
+def test_a_bad_ttl_is_rejected_with_a_clear_message(ns: Namespace, ttl: object, says: str) -> None:
+    code, output = apply(ns, {**GOOD, "ttlSecondsAfterFinished": ttl})
+    assert code != 0, output
+    # The field, what is wrong with it, in the API server's own words.
+    assert "spec.ttlSecondsAfterFinished: Invalid value" in output, output
+    assert f"spec.ttlSecondsAfterFinished in body {says}" in output, output
+    assert ns.get("bad") is None
+
+
+@pytest.mark.parametrize("ttl", [0, 1, 86400])
+def test_a_ttl_is_accepted_and_kept_as_written(ns: Namespace, ttl: int) -> None:
+    code, output = apply(ns, {**GOOD, "ttlSecondsAfterFinished": ttl}, f"ttl-{ttl}")
+    assert code == 0, output
+    assert (ns.get(f"ttl-{ttl}") or {})["spec"]["ttlSecondsAfterFinished"] == ttl
 
 
 def test_explain_documents_the_fields(ns: Namespace) -> None:

@@ -1,4 +1,5 @@
-"""`kubectl explain jobwatch.status` describes every status field, as the API server serves it."""
+"""`kubectl explain jobwatch.status` describes every status field, as the API server serves it
+(and `jobwatch.spec.ttlSecondsAfterFinished` its meaning)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,15 @@ def test_every_status_field_has_a_description(installed: Cluster) -> None:
         if path == "lastError.class":
             assert "Internal (" in text, text
     assert not missing, f"fields without a description: {missing}"
+
+
+def test_the_ttl_is_explained(installed: Cluster) -> None:
+    def explain() -> subprocess.CompletedProcess[str] | None:
+        shown = installed.kubectl("explain", "jobwatch.spec.ttlSecondsAfterFinished")
+        return shown if shown.returncode == 0 else None
+
+    shown = wait_for(explain, 60, "the JobWatch schema in the OpenAPI document", 0.5)
+    assert "<integer>" in shown.stdout, shown.stdout
+    text = description(shown.stdout)
+    for says in ("completionTime", "does not start a new watch", "uid", "Argo CD"):
+        assert says in text, text

@@ -23,6 +23,7 @@ def test_defaults() -> None:
     assert config.progress_interval == 15.0
     assert config.status_qps == 18.0
     assert config.shutdown_budget == 10.0
+    assert (config.delete_qps, config.delete_burst) == (10.0, 20)
     assert config.egress.check(ipaddress.ip_address("169.254.169.254")) is not None
     assert config.egress.check(ipaddress.ip_address("127.0.0.1")) is None
 
@@ -35,8 +36,11 @@ def test_values_are_read() -> None:
             "JOBWATCH_EGRESS_DENY": "127.0.0.0/8",
             "JOBWATCH_STATUS_PROGRESS_INTERVAL": "500ms",
             "JOBWATCH_MAX_IN_FLIGHT": "50",
+            "JOBWATCH_DELETE_QPS": "2.5",
+            "JOBWATCH_DELETE_BURST": "5",
         }
     )
+    assert (config.delete_qps, config.delete_burst) == (2.5, 5)
     assert config.namespaces == ("a", "b")
     assert config.labels == (("jobwatch.dev/shard", "1"), ("team", "x"))
     assert config.egress.check(ipaddress.ip_address("127.0.0.1")) is not None
@@ -52,6 +56,9 @@ def test_values_are_read() -> None:
         ("JOBWATCH_STATUS_PROGRESS_INTERVAL", "15"),
         ("JOBWATCH_EGRESS_DENY", "10.0.0.1/8"),
         ("JOBWATCH_LABEL_SELECTOR", "shard"),
+        ("JOBWATCH_DELETE_QPS", "0"),
+        ("JOBWATCH_DELETE_QPS", "inf"),
+        ("JOBWATCH_DELETE_BURST", "0"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str) -> None:

@@ -300,6 +300,59 @@ async def test_a_watch_refused_with_401_logs_in_again(server: LoopbackApi) -> No
     assert tokens.loads == 2
 
 
+# --- deletion after spec.ttlSecondsAfterFinished (issue #23) ------------------------------
+
+OBJECT_PATH = "/apis/jobwatch.dev/v1alpha1/namespaces/ns/jobwatches/build-1"
+
+
+async def test_a_delete_names_the_uid_and_the_version_decided_on(
+    server: LoopbackApi, api: KubeApi
+) -> None:
+    server.answer = lambda seen: reply(200, {"kind": "JobWatch"})
+    assert await api.delete_jobwatch(REF, "4711") is True
+    [request] = server.path(OBJECT_PATH)
+    assert request.method == "DELETE"
+    assert request.headers["content-type"] == "application/json"
+    assert request.json() == {
+        "apiVersion": "v1",
+        "kind": "DeleteOptions",
+        "preconditions": {"uid": "uid-1", "resourceVersion": "4711"},
+    }
+
+
+async def test_a_delete_accepted_for_later_is_a_deletion(server: LoopbackApi, api: KubeApi) -> None:
+    # 202: another controller's finalizer holds the object; its deletion has started.
+    server.answer = lambda seen: reply(202, {"kind": "JobWatch"})
+    assert await api.delete_jobwatch(REF, "1") is True
+
+
+async def test_nothing_to_delete_is_not_an_error(server: LoopbackApi, api: KubeApi) -> None:
+    server.answer = lambda seen: reply(404, {"message": "not found"})
+    assert await api.delete_jobwatch(REF, "1") is False
+
+
+@pytest.mark.parametrize("code", [409, 403, 500])
+async def test_a_refused_delete_says_why(server: LoopbackApi, api: KubeApi, code: int) -> None:
+    message = (
+        'Operation cannot be fulfilled on JobWatch.jobwatch.dev "build-1": the UID in the '
+        "precondition (uid-1) does not match the UID in record (uid-2). The object might have "
+        "been deleted and then recreated"
+    )
+    server.answer = lambda seen: reply(code, {"message": message})
+    with pytest.raises(ApiError) as raised:
+        await api.delete_jobwatch(REF, "1")
+    assert (raised.value.status, raised.value.message) == (code, message)
+
+
+async def test_a_delete_whose_answer_is_lost_is_not_sent_again(
+    server: LoopbackApi, api: KubeApi
+) -> None:
+    server.answer = never
+    with pytest.raises(Unreachable):
+        await api.delete_jobwatch(REF, "1")
+    assert [seen.method for seen in server.seen] == ["DELETE"]
+
+
 # --- what a connection failure, a slow server or a re-login do (issue #19) --------------
 
 

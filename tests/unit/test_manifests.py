@@ -31,7 +31,9 @@ def test_cluster_role_has_no_wildcards_and_only_gets_secrets() -> None:
         for resource in rule["resources"]
     }
     assert grants[("", "secrets")] == {"get"}
-    assert grants[("jobwatch.dev", "jobwatches")] == {"get", "list", "watch"}
+    # delete: only for spec.ttlSecondsAfterFinished (a uid-precondition DELETE of a
+    # finished JobWatch); still never create, update or patch of the main resource.
+    assert grants[("jobwatch.dev", "jobwatches")] == {"get", "list", "watch", "delete"}
     assert grants[("jobwatch.dev", "jobwatches/status")] <= {"get", "patch", "update"}
     assert set(grants) <= {
         ("", "secrets"),
@@ -86,4 +88,30 @@ def test_crd_names_and_printer_columns() -> None:
     (version,) = crd["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
     columns = [(c["name"], c.get("priority", 0)) for c in version["additionalPrinterColumns"]]
-    assert columns == [("Phase", 0), ("Attempts", 0), ("Reason", 0), ("Age", 0), ("URL", 1)]
+    # The default columns are the API's; Completed and TTL only with -o wide.
+    assert columns == [
+        ("Phase", 0),
+        ("Attempts", 0),
+        ("Reason", 0),
+        ("Age", 0),
+        ("Completed", 1),
+        ("TTL", 1),
+        ("URL", 1),
+    ]
+    paths = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert paths["Completed"] == ".status.completionTime"
+    assert paths["TTL"] == ".spec.ttlSecondsAfterFinished"
+
+
+def test_crd_bounds_the_ttl_as_a_job_does() -> None:
+    crd = load("crds/jobwatch.dev_jobwatches.yaml")
+    (version,) = crd["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    ttl = spec["properties"]["ttlSecondsAfterFinished"]
+    assert {k: ttl[k] for k in ("type", "format", "minimum", "maximum")} == {
+        "type": "integer",
+        "format": "int32",
+        "minimum": 0,
+        "maximum": 2**31 - 1,
+    }
+    assert "default" not in ttl  # nothing is deleted unless a user asks

@@ -64,6 +64,7 @@ def test_explicit_nulls_mean_defaults() -> None:
         "maxConsecutiveErrors",
         "suspend",
         "tls",
+        "ttlSecondsAfterFinished",
     ]
     assert parse_spec(spec(**dict.fromkeys(keys))) == parse_spec({"url": URL})
     nested = spec(
@@ -97,6 +98,7 @@ def test_every_field_is_read() -> None:
             "maxConsecutiveErrors": 5,
             "suspend": True,
             "tls": {"insecureSkipVerify": True, "caSecretRef": {"name": "ca", "key": "ca.crt"}},
+            "ttlSecondsAfterFinished": 3600,
         }
     )
     assert parsed == WatchSpec(
@@ -118,6 +120,7 @@ def test_every_field_is_read() -> None:
         max_consecutive_errors=5,
         suspend=True,
         tls=TLSSpec(insecure_skip_verify=True, ca_secret_name="ca", ca_secret_key="ca.crt"),
+        ttl_seconds_after_finished=3600,
     )
 
 
@@ -402,6 +405,19 @@ BAD_SPECS: list[tuple[dict[str, Any], str, str]] = [
     ({"tls": {"caSecretRef": {"name": "ca"}}}, "spec.tls.caSecretRef.key", "is required"),
     ({"tls": {"caSecretRef": "ca"}}, "spec.tls.caSecretRef", 'must be an object, not "ca"'),
     ({"tls": True}, "spec.tls", "must be an object, not true"),
+    (
+        {"ttlSecondsAfterFinished": -1},
+        "spec.ttlSecondsAfterFinished",
+        "must be an integer from 0 to 2147483647, not -1",
+    ),
+    (
+        {"ttlSecondsAfterFinished": 2**31},
+        "spec.ttlSecondsAfterFinished",
+        "must be an integer from 0 to 2147483647",
+    ),
+    ({"ttlSecondsAfterFinished": 1.5}, "spec.ttlSecondsAfterFinished", "not 1.5"),
+    ({"ttlSecondsAfterFinished": "1h"}, "spec.ttlSecondsAfterFinished", 'not "1h"'),
+    ({"ttlSecondsAfterFinished": True}, "spec.ttlSecondsAfterFinished", "not true"),
 ]
 
 
@@ -495,6 +511,18 @@ def test_hash_never_changes_between_versions() -> None:
 @pytest.mark.parametrize("suspend", [True, False, None])
 def test_hash_ignores_suspend(suspend: bool | None) -> None:
     assert spec_hash(spec(suspend=suspend)) == spec_hash(spec())
+
+
+@pytest.mark.parametrize("ttl", [0, 2, 3600, 2**31 - 1, None])
+def test_hash_ignores_the_ttl(ttl: int | None) -> None:
+    # A change of the TTL alone is the same watch (as a Job's TTL is mutable): a finished
+    # watch is not re-run for it, and the hashes stored before the field existed hold.
+    assert spec_hash(spec(ttlSecondsAfterFinished=ttl)) == spec_hash(spec())
+
+
+@pytest.mark.parametrize("ttl", [0, 1, 2**31 - 1])
+def test_the_ttl_is_read_within_int32(ttl: int) -> None:
+    assert parse_spec(spec(ttlSecondsAfterFinished=ttl)).ttl_seconds_after_finished == ttl
 
 
 def test_hash_equals_with_defaults_spelled_out() -> None:

@@ -76,6 +76,9 @@ class Config:
     secret_ttl: float  # seconds a Secret read is reused
     secret_qps: float  # fleet-wide Secret reads per second, sustained
     secret_burst: int
+    # Deletions after spec.ttlSecondsAfterFinished per second, sustained, and their burst.
+    delete_qps: float = 10.0
+    delete_burst: int = 20
     hosts: HostSettings = field(default_factory=HostSettings)  # limits and breaker per host
     # Replicas sharing the fleet through Leases; None: one replica polls everything.
     leases: LeaseSettings | None = None
@@ -127,6 +130,8 @@ class Config:
             secret_ttl=read.duration("JOBWATCH_SECRET_TTL", "10s"),
             secret_qps=read.number("JOBWATCH_SECRET_QPS", "20", 0.1),
             secret_burst=int(read.number("JOBWATCH_SECRET_BURST", "40", 1)),
+            delete_qps=read.finite("JOBWATCH_DELETE_QPS", "10", 0.1),
+            delete_burst=int(read.finite("JOBWATCH_DELETE_BURST", "20", 1)),
         )
 
 

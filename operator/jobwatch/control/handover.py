@@ -38,8 +38,9 @@ class BucketHandover:
 
     def resume(self, buckets: frozenset[int]) -> None:
         """Parked buckets are this replica's again, nobody else's in between: their
-        watches, as they were, poll again (those due meanwhile paced), and what could
-        not be written meanwhile is written."""
+        watches, as they were, poll again (those due meanwhile paced), finished ones are
+        planned for deletion after their TTL, and what could not be written meanwhile is
+        written."""
         book, ownership = self._book, self._ownership
         now = book.wall()
         for key, watch in book.watches.items():
@@ -47,7 +48,10 @@ class BucketHandover:
                 continue
             # What could not be written while parked (an end above all) goes out now.
             book.writer.submit(watch, urgent=True)
-            if not watch.finished and watch.spec:
+            if watch.finished and watch.deletion is not None:
+                # Its deletion after the TTL (a time passed meanwhile runs at once).
+                book.plan_deletion(key, watch.deletion.expiry.due)
+            elif not watch.finished and watch.spec:
                 due = (
                     watch.deadline
                     if watch.suspended
@@ -98,6 +102,21 @@ class BucketHandover:
             if gone is not None:
                 handed[key] = Handed(gone, None, 0, gone)
         return handed
+
+
+def still_ours(book: WatchBook, ownership: Ownership | None, key: Key) -> bool:
+    """May this replica act on the watch now (poll it, delete it after its TTL)? Checked
+    before anything is sent: a replica that could not renew its bucket's Lease in time
+    (the API server away, the process stopped for a while) drops the watch before another
+    may take it."""
+    now = book.clock()
+    if ownership is None or ownership.valid(key[0], key[1], now):
+        return True
+    if ownership.kept(key[0], key[1], now):
+        return False  # parked: `resume` plans it again, `drop` forgets it
+    if not ownership.writable(key[0], key[1], now):
+        book.forget(key)
+    return False  # being handed over: `hand_over` writes its status, then forgets it
 
 
 def take_over(ownership: Ownership | None, key: Key, watch: Watch, *, resumed: bool) -> None:

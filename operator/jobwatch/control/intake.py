@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from jobwatch.control.handover import take_over
 from jobwatch.control.hostwaits import Key
+from jobwatch.control.reaper import Reaper
 from jobwatch.control.sharding.adoption import Adoption
 from jobwatch.control.sharding.ownership import Ownership
 from jobwatch.control.watchbook import WatchBook, log
@@ -42,8 +43,11 @@ class Intake:
         metrics: Metrics,
         ownership: Ownership | None,
         cel: Cel,
+        *,
+        reaper: Reaper,
     ) -> None:
         self._book, self._metrics, self._cel = book, metrics, cel
+        self._reaper = reaper  # deletions after the TTL, decided on each version seen
         # With replicas sharing the fleet: the watches of the buckets this one holds.
         # None: a single replica, which takes in and polls every JobWatch it sees.
         self._ownership = ownership
@@ -108,7 +112,12 @@ class Intake:
         generation = int(meta.get("generation") or 0)
         uid = str(meta.get("uid"))
         if current is not None and current.ref.uid == uid and current.generation >= generation:
-            return  # our own status echo, or an event older than what was read
+            # Our own status echo, or an event older than what was read. A finished
+            # watch's deletion after its TTL is decided on each version stored (the
+            # echo of its end write first of all): it names the version in its DELETE.
+            if current.finished and current.generation == generation:
+                self._reaper.seen(key, current, body)
+            return
         if current is not None and current.ref.uid != uid:
             self._book.forget(key)
             current = None
@@ -185,8 +194,11 @@ class Intake:
         same_watch = current is not None and current.spec_hash == parsed.digest
         resumed = same_watch or (stored.get("specHash") == parsed.digest and "startTime" in stored)
         if current is not None and same_watch:
-            # A change of `suspend` alone: the same watch goes on.
+            # A change of `suspend` or `ttlSecondsAfterFinished` alone: the same watch
+            # goes on (a finished one stays finished; its deletion is decided again).
             current.generation, current.suspended = generation, watch.suspended
+            if watch.spec is not None:
+                current.spec = watch.spec
             watch = current
         elif resumed:
             watch.resume_from(stored)
@@ -199,6 +211,7 @@ class Intake:
             take_over(self._ownership, key, watch, resumed=False)
         self._book.watches[key] = watch
         self._begin(key, watch, parsed.problem, stored, now, resumed=resumed, same_watch=same_watch)
+        self._reaper.seen(key, watch, body)  # finished (as stored, or just now): its TTL
 
     def _begin(
         self,

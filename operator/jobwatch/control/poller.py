@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from jobwatch.control.handover import still_ours
 from jobwatch.control.hostwaits import Key
 from jobwatch.control.requestparts import PartsReader, RequestParts, SecretProblem
 from jobwatch.control.sharding.ownership import Ownership
@@ -90,18 +91,8 @@ class Poller:
             await self._judge(key, watch, outcome, step)
 
     def _ours(self, key: Key) -> bool:
-        """Still this replica's to poll? Checked before anything is sent or written: a
-        replica that could not renew its bucket's Lease in time (the API server away, the
-        process stopped for a while) drops the watch before another may take it."""
-        ownership = self._ownership
-        now = self._book.clock()
-        if ownership is None or ownership.valid(key[0], key[1], now):
-            return True
-        if ownership.kept(key[0], key[1], now):
-            return False  # parked: `resume` plans its polls again, `drop` forgets it
-        if not ownership.writable(key[0], key[1], now):
-            self._book.forget(key)
-        return False  # being handed over: `hand_over` writes its status, then forgets it
+        """Still this replica's to poll? (`handover.still_ours`)"""
+        return still_ours(self._book, self._ownership, key)
 
     def _due(self, key: Key, watch: Watch, now: float) -> bool:
         """Whether a request goes now; if not, the watch is ended or planned again."""

@@ -4,7 +4,8 @@ scheduler and the status writer around the watches they share, and starts and st
 Layer: control. What each part does is in its own module: intake.py (events into
 watches), poller.py (one poll), handover.py (buckets between replicas), watchbook.py
 (the shared watches, planning and recording), hostwaits.py (polls held by their host's
-limits), requestparts.py (Secrets into requests).
+limits), requestparts.py (Secrets into requests), reaper.py (finished watches deleted
+after their TTL).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from jobwatch.control.handover import BucketHandover
 from jobwatch.control.hostwaits import HostWaits, Key
 from jobwatch.control.intake import Intake
 from jobwatch.control.poller import Poller
+from jobwatch.control.reaper import Reaper
 from jobwatch.control.requestparts import PartsReader
 from jobwatch.control.scheduler import Scheduler
 from jobwatch.control.sharding.handed import Handed
@@ -58,6 +60,10 @@ class RuntimeSettings(Protocol):
     def secret_qps(self) -> float: ...
     @property
     def secret_burst(self) -> int: ...
+    @property
+    def delete_qps(self) -> float: ...
+    @property
+    def delete_burst(self) -> int: ...
     @property
     def hosts(self) -> HostSettings: ...
     @property
@@ -109,8 +115,22 @@ class Runtime:
             rand=rand,
         )
         self.watches = self._book.watches
+        self._reaper = Reaper(
+            self._book,
+            api,
+            metrics,
+            ownership,
+            qps=config.delete_qps,
+            burst=config.delete_burst,
+            observe=lambda body: self.observe(None, body),
+        )
         self._intake = Intake(
-            self._book, api, metrics, ownership, cel if cel is not None else Cel()
+            self._book,
+            api,
+            metrics,
+            ownership,
+            cel if cel is not None else Cel(),
+            reaper=self._reaper,
         )
         self.adoption = self._intake.adoption
         self._handover = (
@@ -202,8 +222,13 @@ class Runtime:
         self._intake.keep_only(namespace, keys)
 
     async def poll(self, key: Key) -> None:
-        """One poll of a watch, the scheduler's job (`Poller.poll`)."""
-        await self._poller.poll(key)
+        """The scheduler's job: one poll of a watch (`Poller.poll`), or for a finished
+        one, its deletion after the TTL (`Reaper.run`)."""
+        watch = self.watches.get(key)
+        if watch is not None and watch.finished:
+            await self._reaper.run(key)
+        else:
+            await self._poller.poll(key)
 
     def drop(self, buckets: frozenset[int]) -> None:
         """Lost buckets: their watches are forgotten (`BucketHandover.drop`)."""

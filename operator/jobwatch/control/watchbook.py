@@ -76,6 +76,13 @@ class WatchBook:
         delay = max(0.0, due_wall - self.wall())
         self.scheduler.schedule(key, self.clock() + delay)
 
+    def plan_deletion(self, key: Key, due_wall: float) -> None:
+        """Plans the run that deletes a finished watch (`spec.ttlSecondsAfterFinished`,
+        control/reaper.py) at `due_wall`: the key's one scheduler entry, as a poll is for
+        a watch that has not ended. A time already past runs at once."""
+        delay = max(0.0, due_wall - self.wall())
+        self.scheduler.schedule(key, self.clock() + delay)
+
     def paced(self, due: float, watch: Watch) -> float:
         """`due`, or for a poll due already once polling runs (a bucket taken over, a burst
         of new JobWatches) the next slot at START_UP_POLLS_PER_SECOND, within the watch's

@@ -110,6 +110,9 @@ class WatchSpec:
     max_consecutive_errors: int
     suspend: bool
     tls: TLSSpec
+    # Seconds after the end until the JobWatch is deleted; None: never. Like `suspend`,
+    # not part of what the watch does: a change of it alone starts no new watch.
+    ttl_seconds_after_finished: int | None = None
 
 
 def parse_spec(raw: Mapping[str, Any]) -> WatchSpec:
@@ -151,14 +154,25 @@ def parse_spec(raw: Mapping[str, Any]) -> WatchSpec:
         max_consecutive_errors=_count(raw.get("maxConsecutiveErrors"), "spec.maxConsecutiveErrors"),
         suspend=_flag(raw.get("suspend"), "spec.suspend"),
         tls=_tls(_object(raw.get("tls"), "spec.tls")),
+        ttl_seconds_after_finished=parse_ttl(raw.get("ttlSecondsAfterFinished")),
     )
 
 
-def spec_hash(raw: Mapping[str, Any]) -> str:
-    """A short stable hash of what the watch does: the defaulted spec without `suspend`.
+def parse_ttl(value: Any) -> int | None:
+    """`spec.ttlSecondsAfterFinished`: None when unset (never deleted); raises
+    `SpecError` for anything but an integer from 0 to MAX_INT32, as the CRD does."""
+    if value is None:
+        return None
+    return _count(value, "spec.ttlSecondsAfterFinished")
 
-    Spelling out a default, reordering `result` or toggling `suspend` keeps the hash; any
-    other change makes a new one. Raises `SpecError` like `parse_spec`.
+
+def spec_hash(raw: Mapping[str, Any]) -> str:
+    """A short stable hash of what the watch does: the defaulted spec without `suspend`
+    and `ttlSecondsAfterFinished`.
+
+    Spelling out a default, reordering `result`, toggling `suspend` or changing the TTL
+    keeps the hash; any other change makes a new one. Raises `SpecError` like
+    `parse_spec`.
     """
     return spec_digest(parse_spec(raw))
 
@@ -170,7 +184,9 @@ def spec_digest(spec: WatchSpec) -> str:
     version, or an upgraded operator would restart every watch (a test pins it).
     """
     material = _plain(spec)
-    del material["suspend"]
+    # Neither changes what is polled nor how: a change of them alone is the same watch
+    # (and the hashes stored before the TTL existed stay valid).
+    del material["suspend"], material["ttl_seconds_after_finished"]
     material["permanent_status_codes"] = sorted(spec.permanent_status_codes)
     material["result"] = sorted(material["result"])
     text = json.dumps(material, sort_keys=True, separators=(",", ":"))

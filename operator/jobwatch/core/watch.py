@@ -9,13 +9,16 @@ from __future__ import annotations
 import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobwatch.core.expressions import CompiledWatch
 from jobwatch.core.outcome import Response
 from jobwatch.core.policy import END_PHASES, ErrorClass, LastError, Phase
 from jobwatch.core.refs import ObjectRef
 from jobwatch.core.spec import WatchSpec
+
+if TYPE_CHECKING:  # expiry.py reads times with this module's parse_time
+    from jobwatch.core.expiry import Deletion
 
 LAST_BODY_BYTES = 1024
 # The last response is kept in memory only to evaluate `spec.result` when the
@@ -80,6 +83,9 @@ class Watch:
     # condition type -> (status, lastTransitionTime): kept so that a transition
     # time changes only when the condition's status does.
     transitions: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # A finished watch with `spec.ttlSecondsAfterFinished`: its planned deletion, decided
+    # on the object as stored (control/reaper.py); None otherwise.
+    deletion: Deletion | None = None
 
     @property
     def finished(self) -> bool:

@@ -295,6 +295,14 @@ class Metrics:
         self.queued = Gauge(
             "jobwatch_polls_queued", "Polls that are due but wait for a free worker.", registry=r
         )
+        self.ttl_deletions = Counter(
+            "jobwatch_ttl_deletions",
+            "Deletions of finished JobWatches after spec.ttlSecondsAfterFinished, by outcome "
+            "(deleted, gone: there was nothing to delete, conflict: the object changed since "
+            "the decision and is decided on again, failed: retried with backoff).",
+            ["outcome"],
+            registry=r,
+        )
 
     def _scraped(self, collector: _Collector) -> _Collector:
         self.registry.register(collector)

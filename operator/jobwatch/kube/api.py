@@ -2,9 +2,9 @@
 adapter).
 
 JobWatch reads, lists and watches (the informer's), status patches with their fence,
-Secret reads, Events and Leases, each one request through `KubeClient` (client.py:
-connections, deadlines, retries, re-login), authenticated with the credentials kopf
-logged in with (login.py).
+deletions after the TTL with their preconditions, Secret reads, Events and Leases, each
+one request through `KubeClient` (client.py: connections, deadlines, retries, re-login),
+authenticated with the credentials kopf logged in with (login.py).
 """
 
 from __future__ import annotations
@@ -169,6 +169,27 @@ class KubeApi:
             raise api_error(code, payload)
         body = json.loads(payload)
         return body if isinstance(body, dict) else None
+
+    async def delete_jobwatch(self, ref: ObjectRef, resource_version: str) -> bool:
+        """Deletes the JobWatch only if it is still the object `ref` names (its uid) at
+        `resource_version`, so that neither a namesake created since nor an edit made
+        since is deleted: True when deleted (or its deletion started), False when there
+        was nothing to delete (404); an ApiError (409 when a precondition failed)."""
+        options = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"uid": ref.uid, "resourceVersion": resource_version},
+        }
+        code, payload = await self._client.request(
+            "DELETE",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{ref.namespace}/{PLURAL}/{ref.name}",
+            body=encode_json(options).encode(),
+        )
+        if code == 404:
+            return False
+        if code >= 400:
+            raise api_error(code, payload)
+        return True
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
         """The Secret, or None when it does not exist (or we may not read it)."""

@@ -117,6 +117,11 @@ class StatusWriter:
             watch.ref, warning=watch.phase in STALLED, reason=reason, message=message
         )
 
+    def warn(self, ref: ObjectRef, reason: str, message: str) -> None:
+        """A Warning Event about the object that is no phase change (a deletion after the
+        TTL that failed), within the same Event budget and aggregation."""
+        self._events.record(ref, warning=True, reason=reason, message=message)
+
     def stored(self, ref: ObjectRef, status: object) -> None:
         """The object's `status` as taken in (None: it has none): what its first write
         expects to find. This writer's own writes since know better and are kept."""
