@@ -47,6 +47,8 @@ applies and the default env equals manifests/manager/deployment.yaml's.
   (list "JOBWATCH_STATUS_BURST" $v.status.burst)
   (list "JOBWATCH_EVENT_QPS" $v.events.qps)
   (list "JOBWATCH_EVENT_BURST" $v.events.burst)
+  (list "JOBWATCH_DELETE_QPS" $v.deletes.qps)
+  (list "JOBWATCH_DELETE_BURST" $v.deletes.burst)
   (list "JOBWATCH_SECRET_TTL" $v.secrets.ttl)
   (list "JOBWATCH_SECRET_QPS" $v.secrets.qps)
   (list "JOBWATCH_SECRET_BURST" $v.secrets.burst)

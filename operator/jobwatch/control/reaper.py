@@ -208,7 +208,8 @@ class Reaper:
         ref = watch.ref
         if deletion.tries == 1 or kind != deletion.last_failure:
             hint = (
-                " (the operator's ClusterRole needs the verb delete on jobwatches)"
+                " (the operator's RBAC needs the verb delete on jobwatches: its ClusterRole,"
+                " or the Role in this namespace when it watches listed namespaces)"
                 if kind == "HTTP 403"
                 else ""
             )
