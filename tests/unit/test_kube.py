@@ -168,10 +168,17 @@ async def test_secret_data_is_decoded(server: LoopbackApi, api: KubeApi) -> None
     assert secret.data == {"token": b"s3cr3t"}
 
 
-@pytest.mark.parametrize("code", [403, 404])
-async def test_a_secret_we_cannot_see_is_none(server: LoopbackApi, api: KubeApi, code: int) -> None:
-    server.answer = lambda seen: reply(code)
+async def test_a_missing_secret_is_none(server: LoopbackApi, api: KubeApi) -> None:
+    server.answer = lambda seen: reply(404)
     assert await api.get_secret("ns", "creds") is None
+
+
+async def test_a_secret_we_may_not_read_is_told_apart(server: LoopbackApi, api: KubeApi) -> None:
+    server.answer = lambda seen: reply(403)
+    secret = await api.get_secret("ns", "creds")
+    assert secret is not None
+    assert not secret.readable
+    assert not secret.data
 
 
 async def test_event_names_the_jobwatch_and_caps_the_message(

@@ -11,7 +11,7 @@ from jobwatch.core.refs import ObjectRef
 from jobwatch.core.spec import parse_spec
 from jobwatch.core.watch import Watch
 from jobwatch.jobservice.client import Request, TLSSettings
-from jobwatch.kube.api import Secret
+from jobwatch.kube.api import FORBIDDEN_SECRET, Secret
 from jobwatch.kube.secrets import SecretCache, SecretUnavailable
 
 ALLOWED = {ALLOW_LABEL: "true"}
@@ -77,8 +77,9 @@ async def test_values_from_a_secret_are_read_and_marked_sensitive() -> None:
         (None, "SecretNotFound", "was not found in namespace ns"),
         (Secret({}, {"token": b"t"}), "SecretNotAllowed", f"lacks the label {ALLOW_LABEL}"),
         (Secret(ALLOWED, {}), "SecretNotFound", "has no key 'token'"),
+        (FORBIDDEN_SECRET, "SecretNotAllowed", "its RBAC grants no get on Secrets here"),
     ],
-    ids=["missing", "not-labelled", "no-key"],
+    ids=["missing", "not-labelled", "no-key", "forbidden"],
 )
 async def test_a_secret_that_cannot_be_used_is_a_problem_the_watch_waits_for(
     secret: Secret | None, reason: str, said: str

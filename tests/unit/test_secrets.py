@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from jobwatch.kube.api import Secret
+from jobwatch.kube.api import FORBIDDEN_SECRET, Secret
 from jobwatch.kube.errors import ApiError, Unreachable
 from jobwatch.kube.secrets import SecretCache, SecretUnavailable
 
@@ -98,6 +98,19 @@ async def test_a_missing_secret_is_remembered_for_less_long(api: FakeApi, clock:
     api.secrets[("ns", "absent")] = TOKEN
     clock.now += 0.2
     assert await secrets.get("ns", "absent") is TOKEN
+    assert len(api.gets) == 2
+
+
+async def test_a_refused_read_is_asked_again_as_soon_as_a_missing_one(
+    api: FakeApi, clock: FakeClock
+) -> None:
+    # The refusal (403) is the operator's RBAC, which an admin may fix at any moment.
+    secrets = cache(api, clock, ttl=10.0, missing_ttl=2.0)
+    api.secrets[("ns", "token")] = FORBIDDEN_SECRET
+    assert await secrets.get("ns", "token") is FORBIDDEN_SECRET
+    api.secrets[("ns", "token")] = TOKEN
+    clock.now += 2.1
+    assert await secrets.get("ns", "token") is TOKEN
     assert len(api.gets) == 2
 
 

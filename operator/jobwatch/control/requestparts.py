@@ -70,6 +70,12 @@ class PartsReader:
             raise SecretProblem(
                 "SecretNotFound", f"Secret {name!r} ({use}) was not found in namespace {namespace}"
             )
+        if not secret.readable:
+            raise SecretProblem(
+                "SecretNotAllowed",
+                f"the operator may not read Secret {name!r} ({use}) in namespace {namespace}:"
+                " its RBAC grants no get on Secrets here (HTTP 403)",
+            )
         if secret.labels.get(ALLOW_LABEL) != "true":
             raise SecretProblem(
                 "SecretNotAllowed",

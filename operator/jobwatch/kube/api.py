@@ -35,6 +35,12 @@ LIST_PAGE = 500
 class Secret:
     labels: Mapping[str, str]
     data: Mapping[str, bytes]
+    # False when the API server refused the operator the read (403): told apart from a
+    # missing Secret, since the fix is the operator's RBAC, not the tenant's Secret.
+    readable: bool = True
+
+
+FORBIDDEN_SECRET = Secret(labels={}, data={}, readable=False)
 
 
 class KubeApi:
@@ -192,11 +198,14 @@ class KubeApi:
         return True
 
     async def get_secret(self, namespace: str, name: str) -> Secret | None:
-        """The Secret, or None when it does not exist (or we may not read it)."""
+        """The Secret; None when it does not exist; FORBIDDEN_SECRET when the operator's
+        RBAC does not let it read it."""
         code, payload = await self._client.request(
             "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"
         )
-        if code in (403, 404):
+        if code == 403:
+            return FORBIDDEN_SECRET
+        if code == 404:
             return None
         if code >= 400:
             raise api_error(code, payload)

@@ -117,7 +117,8 @@ class SecretCache:
             # own text is not used: it could quote the body.
             why = f"the API server's answer could not be used ({type(exc).__name__})"
             raise self._unavailable(key, why) from None
-        ttl = self._ttl if secret is not None else self._missing_ttl
+        # A refusal is checked again as soon as a missing Secret: RBAC may be fixed.
+        ttl = self._ttl if secret is not None and secret.readable else self._missing_ttl
         self._entries.put(key, secret, ttl)
         return secret
 
