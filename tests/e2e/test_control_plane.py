@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from harness import REPO, Cluster, Namespace
+from harness import Cluster, Namespace
 from kubernetes import client as k8s
 
 
@@ -30,21 +29,9 @@ def test_token_of_serviceaccount_without_roles_is_refused(ns: Namespace, tmp_pat
     ns.cluster.core.create_namespaced_service_account(
         ns.name, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="nobody"))
     )
-    kubeconfig = tmp_path / "nobody.kubeconfig"
-    made = subprocess.run(
-        [
-            str(REPO / "hack" / "sa-kubeconfig.sh"),
-            ns.name,
-            "nobody",
-            str(kubeconfig),
-            str(ns.cluster.kubeconfig),
-        ],
-        env={"KUBECTL": ns.cluster.kubectl_bin, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
+    kubeconfig = ns.cluster.service_account_kubeconfig(
+        ns.name, "nobody", tmp_path / "nobody.kubeconfig"
     )
-    assert made.returncode == 0, made.stderr
     # Authenticated (the token is valid) ...
     who = ns.cluster.kubectl("auth", "whoami", "-o", "name", kubeconfig=kubeconfig)
     assert who.returncode == 0, who.stderr

@@ -73,13 +73,17 @@ class WatchBook:
             due_wall = max(due_wall, watch.not_before)
         due_wall = min(due_wall, watch.deadline + DEADLINE_SLACK)
         watch.next_poll_time = due_wall
-        delay = max(0.0, due_wall - self.wall())
-        self.scheduler.schedule(key, self.clock() + delay)
+        self._schedule_at(key, due_wall)
 
     def plan_deletion(self, key: Key, due_wall: float) -> None:
         """Plans the run that deletes a finished watch (`spec.ttlSecondsAfterFinished`,
         control/reaper.py) at `due_wall`: the key's one scheduler entry, as a poll is for
         a watch that has not ended. A time already past runs at once."""
+        self._schedule_at(key, due_wall)
+
+    def _schedule_at(self, key: Key, due_wall: float) -> None:
+        # Times are planned on the wall clock (status holds them) but run on the
+        # monotonic one, which a clock step cannot move.
         delay = max(0.0, due_wall - self.wall())
         self.scheduler.schedule(key, self.clock() + delay)
 
