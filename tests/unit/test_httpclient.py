@@ -267,6 +267,7 @@ async def test_connection_refused(make_client: MakeClient) -> None:
         await make_client().send(get(f"http://127.0.0.1:{port}/")), FailureKind.TRANSPORT
     )
     assert failure.message == f"connection refused by 127.0.0.1:{port}"
+    assert not failure.timed_out  # the time did not run out: no deadline can have cut it
 
 
 async def slow(request: web.Request) -> web.StreamResponse:
@@ -282,6 +283,7 @@ async def test_timeout_covers_the_whole_attempt(
         await make_client().send(get(server.url(), timeout=0.3)), FailureKind.TRANSPORT
     )
     assert failure.message == "request timed out after 300ms"
+    assert failure.timed_out
     assert 250 <= failure.latency_ms < 2000
 
 
@@ -299,6 +301,7 @@ async def test_timeout_spans_redirect_hops(
         await make_client().send(get(server.url(), timeout=1)), FailureKind.TRANSPORT
     )
     assert failure.message == "request timed out after 1s"
+    assert failure.timed_out
     assert len(server.seen) <= 5
 
 
@@ -318,6 +321,7 @@ async def test_timeout_while_reading_the_body(
         await make_client().send(get(server.url(), timeout=0.5)), FailureKind.TRANSPORT
     )
     assert failure.message == "request timed out after 500ms"
+    assert failure.timed_out
 
 
 async def test_cancellation_propagates(start_server: StartServer, make_client: MakeClient) -> None:

@@ -18,6 +18,7 @@ from jobwatch.core.policy import (
     ErrorClass,
     LastError,
     Phase,
+    cut_by_deadline,
     deadline_exceeded,
     decide,
     error_delay,
@@ -605,6 +606,46 @@ HTTP_500 = LastError(ErrorClass.TRANSIENT, "HTTP 500 from the endpoint")
             "deadline passed after 0 attempts; no request could be sent: "
             "Secret 'token' (header Authorization) was not found in namespace ns",
         ),
+        # The deadline cut the last request short: the message is about the ones before it.
+        (
+            12,
+            11,
+            NAN_ERROR,
+            {"cut_after": 0.0123456},
+            f"deadline passed after 12 attempts, cutting the last one short after 12ms; "
+            f"the 11 before it failed, the last one: InvalidResponse: {NAN_ERROR.message}",
+        ),
+        (
+            3,
+            1,
+            HTTP_500,
+            {"cut_after": 1.5},
+            "deadline passed after 3 attempts, cutting the last one short after 1.5s; "
+            "the one before it failed: Transient: HTTP 500 from the endpoint",
+        ),
+        (
+            2,
+            3,
+            HTTP_500,
+            {"cut_after": 1.5},
+            "deadline passed after 2 attempts, cutting the last one short after 1.5s; "
+            "3 errors in a row before it, the last one: Transient: HTTP 500 from the endpoint",
+        ),
+        (
+            5,
+            0,
+            None,
+            {"cut_after": 0.2},
+            "deadline passed after 5 attempts, cutting the last one short after 200ms; "
+            "the job was still running at the one before it",
+        ),
+        (
+            1,
+            0,
+            None,
+            {"cut_after": 60.0},
+            "deadline passed after 1 attempt, cutting it short after 1m",
+        ),
     ],
 )
 def test_deadline_exceeded_says_what_the_attempts_came_to(
@@ -635,6 +676,34 @@ def test_deadline_exceeded_repeats_no_more_than_a_bounded_part_of_the_error() ->
 )
 def test_request_timeout_never_runs_past_the_deadline(left: float, expected: float) -> None:
     assert request_timeout(make_spec(), NOW, NOW + left) == expected
+
+
+def timeout_after(seconds: float) -> RequestFailure:
+    return RequestFailure(
+        FailureKind.TRANSPORT, f"request timed out after {seconds}s", timed_out=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("left", "outcome", "cut_after"),
+    [
+        # The deadline gave the request less than requestTimeout (30s) and it ran out.
+        (12.5, timeout_after(12.5), 12.5),
+        (0.01, timeout_after(0.01), 0.01),
+        # It had all of requestTimeout: a timeout of the endpoint's own, an error.
+        (30.0, timeout_after(30), None),
+        (3600.0, timeout_after(30), None),
+        # Shortened, but it did not run out of time: what it says about the endpoint holds.
+        (0.5, RequestFailure(FailureKind.TRANSPORT, "connection refused by 10.0.0.1:80"), None),
+        (0.5, RequestFailure(FailureKind.INVALID_RESPONSE, "more than 5 redirects"), None),
+        (0.5, resp(503), None),
+    ],
+)
+def test_a_request_counts_as_cut_by_the_deadline_only_when_its_time_ran_out_early(
+    left: float, outcome: Outcome, cut_after: float | None
+) -> None:
+    got = cut_by_deadline(make_spec(), outcome, NOW, NOW + left)
+    assert got == (None if cut_after is None else pytest.approx(cut_after))
 
 
 # --- helpers for the scheduler ---------------------------------------------------------------

@@ -88,7 +88,7 @@ class Poller:
         outcome = await self._exchange(key, watch, host, ticket, parts=parts, now=now)
         if outcome is not None:
             step.name = "judging the response"
-            await self._judge(key, watch, outcome, step)
+            await self._judge(key, watch, outcome, step, sent=now)
 
     def _ours(self, key: Key) -> bool:
         """Still this replica's to poll? (`handover.still_ours`)"""
@@ -227,10 +227,16 @@ class Poller:
         except TimeoutError:
             return None
 
-    async def _judge(self, key: Key, watch: Watch, outcome: Outcome, step: _Step) -> None:
-        """What the policy makes of the outcome, recorded."""
+    async def _judge(
+        self, key: Key, watch: Watch, outcome: Outcome, step: _Step, *, sent: float
+    ) -> None:
+        """What the policy makes of the outcome of the request sent at `sent`, recorded."""
         spec, compiled, book = watch.spec, watch.compiled, self._book
         assert spec is not None and compiled is not None
+        cut_after = policy.cut_by_deadline(spec, outcome, sent, watch.deadline)
+        if cut_after is not None:
+            book.time_out(watch, book.wall(), cut_after)
+            return
         response = outcome if isinstance(outcome, Response) else None
         if response is not None:
             watch.record_response(response)

@@ -124,14 +124,20 @@ class WatchBook:
         if phase_changed:
             self.writer.event(watch)
 
-    def time_out(self, watch: Watch, now: float) -> None:
+    def time_out(self, watch: Watch, now: float, cut_after: float | None = None) -> None:
+        """`cut_after`: the deadline cut the last request, which had that long; it was an
+        attempt, so it counts in the polls metric."""
+        not_sent = cut_after is None and watch.reason in NOT_SENT_REASONS
         decision = policy.deadline_exceeded(
             watch.attempts,
             watch.consecutive_errors,
             watch.last_error,
             suspended=watch.suspended,
-            not_sent=watch.message if watch.reason in NOT_SENT_REASONS else None,
+            not_sent=watch.message if not_sent else None,
+            cut_after=cut_after,
         )
+        if cut_after is not None:
+            self._metrics.polls.labels(decision.reason).inc()
         self.finish(watch, decision, now)
 
     def finish(

@@ -75,6 +75,8 @@ class RequestFailure:
     # watch's CA bundle does not trust) or a redirect target's: a host's circuit
     # breaker counts only the former.
     host_failed: bool = False
+    # The request's time ran out (`requestTimeout`, or the deadline when that came first).
+    timed_out: bool = False
 
 
 Outcome = Response | RequestFailure

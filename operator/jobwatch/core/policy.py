@@ -13,8 +13,9 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
+from jobwatch.core.durations import format_duration
 from jobwatch.core.expressions import CompiledWatch, EvaluationError, excerpt
-from jobwatch.core.outcome import FailureKind, Outcome, Response
+from jobwatch.core.outcome import FailureKind, Outcome, RequestFailure, Response
 from jobwatch.core.spec import Jitter, WatchSpec
 
 Rand = Callable[[], float]
@@ -263,6 +264,21 @@ def request_timeout(spec: WatchSpec, now: float, deadline: float) -> float:
     return min(spec.request_timeout, max(0.0, deadline - now))
 
 
+def cut_by_deadline(
+    spec: WatchSpec, outcome: Outcome, sent: float, deadline: float
+) -> float | None:
+    """The time a request sent at `sent` had, when it ran out of it because the deadline
+    came before `requestTimeout` did; None for any other outcome.
+
+    Such a request says nothing about the endpoint: the deadline, not the endpoint, cut
+    it. It ends the watch as TimedOut without becoming its last error, so that the end
+    still names what the attempts before it came to."""
+    given = request_timeout(spec, sent, deadline)
+    if isinstance(outcome, RequestFailure) and outcome.timed_out and given < spec.request_timeout:
+        return given
+    return None
+
+
 def deadline_exceeded(
     attempts: int,
     consecutive_errors: int,
@@ -270,28 +286,39 @@ def deadline_exceeded(
     *,
     suspended: bool = False,
     not_sent: str | None = None,
+    cut_after: float | None = None,
 ) -> Decision:
     """The deadline passed: TimedOut, keeping the error streak and the last error.
 
     The message is what a user reads after the fact: how many attempts were made and, when
     the last ones failed, the last error, so that "the job was slow" and "every answer was
     broken" read apart. `not_sent`: why no request was going out at the end (a Secret the
-    watch waited for, its host holding it), when that was so."""
+    watch waited for, its host holding it), when that was so. `cut_after`: the time the
+    last request had when the deadline cut it (`cut_by_deadline`); the rest of the message
+    is then about the attempts before it."""
     message = "deadline passed" + (" while suspended (spec.suspend)" if suspended else "")
     message += f" after {attempts} attempt{'' if attempts == 1 else 's'}"
+    judged, last = attempts, "the last one"  # the attempts whose outcome is known
+    if cut_after is not None:
+        cut = "it" if attempts == 1 else "the last one"
+        message += f", cutting {cut} short after {format_duration(round(cut_after, 3))}"
+        judged, last = attempts - 1, "the one before it"
+    before = "" if cut_after is None else " before it"
     if consecutive_errors and last_error is not None:
-        if consecutive_errors > attempts:  # some failed before a request went out
-            streak = f"{consecutive_errors} errors in a row, the last one"
+        if consecutive_errors > judged:  # some failed before a request went out
+            streak = f"{consecutive_errors} errors in a row{before}, the last one"
         elif consecutive_errors == 1:
-            streak = "the last one failed"
-        else:
+            streak = f"{last} failed"
+        elif cut_after is None:
             streak = f"the last {consecutive_errors} failed, the last one"
+        else:
+            streak = f"the {consecutive_errors} before it failed, the last one"
         cause = excerpt(last_error.message, ERROR_IN_MESSAGE)
         message += f"; {streak}: {last_error.error_class.value}: {cause}"
     elif not_sent:
         message += f"; no request could be sent: {excerpt(not_sent, ERROR_IN_MESSAGE)}"
-    elif attempts:
-        message += "; the job was still running at the last one"
+    elif judged:
+        message += f"; the job was still running at {last}"
     return Decision(
         phase=Phase.TIMED_OUT,
         reason="DeadlineExceeded",

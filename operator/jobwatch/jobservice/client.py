@@ -162,6 +162,7 @@ class HttpClient:
             message,
             _elapsed_ms(loop, started),
             host_failed=progress.hop == 0,
+            timed_out=True,
         )
 
     async def aclose(self) -> None:
