@@ -101,7 +101,15 @@ Env = tuple[Runtime, FakeApi, FakeHttp]
 async def running_env() -> AsyncIterator[Env]:
     """The `env` fixture of the runtime's tests (imported by them): a runtime polling (a
     single replica), on a fresh API server and job service."""
-    api, http = FakeApi(), FakeHttp()
+    async with polling(FakeHttp()) as env:
+        yield env
+
+
+@contextlib.asynccontextmanager
+async def polling(http: FakeHttp) -> AsyncIterator[Env]:
+    """A runtime polling (a single replica) on a fresh API server and the job service
+    `http`."""
+    api = FakeApi()
     config = Config.from_env({"JOBWATCH_STATUS_QPS": "1000", "JOBWATCH_STATUS_BURST": "1000"})
     runtime = Runtime(config, api, http, Metrics())  # type: ignore[arg-type]
     runtime.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from runtime_fakes import (
     FakeHttp,
     Slow,
     jobwatch,
+    polling,
     raising,
     replica,
     running_env,  # noqa: F401  (the `env` fixture)
@@ -33,9 +35,43 @@ from jobwatch.control import watchbook as watchbook_module
 from jobwatch.core import policy
 from jobwatch.core import render as status_render
 from jobwatch.core.expressions import CompiledWatch
-from jobwatch.core.outcome import Outcome, Response
+from jobwatch.core.outcome import FailureKind, Outcome, RequestFailure, Response
 from jobwatch.core.watch import Watch
 from jobwatch.jobservice.client import Request
+
+
+class Hung(FakeHttp):
+    """A job service whose `/doomed-` paths answer nothing until the request's time runs
+    out, and whose other paths answer as usual."""
+
+    async def send(self, request: Request) -> Outcome:
+        if "/doomed-" not in request.url:
+            return await super().send(request)
+        self.sent[request.url] = self.sent.get(request.url, 0) + 1
+        await asyncio.sleep(request.timeout)
+        message = f"request timed out after {request.timeout}s"
+        return RequestFailure(FailureKind.TRANSPORT, message, host_failed=True, timed_out=True)
+
+
+async def test_requests_the_deadline_cuts_short_end_their_watches_and_spare_the_host() -> None:
+    http = Hung()
+    async with polling(http) as env:
+        runtime = env[0]
+        doomed = [f"doomed-{i}" for i in range(12)]  # over the breaker's 10 failures
+        for name in doomed:
+            runtime.observe("ADDED", jobwatch(name, url=f"http://slow.test/{name}"))
+        for name in doomed:
+            status = await until_ended(env, name)
+            assert (status["phase"], status["attempts"]) == ("TimedOut", 1), status
+            assert status.get("lastError") is None and status["consecutiveErrors"] == 0, status
+            assert re.fullmatch(
+                r"deadline passed after 1 attempt, cutting it short after \d+ms", status["message"]
+            ), status["message"]
+        # Twelve requests ran out of time together, none for the host's sake: a neighbour
+        # on the same host is polled at once, not held for the breaker's 5 s cooldown.
+        runtime.observe("ADDED", jobwatch("steady", url="http://slow.test/steady"))
+        await until(lambda: http.sent.get("http://slow.test/steady", 0) >= 3, env, timeout=2)
+
 
 # --- each step of a poll ------------------------------------------------------------
 

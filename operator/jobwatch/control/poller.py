@@ -195,6 +195,10 @@ class Poller:
                     book.plan(key, watch, book.wall())
                 return None
             heard = verdict(outcome)
+            if policy.cut_by_deadline(spec, outcome, now, watch.deadline) is not None:
+                # The deadline's doing, not the host's: a fleet created together, whose
+                # deadlines fall together, must not open the breaker on a healthy host.
+                heard = Verdict.NOTHING
             if isinstance(outcome, Response):
                 pause = policy.retry_after(outcome, watch.last_end)
                 if pause is not None:
