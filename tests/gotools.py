@@ -21,31 +21,28 @@ CHART = REPO / "charts" / "jobwatch"
 BUILD_TIMEOUT = 1800
 
 
-def build_tool(name: str, package: str | None = None) -> Path:
-    """hack/tools/NAME built by hack/build-tool.sh (PACKAGE: its main package, when the
-    module only pins one); the binary's path."""
+def _build(what: str, script: str, *args: str) -> Path:
+    """Runs hack/SCRIPT, which builds (or finds cached) and prints a path."""
     built = subprocess.run(
-        [str(REPO / "hack" / "build-tool.sh"), name, *([package] if package else [])],
+        [str(REPO / "hack" / script), *args],
         capture_output=True,
         text=True,
         check=False,
         timeout=BUILD_TIMEOUT,
     )
-    assert built.returncode == 0, f"building {name} failed:\n{built.stderr}"
+    assert built.returncode == 0, f"building {what} failed:\n{built.stderr}"
     return Path(built.stdout.strip())
+
+
+def build_tool(name: str, package: str | None = None) -> Path:
+    """hack/tools/NAME built by hack/build-tool.sh (PACKAGE: its main package, when the
+    module only pins one); the binary's path."""
+    return _build(name, "build-tool.sh", name, *([package] if package else []))
 
 
 def pinned_kubectl() -> Path:
     """The kubectl of the pinned control plane (hack/build-controlplane.sh)."""
-    built = subprocess.run(
-        [str(REPO / "hack" / "build-controlplane.sh")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=BUILD_TIMEOUT,
-    )
-    assert built.returncode == 0, f"building the control plane failed:\n{built.stderr}"
-    return Path(built.stdout.strip()) / "kubectl"
+    return _build("the control plane", "build-controlplane.sh") / "kubectl"
 
 
 @dataclass(frozen=True)

@@ -168,15 +168,21 @@ class Slow(FakeHttp):
         return await super().send(request)
 
 
+def one_bucket(valid_for: float) -> Ownership:
+    """A replica's hold, for `valid_for` seconds from now, on the one bucket of a
+    one-bucket group, its objects listed."""
+    ownership = Ownership(LeaseSettings("ops", "r0", buckets=1), scopes=[None])
+    ownership.take(0, time.monotonic() + valid_for, {})
+    ownership.listing(None)
+    return ownership
+
+
 @contextlib.asynccontextmanager
 async def replica(http: FakeHttp, valid_for: float = 60.0) -> AsyncIterator[Runtime]:
     """A runtime holding the one bucket of a one-bucket group."""
-    settings = LeaseSettings("ops", "r0", buckets=1)
-    ownership = Ownership(settings, scopes=[None])
+    ownership = one_bucket(valid_for)
     config = Config.from_env({"JOBWATCH_STATUS_QPS": "1000", "JOBWATCH_STATUS_BURST": "1000"})
     runtime = Runtime(config, FakeApi(), http, Metrics(), ownership=ownership)  # type: ignore[arg-type]
-    ownership.take(0, time.monotonic() + valid_for, {})
-    ownership.listing(None)
     runtime.start()
     runtime.start_polling()
     try:

@@ -17,13 +17,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from runtime_fakes import until
+from runtime_fakes import one_bucket, until
 from ttl_fakes import DONE, RUNNING, Env
 
 from jobwatch.control import reaper
 from jobwatch.control.runtime import Runtime
-from jobwatch.control.sharding.leases import LeaseSettings
-from jobwatch.control.sharding.ownership import Ownership
 from jobwatch.core.spec import parse_spec, spec_digest
 from jobwatch.core.watch import format_time, parse_time
 from jobwatch.kube.errors import ApiError, Unreachable
@@ -386,10 +384,7 @@ async def test_deletions_keep_to_their_budget() -> None:
 
 
 async def test_only_the_owner_deletes() -> None:
-    settings = LeaseSettings("ops", "r0", buckets=1)
-    ownership = Ownership(settings, scopes=[None])
-    ownership.take(0, time.monotonic() + 0.6, {})
-    ownership.listing(None)
+    ownership = one_bucket(0.6)
     async with Env(ownership=ownership) as env:
         env.http.body = DONE
         env.api.create("w", ttlSecondsAfterFinished=1)
@@ -400,10 +395,7 @@ async def test_only_the_owner_deletes() -> None:
 
 
 async def test_a_parked_bucket_taken_back_deletes_on_time() -> None:
-    settings = LeaseSettings("ops", "r0", buckets=1)
-    ownership = Ownership(settings, scopes=[None])
-    ownership.take(0, time.monotonic() + 0.5, {})
-    ownership.listing(None)
+    ownership = one_bucket(0.5)
     async with Env(ownership=ownership) as env:
         env.http.body = DONE
         env.api.create("w", ttlSecondsAfterFinished=1)
@@ -418,10 +410,7 @@ async def test_a_parked_bucket_taken_back_deletes_on_time() -> None:
 
 
 async def test_a_bucket_handed_over_takes_its_deletions_along() -> None:
-    settings = LeaseSettings("ops", "r0", buckets=1)
-    ownership = Ownership(settings, scopes=[None])
-    ownership.take(0, time.monotonic() + 60, {})
-    ownership.listing(None)
+    ownership = one_bucket(60)
     async with Env(ownership=ownership) as env:
         env.http.body = DONE
         env.api.create("w", ttlSecondsAfterFinished=1)

@@ -273,10 +273,10 @@ def cut_by_deadline(
     Such a request says nothing about the endpoint: the deadline, not the endpoint, cut
     it. It ends the watch as TimedOut without becoming its last error, so that the end
     still names what the attempts before it came to."""
+    if not (isinstance(outcome, RequestFailure) and outcome.timed_out):
+        return None
     given = request_timeout(spec, sent, deadline)
-    if isinstance(outcome, RequestFailure) and outcome.timed_out and given < spec.request_timeout:
-        return given
-    return None
+    return given if given < spec.request_timeout else None
 
 
 def deadline_exceeded(
