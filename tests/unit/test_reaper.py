@@ -137,10 +137,12 @@ async def test_an_event_delivered_late_cancels_nothing() -> None:
         env.http.body = DONE
         created = env.api.create("w", ttlSecondsAfterFinished=1)
         at = await ended(env, "w")
+        watch = env.runtime.watches[("ns", "w")]
+        # Decided on the end's echo, which comes a loop turn after the end is stored.
+        await wait(env, lambda: watch.deletion is not None)
         # The object as first created (same generation, no end): older than the version
         # decided on, as an event held during a bucket's adoption may be.
         env.runtime.observe("MODIFIED", created)
-        watch = env.runtime.watches[("ns", "w")]
         assert watch.deletion is not None
         await wait(env, lambda: bool(env.api.deleted("w")))
         assert env.api.deleted("w")[0].at < at + 1 + SLACK
